@@ -1,0 +1,145 @@
+"""The ESFT adapter format: expert_cfg.json plus safetensors holding only the tuned routed experts."""
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import AdapterError
+from ..geometry import DTYPE_SIZES, read_json
+from .checkpoint import EXPERT_KEY, PROJS, Checkpoint
+
+CFG_NAME = "expert_cfg.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class EsftAdapter:
+    path: Path
+    experts: dict[int, tuple[int, ...]]  # MoE layer -> tuned expert ids, as listed (may be empty)
+    shared_experts: bool
+    non_expert_modules: bool
+    keys: dict[tuple[int, int, str], str]  # (layer, expert, proj) -> tensor name
+    checkpoint: Checkpoint
+    config: dict | None  # the adapter's own config.json, when it ships one
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def num_experts(self) -> int:
+        return sum(len(ids) for ids in self.experts.values())
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for key in self.keys.values():
+            info = self.checkpoint.tensors[key]
+            total += DTYPE_SIZES.get(info.dtype, 0) * _numel(info.shape)
+        return total
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {self.checkpoint.tensors[k].dtype for k in self.keys.values()}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EsftAdapter":
+        """Reads expert_cfg.json and the safetensors headers (no tensor data) and checks they agree."""
+        path = Path(path)
+        if not path.is_dir():
+            raise AdapterError(path, "not a directory")
+        cfg_path = path / CFG_NAME
+        experts, shared, non_expert = _parse_expert_cfg(read_json(cfg_path), cfg_path)
+        checkpoint = Checkpoint.open(path)
+        keys: dict[tuple[int, int, str], str] = {}
+        for key, info in checkpoint.tensors.items():
+            m = EXPERT_KEY.match(key)
+            if not m:
+                raise AdapterError(info.file, f"tensor {key} is not a routed-expert weight; "
+                                   "ESFT adapters served by ExpertWeave hold only routed experts")
+            layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+            if expert not in experts.get(layer, ()):
+                raise AdapterError(info.file, f"tensor {key} is for layer {layer} expert {expert}, "
+                                   f"which {CFG_NAME} does not list")
+            if (layer, expert, proj) in keys:
+                raise AdapterError(info.file, f"tensor {key} duplicates {keys[layer, expert, proj]}")
+            keys[layer, expert, proj] = key
+        for layer, ids in experts.items():
+            for expert in ids:
+                missing = [p for p in PROJS if (layer, expert, p) not in keys]
+                if missing:
+                    raise AdapterError(path, f"layer {layer} expert {expert} is listed in {CFG_NAME} "
+                                       f"but has no {', '.join(missing)} tensor")
+        config_path = path / "config.json"
+        config = read_json(config_path) if config_path.exists() else None
+        return cls(path, experts, shared, non_expert, keys, checkpoint, config)
+
+    def file_of(self, layer: int, expert: int, proj: str) -> Path:
+        return self.checkpoint.tensors[self.keys[layer, expert, proj]].file
+
+    @contextmanager
+    def reading(self):
+        """Yields read(layer, expert) -> (gate, up, down); tensors are read one expert at a time."""
+        with self.checkpoint.reading() as read_key:
+            def read(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return tuple(read_key(self.keys[layer, expert, p]) for p in PROJS)
+
+            yield read
+
+
+def _parse_expert_cfg(cfg: dict, cfg_path: Path) -> tuple[dict[int, tuple[int, ...]], bool, bool]:
+    raw = cfg.get("experts")
+    if not isinstance(raw, dict):
+        raise AdapterError(cfg_path, '"experts" must be an object mapping layer index to a list of expert ids')
+    experts: dict[int, tuple[int, ...]] = {}
+    for layer_key, ids in raw.items():
+        try:
+            layer = int(layer_key)
+        except ValueError:
+            raise AdapterError(cfg_path, f'layer key "{layer_key}" is not a layer index') from None
+        if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+            raise AdapterError(cfg_path, f'layer "{layer_key}": expected a list of integer expert ids, got {ids!r}')
+        if len(set(ids)) != len(ids):
+            raise AdapterError(cfg_path, f'layer "{layer_key}": expert ids repeat in {ids}')
+        experts[layer] = tuple(ids)
+    flags = []
+    for flag in ("shared_experts", "non_expert_modules"):
+        value = cfg.get(flag, False)
+        if not isinstance(value, bool):
+            raise AdapterError(cfg_path, f'"{flag}" must be true or false, got {value!r}')
+        flags.append(value)
+    return dict(sorted(experts.items())), flags[0], flags[1]
+
+
+def save_adapter(out: str | Path, experts: dict[int, dict[int, tuple[torch.Tensor, ...]]],
+                 config: dict | None = None, listed_layers: list[int] | None = None) -> Path:
+    """Writes an ESFT adapter directory: experts[layer][expert] = (gate, up, down)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = sorted(set(listed_layers or []) | set(experts))
+    cfg = {
+        "experts": {str(layer): sorted(experts.get(layer, {})) for layer in layers},
+        "shared_experts": False,
+        "non_expert_modules": False,
+    }
+    tensors = {}
+    for layer in sorted(experts):
+        for expert in sorted(experts[layer]):
+            for proj, weight in zip(PROJS, experts[layer][expert]):
+                tensors[f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"] = weight.contiguous()
+    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    (out / CFG_NAME).write_text(json.dumps(cfg) + "\n")
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

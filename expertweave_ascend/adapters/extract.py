@@ -1,0 +1,63 @@
+"""Recovers the ESFT adapter of a fully fine-tuned checkpoint by diffing it against its base."""
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import AdapterError
+from ..geometry import BaseGeometry, read_json
+from .checkpoint import EXPERT_KEY, Checkpoint
+from .esft import save_adapter
+
+
+def _canonical(key: str) -> str:
+    return key if key.startswith("model.") or key.startswith("lm_head.") else f"model.{key}"
+
+
+def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out: str | Path,
+                    atol: float = 0.0, progress: bool = True) -> dict[int, list[int]]:
+    """Writes the adapter of the routed experts that differ by more than atol; returns them per layer.
+
+    Refuses when anything outside the routed experts differs: such a model is not an ESFT adapter.
+    """
+    base_dir, finetuned_dir = Path(base_dir), Path(finetuned_dir)
+    geometry = BaseGeometry.from_checkpoint(base_dir)
+    base, tuned = Checkpoint.open(base_dir), Checkpoint.open(finetuned_dir)
+    base_keys = {_canonical(k): k for k in base.tensors}
+    tuned_keys = {_canonical(k): k for k in tuned.tensors}
+    missing = sorted(set(base_keys) - set(tuned_keys))
+    extra = sorted(set(tuned_keys) - set(base_keys))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the base does not"
+        raise AdapterError(finetuned_dir, f"tensor names differ from the base: it {what}")
+    changed: dict[int, dict[int, list[torch.Tensor | None]]] = {}
+    with base.reading() as read_base, tuned.reading() as read_tuned:
+        for name in tqdm(sorted(base_keys), desc="comparing", unit="tensor", disable=not progress):
+            a, b = read_base(base_keys[name]), read_tuned(tuned_keys[name])
+            if a.shape != b.shape:
+                raise AdapterError(tuned.tensors[tuned_keys[name]].file,
+                                   f"tensor {name} has shape {list(b.shape)}, the base has {list(a.shape)}")
+            diff = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+            if diff <= atol:
+                continue
+            m = EXPERT_KEY.match(name)
+            if not m:
+                raise AdapterError(tuned.tensors[tuned_keys[name]].file,
+                                   f"non-expert tensor {name} differs from the base (max |diff| {diff:.3g}): "
+                                   "not an ESFT fine-tune of routed experts")
+            layer, expert = int(m.group(1)), int(m.group(2))
+            changed.setdefault(layer, {}).setdefault(expert, [None, None, None])
+    if not changed:
+        raise AdapterError(finetuned_dir, f"no routed expert differs from the base (atol {atol})")
+    experts: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+    with tuned.reading() as read_tuned:
+        for layer, ids in changed.items():
+            experts[layer] = {}
+            for expert in ids:
+                experts[layer][expert] = tuple(
+                    read_tuned(tuned_keys[f"model.layers.{layer}.mlp.experts.{expert}.{p}.weight"])
+                    for p in ("gate_proj", "up_proj", "down_proj"))
+    config = read_json(finetuned_dir / "config.json") if (finetuned_dir / "config.json").exists() else None
+    save_adapter(out, experts, config=config, listed_layers=list(geometry.moe_layers))
+    return {layer: sorted(ids) for layer, ids in sorted(changed.items())}

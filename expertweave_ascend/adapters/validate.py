@@ -1,0 +1,56 @@
+"""Checks an ESFT adapter against the base model it will be served on. Reads headers only."""
+
+from pathlib import Path
+
+from ..errors import AdapterError
+from ..geometry import BaseGeometry
+from .esft import CFG_NAME, EsftAdapter
+
+# Fields of the adapter's config.json that must match the base for its experts to be interchangeable.
+BASE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts")
+
+
+def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
+    adapter = EsftAdapter.open(path)
+    cfg_path = adapter.path / CFG_NAME
+    if adapter.shared_experts:
+        raise AdapterError(cfg_path, "shared_experts is true: ExpertWeave serves adapters that tune routed "
+                           "experts only (shared experts are part of the base)")
+    if adapter.non_expert_modules:
+        raise AdapterError(cfg_path, "non_expert_modules is true: ExpertWeave serves adapters that tune routed "
+                           "experts only (attention, router and norms are shared with the base)")
+    if adapter.config is not None:
+        base_values = {"hidden_size": base.hidden_size, "moe_intermediate_size": base.moe_intermediate_size,
+                       "n_routed_experts": base.num_experts}
+        for field in BASE_FIELDS:
+            if field in adapter.config and adapter.config[field] != base_values[field]:
+                raise AdapterError(adapter.path / "config.json",
+                                   f"{field} is {adapter.config[field]} but the base has {base_values[field]}: "
+                                   "the adapter was made for a different base model")
+    for layer, ids in adapter.experts.items():
+        if not 0 <= layer < base.num_layers:
+            raise AdapterError(cfg_path, f"layer {layer} does not exist (the base has layers 0..{base.num_layers - 1})")
+        if layer not in base.moe_layers and ids:
+            raise AdapterError(cfg_path, f"layer {layer} is not a MoE layer (MoE layers are "
+                               f"{_ranges(base.moe_layers)})")
+        for expert in ids:
+            if not 0 <= expert < base.num_experts:
+                raise AdapterError(cfg_path, f"layer {layer} lists expert {expert}, out of range: the base has "
+                                   f"experts 0..{base.num_experts - 1}")
+    for (layer, expert, proj), key in adapter.keys.items():
+        info = adapter.checkpoint.tensors[key]
+        expected = base.proj_shape(proj)
+        if info.shape != expected:
+            raise AdapterError(info.file, f"tensor {key} has shape {list(info.shape)}, expected {list(expected)} "
+                               f"(base hidden_size {base.hidden_size}, moe_intermediate_size "
+                               f"{base.moe_intermediate_size})")
+        if info.dtype != base.dtype:
+            raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}")
+    return adapter
+
+
+def _ranges(values) -> str:
+    values = sorted(values)
+    if values and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))

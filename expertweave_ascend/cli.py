@@ -1,0 +1,173 @@
+"""`expertweave` command line. Errors users can fix print one line, `error: <file>: <problem>`, exit 2."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ExpertWeaveError
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _named_paths(values: list[str] | None, adapters_dir: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if adapters_dir:
+        root = Path(adapters_dir)
+        if not root.is_dir():
+            raise ExpertWeaveError(f"{root}: not a directory")
+        out.update({p.name: str(p) for p in sorted(root.iterdir()) if p.is_dir()})
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ExpertWeaveError(f"--adapter {value!r}: expected NAME=PATH")
+        if name in out:
+            raise ExpertWeaveError(f"--adapter {value!r}: adapter name {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    paths = make_tiny(args.out, adapters=args.adapters, seed=args.seed)
+    print(f"base model: {Path(args.out) / 'base'}")
+    for name, path in paths.items():
+        print(f"adapter {name}: {path}")
+    return 0
+
+
+def cmd_adapter_inspect(args) -> int:
+    from .adapters import EsftAdapter
+
+    adapter = EsftAdapter.open(args.path)
+    info = {
+        "path": str(adapter.path),
+        "experts": {str(layer): list(ids) for layer, ids in adapter.experts.items()},
+        "num_experts": adapter.num_experts,
+        "bytes": adapter.nbytes,
+        "dtype": sorted(adapter.dtypes),
+        "shared_experts": adapter.shared_experts,
+        "non_expert_modules": adapter.non_expert_modules,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"adapter {adapter.name} ({adapter.path})")
+    print(f"  {adapter.num_experts} experts, {adapter.nbytes / 2**20:.2f} MiB, dtype {', '.join(info['dtype']) or '-'}")
+    print(f"  shared_experts={str(adapter.shared_experts).lower()} "
+          f"non_expert_modules={str(adapter.non_expert_modules).lower()}")
+    for layer, ids in adapter.experts.items():
+        print(f"  layer {layer:>3}: {len(ids):>3} experts {list(ids)}")
+    return 0
+
+
+def cmd_adapter_validate(args) -> int:
+    from .adapters import validate_adapter
+    from .geometry import BaseGeometry
+
+    adapter = validate_adapter(args.path, BaseGeometry.from_checkpoint(args.base))
+    layers = sum(1 for ids in adapter.experts.values() if ids)
+    print(f"ok {adapter.path}: {adapter.num_experts} experts in {layers} layers, "
+          f"{adapter.nbytes / 2**20:.2f} MiB, fits base {args.base}")
+    return 0
+
+
+def cmd_adapter_extract(args) -> int:
+    from .adapters import extract_adapter
+
+    tuned = extract_adapter(args.base, args.finetuned, args.out, atol=args.atol)
+    out = Path(args.out)
+    if args.name and args.name != out.name:
+        print(f"note: the adapter is served under the name you give at load time; --name {args.name} "
+              f"is recorded in {out / 'adapter_name'}")
+        (out / "adapter_name").write_text(args.name + "\n")
+    total = sum(map(len, tuned.values()))
+    print(f"wrote {out}: {total} tuned experts in {len(tuned)} layers")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import torch
+
+    from .verify import format_report, verify_hf
+    from .weave import WeaveConfig
+
+    adapters = _named_paths(args.adapter, args.adapters_dir)
+    if not adapters:
+        raise ExpertWeaveError("verify: give at least one --adapter NAME=PATH or --adapters-dir DIR")
+    if args.engine != "hf":
+        raise ExpertWeaveError(f"verify: engine {args.engine!r} is not available yet (use --engine hf)")
+    config = None
+    if args.granularity is not None:
+        from .adapters import validate_adapter
+        from .geometry import BaseGeometry
+
+        geometry = BaseGeometry.from_checkpoint(args.base)
+        checked = [validate_adapter(p, geometry) for p in adapters.values()]
+        slots = max(sum(len(a.experts.get(layer, ())) for a in checked) for layer in geometry.moe_layers)
+        config = WeaveConfig(max_adapters=len(adapters), adapter_slots=max(1, slots), granularity=args.granularity)
+    report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
+                       dtype=getattr(torch, args.dtype), config=config)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="expertweave", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny", help="write the embedded tiny DeepSeek-V2 model and ESFT adapters")
+    t.add_argument("out")
+    t.add_argument("--adapters", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny)
+
+    a = sub.add_parser("adapter", help="inspect, validate or extract ESFT adapters")
+    asub = a.add_subparsers(dest="adapter_command", required=True)
+    i = asub.add_parser("inspect", help="experts per layer, bytes, dtype, flags")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_adapter_inspect)
+    v = asub.add_parser("validate", help="check an adapter fits a base model")
+    v.add_argument("path")
+    v.add_argument("--base", required=True)
+    v.set_defaults(func=cmd_adapter_validate)
+    x = asub.add_parser("extract", help="write the ESFT adapter of a fully fine-tuned checkpoint")
+    x.add_argument("--base", required=True)
+    x.add_argument("--finetuned", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--name")
+    x.add_argument("--atol", type=float, default=0.0, help="largest |difference| still counted as unchanged")
+    x.set_defaults(func=cmd_adapter_extract)
+
+    f = sub.add_parser("verify", help="prove ExpertWeave's outputs equal the merged models'")
+    f.add_argument("--base", required=True)
+    f.add_argument("--adapter", action="append", metavar="NAME=PATH")
+    f.add_argument("--adapters-dir", help="load every subdirectory as an adapter named after it")
+    f.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    f.add_argument("--max-new-tokens", type=int, default=16)
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    f.add_argument("--granularity", type=_size, help="VMM granule, e.g. 64KiB (default 2MiB, as on devices)")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ExpertWeaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The errors users see. Each one renders as a single line naming what is wrong and where."""
+
+from pathlib import Path
+
+
+class ExpertWeaveError(Exception):
+    """Base of every error ExpertWeave reports to users."""
+
+
+class AdapterError(ExpertWeaveError):
+    """An adapter (or base checkpoint) file is missing, malformed or does not fit the base model."""
+
+    def __init__(self, file: str | Path, problem: str):
+        self.file = str(file)
+        self.problem = problem
+        super().__init__(f"{self.file}: {problem}")
+
+
+class CapacityError(ExpertWeaveError):
+    """Not enough adapter slots, table rows or physical memory; nothing was changed."""
+
+
+class AdapterStateError(ExpertWeaveError):
+    """An adapter name is unknown, already loaded, or busy."""
+
+
+class MemoryBackendError(ExpertWeaveError):
+    """A virtual-memory call was refused by the backend (bad size, double map, ...)."""

@@ -1,0 +1,71 @@
+"""What ExpertWeave needs to know about a base MoE model, read from its checkpoint directory."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AdapterError
+
+
+@dataclass(frozen=True)
+class BaseGeometry:
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    hidden_size: int
+    moe_intermediate_size: int
+    dtype: str  # safetensors dtype name of the base experts, e.g. "BF16"
+
+    @property
+    def expert_nbytes(self) -> int:
+        itemsize = DTYPE_SIZES[self.dtype]
+        return 3 * self.hidden_size * self.moe_intermediate_size * itemsize
+
+    def proj_shape(self, proj: str) -> tuple[int, int]:
+        if proj == "down_proj":
+            return (self.hidden_size, self.moe_intermediate_size)
+        return (self.moe_intermediate_size, self.hidden_size)
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: str, source: str = "config.json") -> "BaseGeometry":
+        try:
+            num_layers = int(config["num_hidden_layers"])
+            num_experts = int(config["n_routed_experts"])
+            first_dense = int(config.get("first_k_dense_replace", 0))
+            freq = int(config.get("moe_layer_freq", 1))
+            hidden = int(config["hidden_size"])
+            inter = int(config["moe_intermediate_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise AdapterError(source, f"not a DeepSeek-V2 style MoE config ({e!r} missing or invalid)") from None
+        moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
+        return cls(num_layers, moe_layers, num_experts, hidden, inter, dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "BaseGeometry":
+        from .adapters.checkpoint import Checkpoint
+
+        path = Path(path)
+        config = read_json(path / "config.json")
+        ckpt = Checkpoint.open(path)
+        dtype = None
+        for layer, expert, proj, key in ckpt.expert_keys():
+            dtype = ckpt.dtype(key)
+            break
+        if dtype is None:
+            raise AdapterError(path, "no routed-expert tensors found; is this a DeepSeek-V2 MoE checkpoint?")
+        return cls.from_config(config, dtype, str(path / "config.json"))
+
+
+DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise AdapterError(path, "missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data

@@ -1,0 +1,81 @@
+"""One expert weight tensor of M + S slots over a reserved address range, mapped granule by granule.
+
+Each granule counts the occupied slots that touch it: it is mapped when the count leaves 0 and
+unmapped when it returns to 0, so two neighbouring experts of different owners share the granule
+between them and memory follows occupancy exactly.
+"""
+
+import torch
+
+from .backend import MemoryBackend
+from .pool import PhysicalPool
+
+
+class VirtualExpertTensor:
+    def __init__(self, backend: MemoryBackend, pool: PhysicalPool, num_slots: int,
+                 slot_shape: tuple[int, ...], dtype: torch.dtype):
+        self.backend = backend
+        self.pool = pool
+        self.granularity = g = backend.granularity
+        self.slot_nbytes = dtype.itemsize
+        for d in slot_shape:
+            self.slot_nbytes *= d
+        self.size = -(-num_slots * self.slot_nbytes // g) * g
+        self.address = backend.reserve(self.size)
+        self.refs = [0] * (self.size // g)
+        self.handles: dict[int, object] = {}  # granule index -> physical handle
+        self.tensor = backend.tensor(self.address, (num_slots, *slot_shape), dtype)
+
+    def granules(self, slot: int) -> range:
+        start = slot * self.slot_nbytes
+        return range(start // self.granularity, -(-(start + self.slot_nbytes) // self.granularity))
+
+    def new_granules(self, slots: list[int]) -> int:
+        """How many granules mapping these slots would add."""
+        touched = {gi for s in slots for gi in self.granules(s)}
+        return sum(1 for gi in touched if self.refs[gi] == 0)
+
+    def map_slots(self, slots: list[int]) -> None:
+        """Maps every granule under these slots; all or nothing."""
+        fresh = sorted({gi for s in slots for gi in self.granules(s) if self.refs[gi] == 0})
+        mapped: list[int] = []
+        try:
+            for gi in fresh:
+                handle = self.pool.allocate()
+                try:
+                    self.backend.map(self.address + gi * self.granularity, self.granularity, handle)
+                except BaseException:
+                    self.pool.free(handle)
+                    raise
+                self.handles[gi] = handle
+                mapped.append(gi)
+        except BaseException:
+            for gi in mapped:
+                self.backend.unmap(self.address + gi * self.granularity, self.granularity)
+                self.pool.free(self.handles.pop(gi))
+            raise
+        for slot in slots:
+            for gi in self.granules(slot):
+                self.refs[gi] += 1
+
+    def unmap_slots(self, slots: list[int]) -> None:
+        for slot in slots:
+            for gi in self.granules(slot):
+                self._drop(gi)
+
+    def _drop(self, gi: int) -> None:
+        self.refs[gi] -= 1
+        if self.refs[gi] == 0:
+            handle = self.handles.pop(gi)
+            self.backend.unmap(self.address + gi * self.granularity, self.granularity)
+            self.pool.free(handle)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return len(self.handles) * self.granularity
+
+    def close(self) -> None:
+        for gi in list(self.handles):
+            self.refs[gi] = 1
+            self._drop(gi)
+        self.backend.release(self.address, self.size)

@@ -1,0 +1,114 @@
+"""Proof of equality: one mixed batch through ExpertWeave versus each merged model run on its own."""
+
+import math
+from pathlib import Path
+
+import torch
+
+from .adapters import validate_adapter
+from .geometry import BaseGeometry
+from .weave import ExpertWeave, WeaveConfig
+
+DEFAULT_PROMPTS = [
+    "the court held that a contract requires",
+    "solve for x when two plus three",
+    "define a function that returns the sum",
+    "the user wants to book a flight from paris",
+    "in summary the report finds that expert",
+    "translate the sentence into french",
+]
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+    logits = torch.stack(out.logits, dim=1)  # [B, steps, vocab], before any logits processor
+    return new_tokens, logits
+
+
+def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 16,
+              prompts: list[str] | None = None, dtype: torch.dtype = torch.float32,
+              config: WeaveConfig | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from .integrations.hf import load_model, merge_adapter, model_nbytes, moe_layer_handles
+
+    geometry = BaseGeometry.from_checkpoint(base)
+    checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer.padding_side = "left"
+    prompts = prompts or DEFAULT_PROMPTS
+    entries = [None, *adapters]  # None: the base model
+    batch_prompts = [prompts[i % len(prompts)] for i in range(len(entries))]
+
+    reference = load_model(base, dtype)
+    served = load_model(base, dtype)
+    model_bytes = model_nbytes(served)
+    handles, adapter_rows = moe_layer_handles(served)
+    if config is None:
+        per_layer = [sum(len(a.experts.get(h.layer, ())) for a in checked.values()) for h in handles]
+        config = WeaveConfig(max_adapters=max(1, len(adapters)), adapter_slots=max(1, *per_layer))
+    weave = ExpertWeave(geometry, handles, config)
+    try:
+        for name, path in adapters.items():
+            weave.load_adapter(name, path)
+        adapter_rows.rows = torch.tensor([weave.begin_request(name) for name in entries], dtype=torch.int32)
+        with torch.no_grad():
+            tokens, logits = _generate(served, tokenizer, batch_prompts, max_new_tokens)
+        for name in entries:
+            weave.end_request(name)
+        memory = weave.memory_report(model_bytes=model_bytes)
+    finally:
+        weave.close()
+
+    report = {"engine": "hf", "base_model": str(base), "dtype": str(dtype).removeprefix("torch."),
+              "max_new_tokens": max_new_tokens, "adapters": {}}
+    for i, name in enumerate(entries):
+        oracle = reference if name is None else merge_adapter(reference, checked[name])
+        with torch.no_grad():
+            want_tokens, want_logits = _generate(oracle, tokenizer, [batch_prompts[i]], max_new_tokens)
+        equal = torch.equal(tokens[i], want_tokens[0])
+        # Logits are comparable only while the two runs have seen the same tokens.
+        same = int((tokens[i] != want_tokens[0]).nonzero()[0, 0]) + 1 if not equal else max_new_tokens
+        diff = (logits[i, :same] - want_logits[0, :same]).abs().max().item()
+        row = {"prompt": batch_prompts[i], "tokens_equal": equal, "max_abs_logit_diff": diff,
+               "output": tokenizer.decode(tokens[i], skip_special_tokens=True)}
+        if name is None:
+            report["base"] = row
+            continue
+        with torch.no_grad():
+            base_tokens, _ = _generate(reference, tokenizer, [batch_prompts[i]], max_new_tokens)
+        report["adapters"][name] = {**row, "differs_from_base": not torch.equal(base_tokens[0], want_tokens[0]),
+                                    "experts": memory["adapters"][name]["experts"],
+                                    "bytes": memory["adapters"][name]["bytes"]}
+    report["memory"] = memory
+    report["ok"] = report["base"]["tokens_equal"] and all(a["tokens_equal"] for a in report["adapters"].values())
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"ExpertWeave verify ({report['engine']}, {report['dtype']}, {report['max_new_tokens']} greedy tokens)",
+             f"{'model':<14}{'experts':>8}{'bytes':>12}  {'equal':<6}{'max|dlogit|':>12}  output"]
+    rows = [("base", report["base"])] + list(report["adapters"].items())
+    for name, row in rows:
+        experts = row.get("experts", "-")
+        nbytes = row.get("bytes", "-")
+        lines.append(f"{name:<14}{experts:>8}{nbytes:>12}  {'yes' if row['tokens_equal'] else 'NO':<6}"
+                     f"{row['max_abs_logit_diff']:>12.2e}  {row['output'][:40]!r}")
+    m = report["memory"]
+    frag = "n/a" if m["fragmentation"] is None else f"{m['fragmentation']:.3f}"
+    lines += [
+        f"memory: base experts {_mib(m['base_expert_bytes'])} (mapped {_mib(m['base_mapped_bytes'])}), "
+        f"adapter experts {_mib(m['adapter_expert_bytes'])}, mapped {_mib(m['adapter_mapped_bytes'])} "
+        f"(fragmentation {frag}, granule {_mib(m['granularity'])})",
+        f"        padded to E_max {_mib(m['padded_bytes'])}, merged copies "
+        f"{_mib(m['merged_bytes']) if m['merged_bytes'] is not None else 'n/a'}",
+        "all outputs equal the merged models" if report["ok"] else "MISMATCH: some outputs differ",
+    ]
+    return "\n".join(lines)
+
+
+def _mib(n: int | float) -> str:
+    return f"{n / 2**20:.2f} MiB" if not (isinstance(n, float) and math.isnan(n)) else "n/a"

@@ -1,0 +1,198 @@
+"""ExpertWeave: binds adapters, virtual expert memory and routing tables to a model's MoE layers.
+
+Engines hand over one MoELayerHandle per MoE layer (the only seam between this core and an engine)
+and ask the weave to load and unload adapters. Invariants (DESIGN.md section 4):
+I1 a table row is written only after every slot it points at is mapped and written, an adapter's
+   name is published only after its row is written, and a row is cleared before its slots unmap;
+I2 unload waits for an adapter's in-flight requests and admits no new ones meanwhile;
+I3 memory follows occupancy granule by granule (ExpertMemory);
+I5 a rejected adapter leaves tables, memory and requests untouched.
+"""
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .adapters import validate_adapter
+from .errors import AdapterStateError
+from .geometry import BaseGeometry
+from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
+from .routing import RoutingTables
+
+
+class MoELayerHandle(Protocol):
+    layer: int  # decoder layer index, as ESFT numbers layers
+
+    def weight_specs(self) -> list[WeightSpec]:
+        """The per-expert weights of this layer in the engine's storage layout."""
+
+    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor) -> None:
+        """Copies the base experts into views[name][:M], then makes the layer compute with the views
+        (M + S slots) and reroute its top-k ids through table [rows, M] (updated in place)."""
+
+    def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One expert's ESFT weights in the engine's storage layout, exactly as base experts are packed."""
+
+
+@dataclass
+class WeaveConfig:
+    max_adapters: int = 8
+    adapter_slots: int | None = None  # per MoE layer; default max_adapters * M / 4
+    adapter_memory_bytes: int | None = None  # physical budget for adapter experts; None: unbounded
+    granularity: int = DEFAULT_GRANULARITY
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    row: int
+    experts: dict[int, tuple[int, ...]]
+    slots: dict[int, list[int]]
+    nbytes: int  # engine-layout bytes of its experts
+    in_flight: int = 0
+    unloading: bool = False
+
+    @property
+    def num_experts(self) -> int:
+        return sum(len(ids) for ids in self.experts.values())
+
+
+@dataclass
+class ExpertWeave:
+    base: BaseGeometry
+    layers: list[MoELayerHandle]
+    config: WeaveConfig = field(default_factory=WeaveConfig)
+    backend: MemoryBackend | None = None
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self):
+        self._owns_backend = self.backend is None
+        if self._owns_backend:
+            self.backend = HostBackend(self.config.granularity)
+        m = self.base.num_experts
+        slots = self.config.adapter_slots
+        if slots is None:
+            slots = max(1, self.config.max_adapters * m // 4)
+        self.adapter_slots = slots
+        self.handles = {h.layer: h for h in self.layers}
+        self.memory = ExpertMemory(self.backend, {h.layer: h.weight_specs() for h in self.layers}, m, slots,
+                                   self.config.adapter_memory_bytes)
+        self.tables = RoutingTables(list(self.handles), m, self.config.max_adapters, self.device)
+        for layer, handle in self.handles.items():
+            handle.install(self.memory.views(layer), self.tables.layer(layer))
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self._changing = threading.Lock()  # one load or unload at a time
+        self._requests = threading.Condition()  # guards adapters' in_flight / unloading and self.adapters
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        with self._changing:
+            with self._requests:
+                if name in self.adapters:
+                    raise AdapterStateError(f"adapter {name!r} is already loaded (from {self.adapters[name].path})")
+            adapter = validate_adapter(path, self.base)
+            counts = {layer: len(ids) for layer, ids in adapter.experts.items() if ids}
+            row = self.tables.take_row(f"adapter {name}")
+            try:
+                slots = self.memory.allocate(name, counts)
+            except BaseException:
+                self.tables.give_back_row(row)
+                raise
+            try:
+                self._write_experts(adapter, slots)
+                self.tables.write_row(row, {layer: dict(zip(adapter.experts[layer], slots[layer]))
+                                            for layer in slots})
+            except BaseException:
+                self.tables.give_back_row(row)
+                self.memory.release(name)
+                raise
+            nbytes = sum(len(s) * self.memory.expert_nbytes(layer) for layer, s in slots.items())
+            loaded = LoadedAdapter(name, adapter.path, row, {l: ids for l, ids in adapter.experts.items() if ids},
+                                   slots, nbytes)
+            with self._requests:
+                self.adapters[name] = loaded
+            return loaded
+
+    def _write_experts(self, adapter, slots: dict[int, list[int]]) -> None:
+        with adapter.reading() as read:
+            for layer, layer_slots in slots.items():
+                handle = self.handles[layer]
+                views = self.memory.views(layer)
+                for expert, slot in zip(adapter.experts[layer], layer_slots):
+                    for name, packed in handle.pack_expert(*read(layer, expert)).items():
+                        views[name][slot].copy_(packed)
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Waits up to timeout seconds (None: forever) for the adapter's requests to finish."""
+        with self._changing:
+            with self._requests:
+                loaded = self._get(name)
+                loaded.unloading = True
+                if not self._requests.wait_for(lambda: loaded.in_flight == 0, timeout):
+                    loaded.unloading = False
+                    raise AdapterStateError(f"adapter {name!r} still has {loaded.in_flight} request(s) in flight "
+                                            f"after {timeout} s; not unloaded")
+                del self.adapters[name]
+            self.tables.clear_row(loaded.row)
+            self.memory.release(name)
+            self.tables.give_back_row(loaded.row)
+
+    def _get(self, name: str) -> LoadedAdapter:
+        if name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise AdapterStateError(f"unknown adapter {name!r} (loaded: {known})")
+        return self.adapters[name]
+
+    # -- requests ---------------------------------------------------------------------------------
+    def begin_request(self, name: str | None) -> int:
+        """Table row for a request of this adapter (None: the base, row 0); pair with end_request."""
+        if name is None:
+            return 0
+        with self._requests:
+            loaded = self._get(name)
+            if loaded.unloading:
+                raise AdapterStateError(f"adapter {name!r} is being unloaded")
+            loaded.in_flight += 1
+            return loaded.row
+
+    def end_request(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self._requests:
+            self.adapters[name].in_flight -= 1
+            self._requests.notify_all()
+
+    # -- accounting -------------------------------------------------------------------------------
+    def memory_report(self, model_bytes: int | None = None) -> dict:
+        """Byte accounting; model_bytes (all base weights) lets it price one merged copy per adapter."""
+        with self._requests:
+            adapters = list(self.adapters.values())
+        expert_nbytes = {layer: self.memory.expert_nbytes(layer) for layer in self.handles}
+        adapter_bytes = sum(a.nbytes for a in adapters)
+        adapter_mapped = self.memory.mapped_bytes - self.memory.base_mapped_bytes
+        padded = sum(max(map(len, a.experts.values()), default=0) * sum(expert_nbytes.values()) for a in adapters)
+        return {
+            "granularity": self.backend.granularity,
+            "moe_layers": len(self.handles),
+            "adapter_slots_per_layer": self.adapter_slots,
+            "base_expert_bytes": self.memory.base_expert_bytes,
+            "base_mapped_bytes": self.memory.base_mapped_bytes,
+            "adapter_expert_bytes": adapter_bytes,
+            "adapter_mapped_bytes": adapter_mapped,
+            "fragmentation": adapter_mapped / adapter_bytes if adapter_bytes else None,
+            "padded_bytes": padded,
+            "merged_bytes": None if model_bytes is None else model_bytes * len(adapters),
+            "budget_bytes": self.memory.pool.budget_bytes,
+            "adapters": {a.name: {"row": a.row, "experts": a.num_experts, "bytes": a.nbytes,
+                                  "experts_per_layer": {l: len(ids) for l, ids in a.experts.items()}}
+                         for a in adapters},
+        }
+
+    def close(self) -> None:
+        self.memory.close()
+        if self._owns_backend:
+            self.backend.close()
