@@ -1,0 +1,39 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from expertweave_ascend.geometry import BaseGeometry
+from expertweave_ascend.tiny import make_tiny
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "esft"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The embedded tiny model with 3 adapters (law, math, code), built once per test session."""
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny(out, adapters=3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def geometry(tiny) -> BaseGeometry:
+    return BaseGeometry.from_checkpoint(tiny / "base")
+
+
+@pytest.fixture
+def adapter_copy(tiny, tmp_path):
+    """A writable copy of one tiny adapter, to damage in a test."""
+    def copy(name: str = "law") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(tiny / "adapters" / name, dst)
+        return dst
+    return copy
+
+
+@pytest.fixture(scope="session")
+def esft_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real ESFT data not found at {SHARED_DATA}")
+    return SHARED_DATA
