@@ -119,6 +119,30 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_memory_plan(args) -> int:
+    from .adapters import read_expert_cfg
+    from .capacity import PRESETS, format_plan, model_nbytes_from_config, plan_memory
+    from .geometry import BaseGeometry, read_json
+
+    cfgs = _named_paths(args.expert_cfg, None)
+    if not cfgs:
+        raise ExpertWeaveError("memory-plan: give at least one --expert-cfg NAME=expert_cfg.json")
+    if args.base:
+        geometry = BaseGeometry.from_checkpoint(args.base)
+        config = read_json(Path(args.base) / "config.json")
+    else:
+        config = PRESETS[args.preset]
+        geometry = BaseGeometry.from_config(config, "BF16", args.preset)
+    selections = {name: read_expert_cfg(path) for name, path in cfgs.items()}
+    from .adapters.validate import check_selection
+
+    for name, experts in selections.items():
+        check_selection(experts, geometry, cfgs[name])
+    plan = plan_memory(geometry, selections, args.granularity, model_nbytes_from_config(config))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertweave", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--granularity", type=_size, help="VMM granule, e.g. 64KiB (default 2MiB, as on devices)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_verify)
+
+    mp = sub.add_parser("memory-plan", help="bytes mapped for a set of adapter geometries, by the real allocator")
+    mp.add_argument("--expert-cfg", action="append", metavar="NAME=PATH", help="an adapter's expert_cfg.json")
+    src = mp.add_mutually_exclusive_group()
+    src.add_argument("--base", help="base checkpoint directory (config.json + safetensors)")
+    src.add_argument("--preset", default="deepseek-v2-lite", choices=["deepseek-v2-lite"])
+    mp.add_argument("--granularity", type=_size, default=2 << 20)
+    mp.add_argument("--json", action="store_true")
+    mp.set_defaults(func=cmd_memory_plan)
     return p
 
 

@@ -1,7 +1,7 @@
 """ESFT adapters: open lazily, validate against a base, extract from a fine-tuned checkpoint, write."""
 
-from .esft import EsftAdapter, save_adapter
+from .esft import EsftAdapter, read_expert_cfg, save_adapter
 from .extract import extract_adapter
 from .validate import validate_adapter
 
-__all__ = ["EsftAdapter", "save_adapter", "extract_adapter", "validate_adapter"]
+__all__ = ["EsftAdapter", "read_expert_cfg", "save_adapter", "extract_adapter", "validate_adapter"]

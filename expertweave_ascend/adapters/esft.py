@@ -91,6 +91,11 @@ class EsftAdapter:
             yield read
 
 
+def read_expert_cfg(path: str | Path) -> dict[int, tuple[int, ...]]:
+    """The tuned experts per layer listed by an expert_cfg.json file."""
+    return _parse_expert_cfg(read_json(Path(path)), Path(path))[0]
+
+
 def _parse_expert_cfg(cfg: dict, cfg_path: Path) -> tuple[dict[int, tuple[int, ...]], bool, bool]:
     raw = cfg.get("experts")
     if not isinstance(raw, dict):

@@ -27,16 +27,7 @@ def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
                 raise AdapterError(adapter.path / "config.json",
                                    f"{field} is {adapter.config[field]} but the base has {base_values[field]}: "
                                    "the adapter was made for a different base model")
-    for layer, ids in adapter.experts.items():
-        if not 0 <= layer < base.num_layers:
-            raise AdapterError(cfg_path, f"layer {layer} does not exist (the base has layers 0..{base.num_layers - 1})")
-        if layer not in base.moe_layers and ids:
-            raise AdapterError(cfg_path, f"layer {layer} is not a MoE layer (MoE layers are "
-                               f"{_ranges(base.moe_layers)})")
-        for expert in ids:
-            if not 0 <= expert < base.num_experts:
-                raise AdapterError(cfg_path, f"layer {layer} lists expert {expert}, out of range: the base has "
-                                   f"experts 0..{base.num_experts - 1}")
+    check_selection(adapter.experts, base, cfg_path)
     for (layer, expert, proj), key in adapter.keys.items():
         info = adapter.checkpoint.tensors[key]
         expected = base.proj_shape(proj)
@@ -47,6 +38,20 @@ def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
         if info.dtype != base.dtype:
             raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}")
     return adapter
+
+
+def check_selection(experts: dict[int, tuple[int, ...]], base: BaseGeometry, cfg_path: str | Path) -> None:
+    """Every listed layer exists and is MoE, every expert id is in range."""
+    for layer, ids in experts.items():
+        if not 0 <= layer < base.num_layers:
+            raise AdapterError(cfg_path, f"layer {layer} does not exist (the base has layers 0..{base.num_layers - 1})")
+        if layer not in base.moe_layers and ids:
+            raise AdapterError(cfg_path, f"layer {layer} is not a MoE layer (MoE layers are "
+                               f"{_ranges(base.moe_layers)})")
+        for expert in ids:
+            if not 0 <= expert < base.num_experts:
+                raise AdapterError(cfg_path, f"layer {layer} lists expert {expert}, out of range: the base has "
+                                   f"experts 0..{base.num_experts - 1}")
 
 
 def _ranges(values) -> str:

@@ -46,6 +46,8 @@ class HostBackend:
         self._live_handles: set[int] = set()
         self._reservations: dict[int, int] = {}  # address -> size
         self._mapped: dict[int, tuple[int, int]] = {}  # address -> (size, handle)
+        self._mapped_granules: set[int] = set()  # addresses of every mapped granule, for O(1) overlap checks
+        self._mapped_handles: set[int] = set()
 
     def _check_size(self, size: int, what: str) -> None:
         if size <= 0 or size % self.granularity:
@@ -76,7 +78,7 @@ class HostBackend:
     def release(self, address: int, size: int) -> None:
         if self._reservations.get(address) != size:
             raise MemoryBackendError(f"release of 0x{address:x}+{size}: no such reservation")
-        if any(address <= a < address + size for a in self._mapped):
+        if any(address <= a < address + size for a in self._mapped_granules):
             raise MemoryBackendError(f"release of 0x{address:x}: the range is still mapped")
         _check_errno(_libc.munmap(address, size) == 0, "munmap(release)")
         del self._reservations[address]
@@ -96,7 +98,7 @@ class HostBackend:
     def free_physical(self, handle: int) -> None:
         if handle not in self._live_handles:
             raise MemoryBackendError(f"free of unknown physical handle {handle}")
-        if any(h == handle for _, h in self._mapped.values()):
+        if handle in self._mapped_handles:
             raise MemoryBackendError(f"free of physical handle {handle} that is still mapped")
         _check_errno(_libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                                      handle, self.granularity) == 0, "fallocate(punch hole)")
@@ -105,15 +107,23 @@ class HostBackend:
 
     def map(self, address: int, size: int, handle: int) -> None:
         self._check_size(size, "map")
+        if address % self.granularity:
+            raise MemoryBackendError(f"map at 0x{address:x}: the address is not a multiple of the "
+                                     f"granularity {self.granularity}")
         self._reservation_of(address, size)
         if handle not in self._live_handles:
             raise MemoryBackendError(f"map of unknown physical handle {handle}")
-        if any(a < address + size and address < a + s for a, (s, _) in self._mapped.items()):
+        granules = range(address, address + size, self.granularity)
+        if any(a in self._mapped_granules for a in granules):
             raise MemoryBackendError(f"map at 0x{address:x}: the range is already mapped")
+        if handle in self._mapped_handles:
+            raise MemoryBackendError(f"map of physical handle {handle}: it is already mapped elsewhere")
         got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
                          self.fd, handle)
         _check_errno(got == address, "mmap(map)")
         self._mapped[address] = (size, handle)
+        self._mapped_granules.update(granules)
+        self._mapped_handles.add(handle)
 
     def unmap(self, address: int, size: int) -> None:
         if self._mapped.get(address, (None,))[0] != size:
@@ -121,7 +131,9 @@ class HostBackend:
         got = _libc.mmap(address, size, _PROT_NONE,
                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE, -1, 0)
         _check_errno(got == address, "mmap(unmap)")
-        del self._mapped[address]
+        _, handle = self._mapped.pop(address)
+        self._mapped_granules.difference_update(range(address, address + size, self.granularity))
+        self._mapped_handles.discard(handle)
 
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = dtype.itemsize

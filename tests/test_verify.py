@@ -1,0 +1,97 @@
+"""`expertweave verify --engine hf` and the tiny model it runs on."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from expertweave_ascend.cli import main
+from expertweave_ascend.integrations import hf
+from expertweave_ascend.tiny import make_tiny
+from expertweave_ascend.verify import verify_hf
+from expertweave_ascend.weave import WeaveConfig
+
+
+def tree_digest(root) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_make_tiny_is_deterministic_per_seed(tiny, tmp_path):
+    make_tiny(tmp_path / "again", adapters=3, seed=0)
+    make_tiny(tmp_path / "other", adapters=3, seed=1)
+    assert tree_digest(tmp_path / "again") == tree_digest(tiny)
+    assert tree_digest(tmp_path / "other") != tree_digest(tiny)
+
+
+def test_tiny_base_is_a_real_deepseek_v2_checkpoint(tiny):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny / "base")
+    assert config.architectures == ["DeepseekV2ForCausalLM"]
+    assert config.num_hidden_layers >= 3 and config.first_k_dense_replace == 1
+    assert config.n_routed_experts >= 16 and config.num_experts_per_tok >= 4 and config.n_shared_experts >= 1
+    assert (config.kv_lora_rank, config.qk_rope_head_dim) == (512, 64)
+    assert config.hidden_size % 32 == 0 and config.moe_intermediate_size % 32 == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
+    ids = tokenizer("the court held that a contract")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the court held that a contract"
+
+
+@pytest.fixture(scope="module")
+def report(tiny):
+    adapters = {name: tiny / "adapters" / name for name in ("law", "math", "code")}
+    return verify_hf(tiny / "base", adapters, max_new_tokens=16,
+                     config=WeaveConfig(max_adapters=3, adapter_slots=24, granularity=64 << 10))
+
+
+def test_mixed_batch_equals_merged_models(report):
+    assert report["ok"]
+    assert report["base"]["tokens_equal"] and report["base"]["max_abs_logit_diff"] < 1e-4
+    assert set(report["adapters"]) == {"law", "math", "code"}
+    for name, row in report["adapters"].items():
+        assert row["tokens_equal"], name
+        assert row["max_abs_logit_diff"] < 1e-4, name
+        assert row["differs_from_base"], f"{name}: greedy output equals the base's; adapter has no effect"
+
+
+def test_verify_memory_figures(report):
+    m = report["memory"]
+    for key in ("base_expert_bytes", "adapter_expert_bytes", "adapter_mapped_bytes", "fragmentation",
+                "padded_bytes", "merged_bytes"):
+        assert key in m
+    assert m["fragmentation"] == m["adapter_mapped_bytes"] / m["adapter_expert_bytes"]
+    assert 1.0 <= m["fragmentation"] < 1.1
+    assert m["padded_bytes"] > m["adapter_expert_bytes"]
+    assert m["merged_bytes"] > 3 * m["base_expert_bytes"]
+
+
+def test_verify_detects_a_wrong_expert_layout(tiny, monkeypatch):
+    # Swapping gate and up while packing is the kind of layout bug verify exists to catch.
+    monkeypatch.setattr(hf.HfMoELayer, "pack_expert",
+                        lambda self, gate, up, down: {"w13": torch.cat([up, gate]).to(self.dtype),
+                                                      "w2": down.to(self.dtype)})
+    result = verify_hf(tiny / "base", {"law": tiny / "adapters" / "law"}, max_new_tokens=16,
+                       config=WeaveConfig(max_adapters=1, adapter_slots=8, granularity=64 << 10))
+    assert not result["ok"]
+    assert not result["adapters"]["law"]["tokens_equal"] or result["adapters"]["law"]["max_abs_logit_diff"] > 1e-3
+    assert result["base"]["tokens_equal"]
+
+
+def test_cli_verify_json(tiny, capsys):
+    code = main(["verify", "--engine", "hf", "--base", str(tiny / "base"), "--adapter",
+                 f"law={tiny / 'adapters' / 'law'}", "--granularity", "64KiB", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["ok"]
+    assert out["adapters"]["law"]["tokens_equal"] is True
+    assert out["memory"]["granularity"] == 64 << 10
+
+
+def test_cli_verify_bad_adapter_is_one_line_error(tiny, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "verify", "--base", str(tiny / "base"),
+                             "--adapter", f"x={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'expert_cfg.json'}: missing"]
