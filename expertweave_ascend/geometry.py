@@ -56,7 +56,9 @@ class BaseGeometry:
         return cls.from_config(config, dtype, str(path / "config.json"))
 
 
-DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
+# Every dtype name the safetensors format defines, with its size in bytes.
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def read_json(path: Path) -> dict:

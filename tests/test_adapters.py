@@ -451,9 +451,10 @@ def perturb(path: Path, key: str) -> None:
 def assert_extract_refused(rc: int, err: str, file: Path, phrase: str) -> None:
     assert rc == 2
     assert "Traceback" not in err
-    last = err.replace("\r", "\n").strip().splitlines()[-1]
-    assert last.startswith(f"error: {file}: "), err
-    assert phrase in last
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {file}: "), err
+    assert phrase in lines[0]
 
 
 def test_extract_finds_tuned_experts(capsys, base, finetuned, geometry, tmp_path):

@@ -39,7 +39,7 @@ class EsftAdapter:
         total = 0
         for key in self.keys.values():
             info = self.checkpoint.tensors[key]
-            total += DTYPE_SIZES.get(info.dtype, 0) * _numel(info.shape)
+            total += DTYPE_SIZES[info.dtype] * _numel(info.shape)
         return total
 
     @property

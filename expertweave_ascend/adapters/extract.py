@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from ..errors import AdapterError
 from ..geometry import BaseGeometry, read_json
-from .checkpoint import EXPERT_KEY, Checkpoint
+from .checkpoint import EXPERT_KEY, PROJS, TORCH_DTYPES, Checkpoint
 from .esft import save_adapter
 
 
@@ -16,10 +16,12 @@ def _canonical(key: str) -> str:
 
 
 def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out: str | Path,
-                    atol: float = 0.0, progress: bool = True) -> dict[int, list[int]]:
+                    atol: float = 0.0, progress: bool | None = None) -> dict[int, list[int]]:
     """Writes the adapter of the routed experts that differ by more than atol; returns them per layer.
 
     Refuses when anything outside the routed experts differs: such a model is not an ESFT adapter.
+    Tuned experts are written in the base's dtype, the dtype they will be served in. The progress bar
+    shows on a terminal only (progress=None), so scripted runs print nothing but the result or error.
     """
     base_dir, finetuned_dir = Path(base_dir), Path(finetuned_dir)
     geometry = BaseGeometry.from_checkpoint(base_dir)
@@ -33,7 +35,7 @@ def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out: str | 
         raise AdapterError(finetuned_dir, f"tensor names differ from the base: it {what}")
     changed: dict[int, dict[int, list[torch.Tensor | None]]] = {}
     with base.reading() as read_base, tuned.reading() as read_tuned:
-        for name in tqdm(sorted(base_keys), desc="comparing", unit="tensor", disable=not progress):
+        for name in tqdm(sorted(base_keys), desc="comparing", unit="tensor", disable=None if progress is None else not progress):
             a, b = read_base(base_keys[name]), read_tuned(tuned_keys[name])
             if a.shape != b.shape:
                 raise AdapterError(tuned.tensors[tuned_keys[name]].file,
@@ -55,9 +57,9 @@ def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out: str | 
         for layer, ids in changed.items():
             experts[layer] = {}
             for expert in ids:
+                names = [f"model.layers.{layer}.mlp.experts.{expert}.{p}.weight" for p in PROJS]
                 experts[layer][expert] = tuple(
-                    read_tuned(tuned_keys[f"model.layers.{layer}.mlp.experts.{expert}.{p}.weight"])
-                    for p in ("gate_proj", "up_proj", "down_proj"))
+                    read_tuned(tuned_keys[n]).to(TORCH_DTYPES[base.dtype(base_keys[n])]) for n in names)
     config = read_json(finetuned_dir / "config.json") if (finetuned_dir / "config.json").exists() else None
     save_adapter(out, experts, config=config, listed_layers=list(geometry.moe_layers))
     return {layer: sorted(ids) for layer, ids in sorted(changed.items())}
