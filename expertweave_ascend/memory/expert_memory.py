@@ -78,18 +78,17 @@ class ExpertMemory:
                 done.append(layer)
         except BaseException:
             for layer in done:
-                self._release_layer(owner, layer)
+                self.slots[layer].give_back(chosen[layer])
+                for vt in self.tensors[layer].values():
+                    vt.unmap_slots(chosen[layer])
             raise
         return chosen
 
-    def _release_layer(self, owner: str, layer: int) -> None:
-        slots = self.slots[layer].release(owner)
-        for vt in self.tensors[layer].values():
-            vt.unmap_slots(slots)
-
     def release(self, owner: str) -> None:
-        for layer in self.tensors:
-            self._release_layer(owner, layer)
+        for layer, alloc in self.slots.items():
+            slots = alloc.release(owner)
+            for vt in self.tensors[layer].values():
+                vt.unmap_slots(slots)
 
     def slots_of(self, owner: str) -> dict[int, list[int]]:
         return {layer: s for layer, alloc in self.slots.items() if (s := alloc.slots_of(owner))}

@@ -33,10 +33,13 @@ class SlotAllocator:
             assert self.owners[slot - self.num_base] is None, f"slot {slot} is taken"
             self.owners[slot - self.num_base] = owner
 
-    def release(self, owner: str) -> list[int]:
-        slots = self.slots_of(owner)
+    def give_back(self, slots: list[int]) -> None:
         for slot in slots:
             self.owners[slot - self.num_base] = None
+
+    def release(self, owner: str) -> list[int]:
+        slots = self.slots_of(owner)
+        self.give_back(slots)
         return slots
 
     def slots_of(self, owner: str) -> list[int]:

@@ -36,6 +36,7 @@ class RoutingTables:
         self.tensor[:, row].copy_(self._identity.expand(self.tensor.shape[0], -1))
 
     def give_back_row(self, row: int) -> None:
+        assert row not in self.free_rows and 0 < row < self.tensor.shape[1], f"row {row} is not in use"
         self.clear_row(row)
         self.free_rows.append(row)
         self.free_rows.sort()
