@@ -48,6 +48,7 @@ def cmd_adapter_inspect(args) -> int:
 
     adapter = EsftAdapter.open(args.path)
     info = {
+        "name": adapter.name,
         "path": str(adapter.path),
         "experts": {str(layer): list(ids) for layer, ids in adapter.experts.items()},
         "num_experts": adapter.num_experts,
@@ -82,14 +83,9 @@ def cmd_adapter_validate(args) -> int:
 def cmd_adapter_extract(args) -> int:
     from .adapters import extract_adapter
 
-    tuned = extract_adapter(args.base, args.finetuned, args.out, atol=args.atol)
-    out = Path(args.out)
-    if args.name and args.name != out.name:
-        print(f"note: the adapter is served under the name you give at load time; --name {args.name} "
-              f"is recorded in {out / 'adapter_name'}")
-        (out / "adapter_name").write_text(args.name + "\n")
+    tuned = extract_adapter(args.base, args.finetuned, args.out, atol=args.atol, name=args.name)
     total = sum(map(len, tuned.values()))
-    print(f"wrote {out}: {total} tuned experts in {len(tuned)} layers")
+    print(f"wrote {args.out}: adapter {args.name or Path(args.out).name}, {total} tuned experts in {len(tuned)} layers")
     return 0
 
 
@@ -167,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--base", required=True)
     x.add_argument("--finetuned", required=True)
     x.add_argument("--out", required=True)
-    x.add_argument("--name")
+    x.add_argument("--name", help="name recorded in the adapter (default: the --out directory's name)")
     x.add_argument("--atol", type=float, default=0.0, help="largest |difference| still counted as unchanged")
     x.set_defaults(func=cmd_adapter_extract)
 

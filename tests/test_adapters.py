@@ -552,8 +552,8 @@ def test_extract_name_recorded(capsys, base, finetuned, tmp_path):
     out = tmp_path / "adapter"
     rc, stdout, _ = extract_cli(capsys, base, finetuned, out, "--name", "legal")
     assert rc == 0
-    assert (out / "adapter_name").read_text().strip() == "legal"
-    assert "--name legal" in stdout
+    assert EsftAdapter.open(out).name == "legal"
+    assert "adapter legal" in stdout
 
 
 # --- laziness ------------------------------------------------------------------------------------
@@ -591,6 +591,9 @@ class CountingHandle:
 
     def keys(self):
         return self.handle.keys()
+
+    def metadata(self):
+        return self.handle.metadata()
 
     def get_slice(self, key):
         return self.handle.get_slice(key)

@@ -33,9 +33,10 @@ class TensorInfo:
 
 
 class Checkpoint:
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo]):
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
         self.path = path
         self.tensors = tensors
+        self.metadata = metadata  # the files' safetensors metadata, merged
 
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
@@ -46,9 +47,11 @@ class Checkpoint:
         if not files:
             raise AdapterError(path, "no .safetensors files")
         tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
         for file in files:
             try:
                 with safe_open(file, framework="pt") as f:
+                    metadata.update(f.metadata() or {})
                     for key in f.keys():
                         view = f.get_slice(key)
                         if key in tensors:
@@ -58,7 +61,7 @@ class Checkpoint:
                 raise AdapterError(file, f"not a valid safetensors file ({e})") from None
             except OSError as e:
                 raise AdapterError(file, f"cannot be read ({e.strerror or e})") from None
-        return cls(path, tensors)
+        return cls(path, tensors, metadata)
 
     def expert_keys(self) -> Iterator[tuple[int, int, str, str]]:
         """(layer, expert, proj, key) of every routed-expert tensor, in file order."""

@@ -14,6 +14,7 @@ from .checkpoint import EXPERT_KEY, PROJS, Checkpoint
 
 CFG_NAME = "expert_cfg.json"
 WEIGHTS_NAME = "model.safetensors"
+NAME_METADATA = "esft_adapter_name"  # safetensors metadata key
 
 
 @dataclass
@@ -28,7 +29,8 @@ class EsftAdapter:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The name recorded when the adapter was written (extract --name), else its directory's name."""
+        return self.checkpoint.metadata.get(NAME_METADATA) or self.path.name
 
     @property
     def num_experts(self) -> int:
@@ -121,7 +123,8 @@ def _parse_expert_cfg(cfg: dict, cfg_path: Path) -> tuple[dict[int, tuple[int, .
 
 
 def save_adapter(out: str | Path, experts: dict[int, dict[int, tuple[torch.Tensor, ...]]],
-                 config: dict | None = None, listed_layers: list[int] | None = None) -> Path:
+                 config: dict | None = None, listed_layers: list[int] | None = None,
+                 name: str | None = None) -> Path:
     """Writes an ESFT adapter directory: experts[layer][expert] = (gate, up, down)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +139,8 @@ def save_adapter(out: str | Path, experts: dict[int, dict[int, tuple[torch.Tenso
         for expert in sorted(experts[layer]):
             for proj, weight in zip(PROJS, experts[layer][expert]):
                 tensors[f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"] = weight.contiguous()
-    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    metadata = {"format": "pt", **({NAME_METADATA: name} if name else {})}
+    save_file(tensors, out / WEIGHTS_NAME, metadata=metadata)
     (out / CFG_NAME).write_text(json.dumps(cfg) + "\n")
     if config is not None:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -16,7 +16,8 @@ def _canonical(key: str) -> str:
 
 
 def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out: str | Path,
-                    atol: float = 0.0, progress: bool | None = None) -> dict[int, list[int]]:
+                    atol: float = 0.0, progress: bool | None = None,
+                    name: str | None = None) -> dict[int, list[int]]:
     """Writes the adapter of the routed experts that differ by more than atol; returns them per layer.
 
     Refuses when anything outside the routed experts differs: such a model is not an ESFT adapter.
@@ -33,33 +34,32 @@ def extract_adapter(base_dir: str | Path, finetuned_dir: str | Path, out: str | 
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the base does not"
         raise AdapterError(finetuned_dir, f"tensor names differ from the base: it {what}")
-    changed: dict[int, dict[int, list[torch.Tensor | None]]] = {}
+    changed: dict[int, set[int]] = {}
     with base.reading() as read_base, tuned.reading() as read_tuned:
-        for name in tqdm(sorted(base_keys), desc="comparing", unit="tensor", disable=None if progress is None else not progress):
-            a, b = read_base(base_keys[name]), read_tuned(tuned_keys[name])
+        for canon in tqdm(sorted(base_keys), desc="comparing", unit="tensor",
+                          disable=None if progress is None else not progress):
+            a, b = read_base(base_keys[canon]), read_tuned(tuned_keys[canon])
+            tuned_file = tuned.tensors[tuned_keys[canon]].file
             if a.shape != b.shape:
-                raise AdapterError(tuned.tensors[tuned_keys[name]].file,
-                                   f"tensor {name} has shape {list(b.shape)}, the base has {list(a.shape)}")
+                raise AdapterError(tuned_file, f"tensor {canon} has shape {list(b.shape)}, the base has {list(a.shape)}")
             diff = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
             if diff <= atol:
                 continue
-            m = EXPERT_KEY.match(name)
+            m = EXPERT_KEY.match(canon)
             if not m:
-                raise AdapterError(tuned.tensors[tuned_keys[name]].file,
-                                   f"non-expert tensor {name} differs from the base (max |diff| {diff:.3g}): "
-                                   "not an ESFT fine-tune of routed experts")
-            layer, expert = int(m.group(1)), int(m.group(2))
-            changed.setdefault(layer, {}).setdefault(expert, [None, None, None])
+                raise AdapterError(tuned_file, f"non-expert tensor {canon} differs from the base (max |diff| "
+                                   f"{diff:.3g}): not an ESFT fine-tune of routed experts")
+            changed.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if not changed:
         raise AdapterError(finetuned_dir, f"no routed expert differs from the base (atol {atol})")
     experts: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
     with tuned.reading() as read_tuned:
         for layer, ids in changed.items():
             experts[layer] = {}
-            for expert in ids:
+            for expert in sorted(ids):
                 names = [f"model.layers.{layer}.mlp.experts.{expert}.{p}.weight" for p in PROJS]
                 experts[layer][expert] = tuple(
                     read_tuned(tuned_keys[n]).to(TORCH_DTYPES[base.dtype(base_keys[n])]) for n in names)
     config = read_json(finetuned_dir / "config.json") if (finetuned_dir / "config.json").exists() else None
-    save_adapter(out, experts, config=config, listed_layers=list(geometry.moe_layers))
+    save_adapter(out, experts, config=config, listed_layers=list(geometry.moe_layers), name=name)
     return {layer: sorted(ids) for layer, ids in sorted(changed.items())}
