@@ -1,6 +1,5 @@
 """Proof of equality: one mixed batch through ExpertWeave versus each merged model run on its own."""
 
-import math
 from pathlib import Path
 
 import torch
@@ -110,5 +109,5 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _mib(n: int | float) -> str:
-    return f"{n / 2**20:.2f} MiB" if not (isinstance(n, float) and math.isnan(n)) else "n/a"
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
