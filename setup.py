@@ -22,5 +22,8 @@ setup(
         "ascend": ["torch-npu==2.10.0.post4", "vllm-ascend==0.23.0.post1"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["expertweave = expertweave_ascend.cli:main"]},
+    entry_points={
+        "console_scripts": ["expertweave = expertweave_ascend.cli:main"],
+        "vllm.general_plugins": ["expertweave = expertweave_ascend.integrations.vllm.plugin:register"],
+    },
 )

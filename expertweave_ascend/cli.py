@@ -90,27 +90,33 @@ def cmd_adapter_extract(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    import torch
-
-    from .verify import format_report, verify_hf
+    from .verify import DEFAULT_PROMPTS, format_report, verify_hf
     from .weave import WeaveConfig
 
     adapters = _named_paths(args.adapter, args.adapters_dir)
     if not adapters:
         raise ExpertWeaveError("verify: give at least one --adapter NAME=PATH or --adapters-dir DIR")
-    if args.engine != "hf":
-        raise ExpertWeaveError(f"verify: engine {args.engine!r} is not available yet (use --engine hf)")
-    config = None
-    if args.granularity is not None:
-        from .adapters import validate_adapter
-        from .geometry import BaseGeometry
+    if args.engine == "vllm":
+        from .integrations.vllm.verify import verify_vllm
 
-        geometry = BaseGeometry.from_checkpoint(args.base)
-        checked = [validate_adapter(p, geometry) for p in adapters.values()]
-        slots = max(sum(len(a.experts.get(layer, ())) for a in checked) for layer in geometry.moe_layers)
-        config = WeaveConfig(max_adapters=len(adapters), adapter_slots=max(1, slots), granularity=args.granularity)
-    report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
-                       dtype=getattr(torch, args.dtype), config=config)
+        report = verify_vllm(args.base, adapters, DEFAULT_PROMPTS, args.max_new_tokens, dtype=args.dtype or "auto",
+                             enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+                             kv_cache_memory_bytes=args.kv_cache_memory, granularity=args.granularity)
+    else:
+        import torch
+
+        config = None
+        if args.granularity is not None:
+            from .adapters import validate_adapter
+            from .geometry import BaseGeometry
+
+            geometry = BaseGeometry.from_checkpoint(args.base)
+            checked = [validate_adapter(p, geometry) for p in adapters.values()]
+            slots = max(sum(len(a.experts.get(layer, ())) for a in checked) for layer in geometry.moe_layers)
+            config = WeaveConfig(max_adapters=len(adapters), adapter_slots=max(1, slots),
+                                 granularity=args.granularity)
+        report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
+                           dtype=getattr(torch, args.dtype or "float32"), config=config)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -173,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--adapters-dir", help="load every subdirectory as an adapter named after it")
     f.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     f.add_argument("--max-new-tokens", type=int, default=16)
-    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    f.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 with hf, the checkpoint's dtype with vllm")
+    f.add_argument("--enforce-eager", action="store_true", help="vllm: no torch.compile")
+    f.add_argument("--max-model-len", type=int, default=1024, help="vllm")
+    f.add_argument("--kv-cache-memory", type=_size, default=256 << 20, help="vllm: KV cache size, e.g. 256MiB")
     f.add_argument("--granularity", type=_size, help="VMM granule, e.g. 64KiB (default 2MiB, as on devices)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_verify)

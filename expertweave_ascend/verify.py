@@ -88,14 +88,15 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
 
 
 def format_report(report: dict) -> str:
+    diff = "max_abs_logit_diff" if "max_abs_logit_diff" in report["base"] else "max_abs_logprob_diff"
     lines = [f"ExpertWeave verify ({report['engine']}, {report['dtype']}, {report['max_new_tokens']} greedy tokens)",
-             f"{'model':<14}{'experts':>8}{'bytes':>12}  {'equal':<6}{'max|dlogit|':>12}  output"]
+             f"{'model':<14}{'experts':>8}{'bytes':>12}  {'equal':<6}{'max|d' + diff.split('_')[2] + '|':>16}  output"]
     rows = [("base", report["base"])] + list(report["adapters"].items())
     for name, row in rows:
         experts = row.get("experts", "-")
         nbytes = row.get("bytes", "-")
         lines.append(f"{name:<14}{experts:>8}{nbytes:>12}  {'yes' if row['tokens_equal'] else 'NO':<6}"
-                     f"{row['max_abs_logit_diff']:>12.2e}  {row['output'][:40]!r}")
+                     f"{row[diff]:>16.2e}  {row['output'][:40]!r}")
     m = report["memory"]
     frag = "n/a" if m["fragmentation"] is None else f"{m['fragmentation']:.3f}"
     lines += [

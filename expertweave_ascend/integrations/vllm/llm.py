@@ -1,0 +1,129 @@
+"""ExpertWeaveLLM: vllm.LLM serving a base model and many ESFT adapters in one engine."""
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from ...adapters import validate_adapter
+from ...errors import AdapterStateError
+from ...geometry import BaseGeometry
+from . import compat
+
+WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
+
+
+class ExpertWeaveLLM:
+    """A vllm.LLM whose requests each name an adapter (or None for the base model).
+
+    Adapters are checked here before anything reaches the engine; unload waits for the adapter's
+    requests to finish and admits no new ones meanwhile.
+    """
+
+    def __init__(self, model: str, adapters: dict[str, str] | None = None, *, max_adapters: int = 8,
+                 adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
+                 granularity: int | None = None, **llm_kwargs):
+        from vllm import LLM
+
+        self.model = model
+        self.geometry = BaseGeometry.from_checkpoint(model)
+        adapters = dict(adapters or {})
+        for path in adapters.values():
+            validate_adapter(path, self.geometry)
+        if adapter_slots is None and adapters:
+            per_layer = max(sum(len(validate_adapter(p, self.geometry).experts.get(layer, ())) for p in adapters.values())
+                            for layer in self.geometry.moe_layers)
+            adapter_slots = max(per_layer, max_adapters * self.geometry.num_experts // 4)
+        config = {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
+                  "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
+                  "granularity": granularity}
+        additional = dict(llm_kwargs.pop("additional_config", None) or {})
+        additional["expertweave"] = config
+        self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
+                       **llm_kwargs)
+        self._adapters = set(self._rpc("expertweave_list_adapters"))
+        self._unloading: set[str] = set()
+        self._in_flight: Counter[str] = Counter()
+        self._cond = threading.Condition()
+
+    def _rpc(self, method: str, *args):
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, adapter: str | None | Sequence[str | None] = None,
+                 use_tqdm: bool = True):
+        """adapter: one name (or None: the base) for every prompt, or one per prompt."""
+        from vllm import SamplingParams
+
+        single = isinstance(prompts, (str, dict))
+        prompts = [prompts] if single else list(prompts)
+        names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(names) != len(prompts):
+            raise ValueError(f"{len(names)} adapters given for {len(prompts)} prompts")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        requests, per_request = [], []
+        for prompt, name, sp in zip(prompts, names, params):
+            sp = (sp or SamplingParams()).clone()
+            if name is not None:
+                sp.extra_args = {**(sp.extra_args or {}), compat.ADAPTER_ARG: name}
+            prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
+            if name is not None:
+                prompt["cache_salt"] = f"expertweave:{name}"  # adapters never share prefix-cache blocks
+            requests.append(prompt)
+            per_request.append(sp)
+        self._admit(names)
+        try:
+            outputs = self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
+        finally:
+            self._release(names)
+        return outputs[0] if single else outputs
+
+    def _admit(self, names: list[str | None]) -> None:
+        with self._cond:
+            for name in set(names) - {None}:
+                if name not in self._adapters:
+                    known = ", ".join(sorted(self._adapters)) or "none"
+                    raise AdapterStateError(f"unknown adapter {name!r} (loaded: {known})")
+                if name in self._unloading:
+                    raise AdapterStateError(f"adapter {name!r} is being unloaded")
+            self._in_flight.update(n for n in names if n is not None)
+
+    def _release(self, names: list[str | None]) -> None:
+        with self._cond:
+            self._in_flight.subtract(n for n in names if n is not None)
+            self._cond.notify_all()
+
+    # -- adapters -----------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> dict:
+        """Validates here, then loads in every worker; errors leave the engine as it was."""
+        validate_adapter(path, self.geometry)
+        with self._cond:
+            if name in self._adapters:
+                raise AdapterStateError(f"adapter {name!r} is already loaded")
+        info = self._rpc("expertweave_load_adapter", name, str(path))
+        with self._cond:
+            self._adapters.add(name)
+        return info
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        with self._cond:
+            if name not in self._adapters:
+                raise AdapterStateError(f"unknown adapter {name!r}")
+            self._unloading.add(name)
+            try:
+                if not self._cond.wait_for(lambda: self._in_flight[name] == 0, timeout):
+                    raise AdapterStateError(f"adapter {name!r} still has {self._in_flight[name]} request(s) "
+                                            f"in flight after {timeout} s; not unloaded")
+                self._rpc("expertweave_unload_adapter", name, 0.0)
+                self._adapters.discard(name)
+            finally:
+                self._unloading.discard(name)
+
+    def list_adapters(self) -> dict:
+        return self._rpc("expertweave_list_adapters")
+
+    def memory_report(self) -> dict:
+        return self._rpc("expertweave_memory_report")
+
+    def shutdown(self) -> None:
+        compat.shutdown_llm(self.llm)

