@@ -1,7 +1,6 @@
 # `make demo` and `make test` build the environment from nothing, then run.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TINY ?= build/tiny
 
 .PHONY: env demo test clean
 
@@ -17,9 +16,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	touch $@
 
 demo: env
-	$(VENV)/bin/expertweave make-tiny $(TINY) --adapters 3
-	$(VENV)/bin/expertweave verify --engine hf --base $(TINY)/base --adapters-dir $(TINY)/adapters \
-		--granularity 64KiB
+	$(VENV)/bin/expertweave demo
 
 test: env
 	$(PY) -m pytest -q tests

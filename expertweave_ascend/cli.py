@@ -145,6 +145,33 @@ def cmd_memory_plan(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    import os
+
+    from .integrations.vllm.verify import verify_vllm
+    from .tiny import make_tiny
+    from .verify import DEFAULT_PROMPTS, format_report
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertweave" / f"tiny-seed{args.seed}"
+    if not (cache / "adapters").is_dir() or len(list((cache / "adapters").iterdir())) != 3:
+        print(f"building the tiny model and 3 adapters in {cache}", file=sys.stderr)
+        make_tiny(cache, adapters=3, seed=args.seed)
+    adapters = {p.name: str(p) for p in sorted((cache / "adapters").iterdir())}
+    report = verify_vllm(cache / "base", adapters, DEFAULT_PROMPTS, args.max_new_tokens,
+                         granularity=64 << 10, enforce_eager=args.enforce_eager, max_model_len=512,
+                         kv_cache_memory_bytes=64 << 20)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def cmd_serve(args) -> int:
+    from .integrations.vllm.server import serve
+
+    serve(args.base, _named_paths(args.adapter, args.adapters_dir), args.host, args.port, args.vllm_args,
+          max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertweave", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,6 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_verify)
 
+    d = sub.add_parser("demo", help="serve the tiny model's base and 3 adapters in one vLLM engine, "
+                                     "check each against its merged model")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--enforce-eager", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with ESFT adapters as models",
+                        epilog="Arguments after -- go to vLLM's server unchanged, e.g. -- --enforce-eager")
+    sv.add_argument("base")
+    sv.add_argument("--adapter", action="append", metavar="NAME=PATH")
+    sv.add_argument("--adapters-dir", help="serve every subdirectory as an adapter named after it")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--base-name", help='the base model\'s "model" name (default: BASE\'s directory name)')
+    sv.add_argument("--max-adapters", type=int, default=8, help="adapters loaded at once")
+    sv.add_argument("--adapter-slots", type=int, help="expert slots per MoE layer for adapters")
+    sv.set_defaults(func=cmd_serve, vllm_args=[])
+
     mp = sub.add_parser("memory-plan", help="bytes mapped for a set of adapter geometries, by the real allocator")
     mp.add_argument("--expert-cfg", action="append", metavar="NAME=PATH", help="an adapter's expert_cfg.json")
     src = mp.add_mutually_exclusive_group()
@@ -200,7 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if passthrough:
+        if args.command != "serve":
+            print("error: arguments after -- are passed to vLLM and only `serve` takes them", file=sys.stderr)
+            return 2
+        args.vllm_args = passthrough
     try:
         return args.func(args)
     except ExpertWeaveError as e:

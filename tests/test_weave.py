@@ -46,11 +46,12 @@ def assert_unchanged(weave: ExpertWeave, before: dict) -> None:
     assert after == before
 
 
-def memfd_mapped_bytes() -> int:
+def memfd_mapped_bytes(weave: ExpertWeave) -> int:
+    """Bytes the kernel shows mapped from this weave's memfd arena."""
     total = 0
     with open("/proc/self/maps") as maps:
         for line in maps:
-            if "memfd:expertweave" in line:
+            if f"memfd:{weave.backend.name} " in line:
                 start, end = (int(x, 16) for x in line.split()[0].split("-"))
                 total += end - start
     return total
@@ -87,7 +88,7 @@ def test_memory_report_counts_exact_bytes(make_weave, tiny):
     assert report["adapter_expert_bytes"] == total * expert_bytes
     assert report["base_expert_bytes"] == 3 * 16 * expert_bytes
     assert report["adapter_mapped_bytes"] == weave.memory.mapped_bytes - weave.memory.base_mapped_bytes
-    assert report["adapter_mapped_bytes"] == memfd_mapped_bytes() - report["base_mapped_bytes"]
+    assert report["adapter_mapped_bytes"] == memfd_mapped_bytes(weave) - report["base_mapped_bytes"]
     # Adapters are packed back to back after the base, so the only waste is the last granule of each tensor.
     assert report["adapter_expert_bytes"] <= report["adapter_mapped_bytes"] < report["adapter_expert_bytes"] + 6 * GRANULE
     assert report["padded_bytes"] == 3 * 8 * 3 * expert_bytes  # each adapter tunes 8 experts in its widest layer
@@ -104,7 +105,7 @@ def test_unload_restores_base_memory_and_tables(make_weave, tiny):
     for name in ("math", "law", "code"):
         weave.unload_adapter(name)
     assert_unchanged(weave, before)
-    assert memfd_mapped_bytes() == weave.memory.base_mapped_bytes
+    assert memfd_mapped_bytes(weave) == weave.memory.base_mapped_bytes
 
 
 def test_i1_rows_written_only_after_slots_written(make_weave, tiny, monkeypatch):
@@ -248,13 +249,13 @@ def test_500_load_unload_cycles_leak_nothing(tiny, geometry):
             weave.load_adapter(name, tiny / "adapters" / rng.choice(sources))
             loaded[name] = name
         loaded = {n: n for n in weave.adapters}
-        assert memfd_mapped_bytes() == weave.memory.mapped_bytes
+        assert memfd_mapped_bytes(weave) == weave.memory.mapped_bytes
     for name in list(weave.adapters):
         weave.unload_adapter(name)
     assert weave.memory.mapped_bytes == base_mapped
-    assert memfd_mapped_bytes() == base_mapped
+    assert memfd_mapped_bytes(weave) == base_mapped
     assert all(ref == 0 for layer in weave.memory.tensors.values() for vt in layer.values()
                for gi, ref in enumerate(vt.refs) if gi * GRANULE >= 16 * vt.slot_nbytes + GRANULE)
     weave.close()
-    assert memfd_mapped_bytes() == 0
+    assert memfd_mapped_bytes(weave) == 0
     assert len(os.listdir("/proc/self/fd")) == fds_before

@@ -8,6 +8,7 @@ releasing a range that is still mapped.
 """
 
 import ctypes
+import itertools
 import mmap
 import os
 
@@ -25,6 +26,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _PROT_NONE, _MAP_FIXED, _MAP_NORESERVE = 0x0, 0x10, 0x4000
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 DEFAULT_GRANULARITY = 2 << 20  # what CUDA and AscendCL report for device memory
+_serial = itertools.count()
 
 
 def _check_errno(ok: bool, call: str) -> None:
@@ -34,13 +36,15 @@ def _check_errno(ok: bool, call: str) -> None:
 
 
 class HostBackend:
-    def __init__(self, granularity: int = DEFAULT_GRANULARITY, name: str = "expertweave"):
+    def __init__(self, granularity: int = DEFAULT_GRANULARITY, name: str | None = None):
         if granularity <= 0 or granularity % mmap.PAGESIZE:
             raise MemoryBackendError(f"granularity {granularity} is not a positive multiple of the "
                                      f"page size {mmap.PAGESIZE}")
         self.granularity = granularity
         self.device = torch.device("cpu")
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        # A name per backend, so /proc/<pid>/maps tells each arena's mappings apart.
+        self.name = name or f"expertweave-{os.getpid()}-{next(_serial)}"
+        self.fd = os.memfd_create(self.name, os.MFD_CLOEXEC)
         self._arena_size = 0
         self._free_offsets: list[int] = []
         self._live_handles: set[int] = set()

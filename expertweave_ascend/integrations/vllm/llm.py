@@ -126,4 +126,7 @@ class ExpertWeaveLLM:
         return self._rpc("expertweave_memory_report")
 
     def shutdown(self) -> None:
+        """Stops the engine and gives its expert memory back (an in-process engine keeps the
+        process's address space, so this matters when one process starts several engines)."""
+        self._rpc("expertweave_close")
         compat.shutdown_llm(self.llm)

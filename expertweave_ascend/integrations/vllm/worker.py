@@ -102,7 +102,7 @@ class ExpertWeaveWorkerExtension:
 
     def expertweave_load_adapter(self, name: str, path: str) -> dict:
         loaded = _active().weave.load_adapter(name, path)
-        return {"name": name, "row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes}
+        return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes}
 
     def expertweave_unload_adapter(self, name: str, timeout: float | None = 0.0) -> None:
         _active().weave.unload_adapter(name, timeout)
@@ -110,6 +110,13 @@ class ExpertWeaveWorkerExtension:
     def expertweave_list_adapters(self) -> dict:
         return {name: {"path": str(a.path), "experts": a.num_experts, "bytes": a.nbytes}
                 for name, a in _active().weave.adapters.items()}
+
+    def expertweave_close(self) -> None:
+        """Unmaps and releases all expert memory; the engine must not run the model afterwards."""
+        global _ACTIVE
+        if _ACTIVE is not None:
+            _ACTIVE.weave.close()
+            _ACTIVE = None
 
     def expertweave_memory_report(self) -> dict:
         model_bytes = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
