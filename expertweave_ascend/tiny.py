@@ -106,13 +106,24 @@ def _adapter_layout(index: int, moe_layers: list[int], num_experts: int, rng: ra
 
 def make_tiny(out: str | Path, adapters: int = 3, seed: int = 0) -> dict[str, Path]:
     """Writes OUT/base and OUT/adapters/<name>; returns {name: adapter path}."""
+    names = [ADAPTER_NAMES[i] if i < len(ADAPTER_NAMES) else f"task{i}" for i in range(adapters)]
+    config = tiny_config(0)
+    moe_layers = list(range(config["first_k_dense_replace"], config["num_hidden_layers"]))
+    layouts = {name: _adapter_layout(i, moe_layers, config["n_routed_experts"], random.Random(f"{seed}-{name}"))
+               for i, name in enumerate(names)}
+    return make_model(out, layouts, seed=seed)
+
+
+def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: int = 0,
+               **config_overrides) -> dict[str, Path]:
+    """A base checkpoint of tiny_config (with overrides) and one adapter per layout {layer: expert ids}."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     out = Path(out)
     base_dir = out / "base"
     base_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = build_tokenizer(base_dir, seed)
-    config_dict = tiny_config(vocab_size)
+    config_dict = {**tiny_config(vocab_size), **config_overrides}
     torch.manual_seed(seed)
     model = DeepseekV2ForCausalLM(DeepseekV2Config(**config_dict)).to(torch.bfloat16)
     model.save_pretrained(base_dir)
@@ -120,15 +131,12 @@ def make_tiny(out: str | Path, adapters: int = 3, seed: int = 0) -> dict[str, Pa
     config = json.loads((base_dir / "config.json").read_text())
 
     moe_layers = list(range(config_dict["first_k_dense_replace"], config_dict["num_hidden_layers"]))
-    num_experts = config_dict["n_routed_experts"]
     std = config_dict["initializer_range"]
     paths = {}
-    for index in range(adapters):
-        name = ADAPTER_NAMES[index] if index < len(ADAPTER_NAMES) else f"task{index}"
-        rng = random.Random(f"{seed}-{name}")
-        noise = torch.Generator().manual_seed(rng.getrandbits(63))
+    for name, layout in layouts.items():
+        noise = torch.Generator().manual_seed(random.Random(f"{seed}-{name}-weights").getrandbits(63))
         experts = {}
-        for layer, ids in _adapter_layout(index, moe_layers, num_experts, rng).items():
+        for layer, ids in layout.items():
             fused = model.model.layers[layer].mlp.experts
             experts[layer] = {}
             for e in ids:

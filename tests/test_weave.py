@@ -212,7 +212,7 @@ def test_i5_failure_while_writing_rolls_back(make_weave, tiny, monkeypatch):
 
 
 def test_i5_capacity_errors_change_nothing(make_weave, tiny):
-    weave = make_weave(max_adapters=1, adapter_memory_bytes=1 << 20)
+    weave = make_weave(max_adapters=1, adapter_memory_bytes=2 << 20)
     weave.load_adapter("law", tiny / "adapters" / "law")
     before = snapshot(weave)
     with pytest.raises(CapacityError, match="adapter rows are in use"):
