@@ -9,6 +9,7 @@ import torch
 
 from .geometry import BaseGeometry
 from .memory import ExpertMemory, HostBackend, WeightSpec
+from .weave import slots_needed
 
 # DeepSeek-V2-Lite, the ESFT base (REFERENCE.md).
 DEEPSEEK_V2_LITE = {
@@ -38,10 +39,9 @@ def plan_memory(geometry: BaseGeometry, adapters: dict[str, dict[int, tuple[int,
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[geometry.dtype]
     h, i = geometry.hidden_size, geometry.moe_intermediate_size
     specs = [WeightSpec("w13", (2 * i, h), dtype), WeightSpec("w2", (h, i), dtype)]
-    slots = max(sum(len(a.get(layer, ())) for a in adapters.values()) for layer in geometry.moe_layers)
     backend = HostBackend(granularity)
     memory = ExpertMemory(backend, {layer: specs for layer in geometry.moe_layers}, geometry.num_experts,
-                          max(1, slots))
+                          slots_needed(adapters.values(), geometry.moe_layers))
     try:
         per_adapter = {}
         for name, experts in adapters.items():

@@ -91,7 +91,6 @@ def cmd_adapter_extract(args) -> int:
 
 def cmd_verify(args) -> int:
     from .verify import DEFAULT_PROMPTS, format_report, verify_hf
-    from .weave import WeaveConfig
 
     adapters = _named_paths(args.adapter, args.adapters_dir)
     if not adapters:
@@ -105,18 +104,8 @@ def cmd_verify(args) -> int:
     else:
         import torch
 
-        config = None
-        if args.granularity is not None:
-            from .adapters import validate_adapter
-            from .geometry import BaseGeometry
-
-            geometry = BaseGeometry.from_checkpoint(args.base)
-            checked = [validate_adapter(p, geometry) for p in adapters.values()]
-            slots = max(sum(len(a.experts.get(layer, ())) for a in checked) for layer in geometry.moe_layers)
-            config = WeaveConfig(max_adapters=len(adapters), adapter_slots=max(1, slots),
-                                 granularity=args.granularity)
         report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
-                           dtype=getattr(torch, args.dtype or "float32"), config=config)
+                           dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 

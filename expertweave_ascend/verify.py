@@ -6,7 +6,7 @@ import torch
 
 from .adapters import validate_adapter
 from .geometry import BaseGeometry
-from .weave import ExpertWeave, WeaveConfig
+from .weave import ExpertWeave, WeaveConfig, slots_needed
 
 DEFAULT_PROMPTS = [
     "the court held that a contract requires",
@@ -29,7 +29,8 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int):
 
 def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 16,
               prompts: list[str] | None = None, dtype: torch.dtype = torch.float32,
-              config: WeaveConfig | None = None) -> dict:
+              config: WeaveConfig | None = None, granularity: int | None = None) -> dict:
+    """config: the weave's; by default just enough slots for these adapters, granules of granularity."""
     from transformers import AutoTokenizer
 
     from .integrations.hf import load_model, merge_adapter, model_nbytes, moe_layer_handles
@@ -47,8 +48,9 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
     model_bytes = model_nbytes(served)
     handles, adapter_rows = moe_layer_handles(served)
     if config is None:
-        per_layer = [sum(len(a.experts.get(h.layer, ())) for a in checked.values()) for h in handles]
-        config = WeaveConfig(max_adapters=max(1, len(adapters)), adapter_slots=max(1, *per_layer))
+        slots = slots_needed((a.experts for a in checked.values()), geometry.moe_layers)
+        config = WeaveConfig(max_adapters=max(1, len(adapters)), adapter_slots=slots,
+                             **({"granularity": granularity} if granularity else {}))
     weave = ExpertWeave(geometry, handles, config)
     try:
         for name, path in adapters.items():

@@ -12,7 +12,7 @@ I5 a rejected adapter leaves tables, memory and requests untouched.
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -35,6 +35,12 @@ class MoELayerHandle(Protocol):
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         """One expert's ESFT weights in the engine's storage layout, exactly as base experts are packed."""
+
+
+def slots_needed(selections: Iterable[dict[int, Sequence[int]]], moe_layers: Iterable[int]) -> int:
+    """Adapter slots per MoE layer that holding all these expert selections at once takes (at least 1)."""
+    selections = list(selections)
+    return max(1, max((sum(len(s.get(layer, ())) for s in selections) for layer in moe_layers), default=0))
 
 
 @dataclass

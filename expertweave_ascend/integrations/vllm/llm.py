@@ -8,9 +8,24 @@ from typing import Sequence
 from ...adapters import validate_adapter
 from ...errors import AdapterStateError
 from ...geometry import BaseGeometry
+from ...weave import slots_needed
 from . import compat
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
+
+
+def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters: int,
+                  adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
+                  granularity: int | None = None) -> dict:
+    """The engine's `additional_config["expertweave"]`; adapters are validated here, before any engine
+    starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row."""
+    checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
+    if adapter_slots is None:
+        adapter_slots = max(slots_needed((a.experts for a in checked.values()), geometry.moe_layers),
+                            max_adapters * geometry.num_experts // 4)
+    return {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
+            "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
+            "granularity": granularity}
 
 
 class ExpertWeaveLLM:
@@ -27,18 +42,9 @@ class ExpertWeaveLLM:
 
         self.model = model
         self.geometry = BaseGeometry.from_checkpoint(model)
-        adapters = dict(adapters or {})
-        for path in adapters.values():
-            validate_adapter(path, self.geometry)
-        if adapter_slots is None and adapters:
-            per_layer = max(sum(len(validate_adapter(p, self.geometry).experts.get(layer, ())) for p in adapters.values())
-                            for layer in self.geometry.moe_layers)
-            adapter_slots = max(per_layer, max_adapters * self.geometry.num_experts // 4)
-        config = {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
-                  "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
-                  "granularity": granularity}
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
-        additional["expertweave"] = config
+        additional["expertweave"] = engine_config(self.geometry, adapters or {}, max_adapters, adapter_slots,
+                                                  adapter_memory_bytes, granularity)
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
         self._adapters = set(self._rpc("expertweave_list_adapters"))

@@ -21,7 +21,7 @@ from ...adapters import validate_adapter
 from ...errors import ExpertWeaveError
 from ...geometry import BaseGeometry
 from . import compat
-from .llm import WORKER_EXTENSION
+from .llm import WORKER_EXTENSION, engine_config
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 PLUGIN_NAMES = "expertweave,expertweave_http"  # the general plugin and this endpoint plugin
@@ -210,14 +210,7 @@ def _worker_message(error: Exception) -> str:
 def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str],
                   max_adapters: int, adapter_slots: int | None, base_name: str | None) -> list[str]:
     """The `vllm serve` command line (as a python -m invocation) for ExpertWeave."""
-    geometry = BaseGeometry.from_checkpoint(base)
-    for path in adapters.values():
-        validate_adapter(path, geometry)
-    if adapter_slots is None:
-        adapter_slots = max(max_adapters * geometry.num_experts // 4,
-                            *(sum(len(validate_adapter(p, geometry).experts.get(l, ())) for p in adapters.values())
-                              for l in geometry.moe_layers))
-    config = {"expertweave": {"adapters": adapters, "max_adapters": max_adapters, "adapter_slots": adapter_slots}}
+    config = {"expertweave": engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters, adapter_slots)}
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
             "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
             "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *vllm_args]

@@ -30,6 +30,7 @@ class WorkerWeave:
                                                              "granularity") if config.get(k) is not None})
         self.weave = ExpertWeave(geometry, list(self.layers.values()), weave_config)
         self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32)
+        self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
         self.request_adapter: dict[str, str | None] = {}
         for name, path in (config.get("adapters") or {}).items():
             self.weave.load_adapter(name, path)
@@ -43,7 +44,9 @@ class WorkerWeave:
         rows = np.fromiter((self._row(runner, r) for r in req_ids), dtype=np.int32, count=len(req_ids))
         total = int(counts.sum())
         self.token_adapter[:total].copy_(torch.from_numpy(np.repeat(rows, counts)))
-        self.token_adapter[total:].zero_()  # padding tokens run as the base
+        if self.filled > total:
+            self.token_adapter[total:self.filled].zero_()  # padding tokens run as the base
+        self.filled = total
 
     def _row(self, runner, req_id: str) -> int:
         # The front end (ExpertWeaveLLM, the server) admits requests only for loaded adapters and
