@@ -198,3 +198,10 @@ def test_reroute_through_tables_keeps_base_tokens_on_base_experts():
     out = reroute(topk, token_adapter, tables.layer(0))
     assert torch.equal(out[0::2], topk[0::2])
     assert torch.equal(out[1::2], topk[1::2] + 16)
+
+
+def test_one_adapter_row_per_token_is_enforced_by_the_kernel():
+    topk, _, table = random_case(3, 6, 16, 2, torch.int32, torch.int32, 0)
+    for rows in (1, 2):
+        with pytest.raises(ValueError, match=f"reroute: {rows} adapter rows for 3 tokens"):
+            reroute(topk, torch.zeros(rows, dtype=torch.int32), table)

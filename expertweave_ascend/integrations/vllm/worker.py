@@ -71,12 +71,13 @@ class WorkerWeave:
 _ACTIVE: WorkerWeave | None = None
 
 
-@torch.library.custom_op("expertweave::reroute_layer", mutates_args=())
-def reroute_layer(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    return _ACTIVE.reroute(topk_ids, layer)
+# Defined through Library for the same reason as expertweave::reroute: a cheap per-layer call.
+_lib = torch.library.Library("expertweave", "FRAGMENT")
+_lib.define("reroute_layer(Tensor topk_ids, int layer) -> Tensor")
+_lib.impl("reroute_layer", lambda topk_ids, layer: _ACTIVE.reroute(topk_ids, layer), "CompositeExplicitAutograd")
 
 
-@reroute_layer.register_fake
+@torch.library.register_fake("expertweave::reroute_layer")
 def _(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.empty_like(topk_ids)
 
