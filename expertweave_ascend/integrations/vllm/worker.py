@@ -21,31 +21,46 @@ logger = logging.getLogger("expertweave")
 
 class WorkerWeave:
     def __init__(self, model_runner, config: dict):
-        self.layers = {index: VllmMoELayer(runner, index)
-                       for index, runner in compat.iter_moe_layers(model_runner.model)}
+        self.api = compat.engine_api()
+        self.layers = {index: VllmMoELayer(runner, index, self.api)
+                       for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
         geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
         weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
                                                              "granularity") if config.get(k) is not None})
-        self.weave = ExpertWeave(geometry, list(self.layers.values()), weave_config)
-        self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32)
+        device_args = self.api.weave_device(model_runner)
+        self.backend = device_args.get("backend")  # given to the weave, so closed here
+        self.weave = ExpertWeave(geometry, list(self.layers.values()), weave_config, **device_args)
+        self.api.weave_installed(model_runner, self.weave)
+        device = torch.device(self.weave.device)
+        self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32, device=device)
+        # Off the CPU the step's rows go through pinned host memory, so their copy does not block.
+        self.staging = None if device.type == "cpu" else torch.zeros(model_runner.max_num_tokens, dtype=torch.int32,
+                                                                     pin_memory=True)
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
         self.request_adapter: dict[str, str | None] = {}
         for name, path in (config.get("adapters") or {}).items():
             self.weave.load_adapter(name, path)
 
     def reroute(self, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
-        return torch.ops.expertweave.reroute(topk_ids, self.token_adapter[: topk_ids.shape[0]],
-                                             self.layers[layer].table)
+        rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
+        return torch.ops.expertweave.reroute(topk_ids, rows, self.layers[layer].table)
 
     def on_step(self, runner) -> None:
-        req_ids, counts = compat.batch_layout(runner)
+        req_ids, counts = self.api.batch_layout(runner)
         rows = np.fromiter((self._row(runner, r) for r in req_ids), dtype=np.int32, count=len(req_ids))
         total = int(counts.sum())
-        self.token_adapter[:total].copy_(torch.from_numpy(np.repeat(rows, counts)))
-        if self.filled > total:
-            self.token_adapter[total:self.filled].zero_()  # padding tokens run as the base
+        if self.staging is None:
+            self.token_adapter[:total].copy_(torch.from_numpy(np.repeat(rows, counts)))
+            if self.filled > total:
+                self.token_adapter[total:self.filled].zero_()  # padding tokens run as the base
+        else:
+            end = max(total, self.filled)
+            host = self.staging.numpy()
+            host[:total] = np.repeat(rows, counts)
+            host[total:end] = 0
+            self.token_adapter[:end].copy_(self.staging[:end], non_blocking=True)
         self.filled = total
 
     def _row(self, runner, req_id: str) -> int:
@@ -53,7 +68,7 @@ class WorkerWeave:
         # unloads only once an adapter's requests are done (I2); the runner hears of finished
         # requests a step late, so it cannot count them itself.
         if req_id not in self.request_adapter:
-            self.request_adapter[req_id] = compat.request_adapter(runner, req_id)
+            self.request_adapter[req_id] = self.api.request_adapter(runner, req_id)
         name = self.request_adapter[req_id]
         if name is None:
             return 0
@@ -66,6 +81,11 @@ class WorkerWeave:
 
     def on_request_removed(self, req_id: str) -> None:
         self.request_adapter.pop(req_id, None)
+
+    def close(self) -> None:
+        self.weave.close()
+        if self.backend is not None:
+            self.backend.close()
 
 
 _ACTIVE: WorkerWeave | None = None
@@ -119,11 +139,12 @@ class ExpertWeaveWorkerExtension:
         """Unmaps and releases all expert memory; the engine must not run the model afterwards."""
         global _ACTIVE
         if _ACTIVE is not None:
-            _ACTIVE.weave.close()
+            _ACTIVE.close()
             _ACTIVE = None
 
     def expertweave_memory_report(self) -> dict:
-        model_bytes = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
+        model = compat.engine_api().loaded_model(self.model_runner)
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         return _active().weave.memory_report(model_bytes=model_bytes)
 
 

@@ -1,0 +1,468 @@
+"""Every vllm-ascend 0.23.0.post1 (on vLLM 0.23) detail ExpertWeave's NPU path relies on, and nothing else.
+
+The sibling of compat.py (vLLM 0.32: CPU, CUDA) with the same functions; compat.engine_api() picks this
+module on vllm-ascend's NPU platform. Written against the pinned source release (requirements-ascend.txt,
+fetched by tests/pinned.py) and NOT YET RUN ON ASCEND HARDWARE: tests/test_vllm_ascend_hooks.py checks
+every name in HOOKS, FACTS, VLLM_NAMES and TORCH_NPU_OPS against those sources and runs the pure parts
+(packing, token layout) on CPU tensors; scripts/validate_atlas.sh runs the rest on an Atlas server.
+File paths in the table are relative to the vllm_ascend package.
+
+| what                   | vllm-ascend 0.23.0.post1 file: function (vLLM 0.23)                  | ExpertWeave        |
+| ---------------------- | -------------------------------------------------------------------- | ------------------ |
+| MoE layer module       | ops/fused_moe/fused_moe_0_23_0.py: AscendFusedMoE (1)                 | iter_moe_layers    |
+| where top-k ids appear | ops/fused_moe/fused_moe.py: AscendUnquantizedFusedMoEMethod.apply -> select_experts (2) | reroute_topk |
+| EPLB id map            | ops/fused_moe/moe_comm_method.py: MoECommMethod.fused_experts, log2phy[topk_ids] | after rerouting |
+| expert weights         | ops/fused_moe/fused_moe.py: process_weights_after_loading (3)         | pack_expert        |
+| TP shard of an expert  | vLLM FusedMoE weight loader, moe_config.tp_rank / tp_size (4)         | shard_transposed   |
+| expert count dispatch sees | ops/fused_moe/token_dispatcher.py: TokenDispatcherWithAllGather.num_experts_local (5) | reroute_topk |
+| EP expert maps         | eplb/core/eplb_utils.py: init_eplb_config (6)                         | EP refused         |
+| tokens at select_experts | ops/fused_moe/prepare_finalize.py: PrepareAndFinalizeWithAllGather.prepare (7) | moe_token_rows |
+| process-wide patches   | __init__.py: _ensure_global_patch, as vllm-ascend's own plugins call it | patch_model_runner |
+| model loaded           | worker/model_runner_v1.py: NPUModelRunner.load_model, get_model       | patch_model_runner |
+| KV-cache sizing        | worker/worker.py: NPUWorker.determine_available_memory, model_memory_usage | weave_installed |
+| per-step token layout  | worker/model_runner_v1.py: NPUModelRunner._prepare_inputs (8)         | patch_model_runner |
+| request finished       | worker/model_runner_v1.py: NPUModelRunner._update_states, finished_req_ids | patch_model_runner |
+| per-request data       | SamplingParams.extra_args, runner.requests[id].sampling_params        | as compat.py       |
+| expert memory          | ours: AscendCL VMM (expertweave_ascend/memory/acl_backend.py)         | weave_device       |
+
+(1) Imported into ops/fused_moe/fused_moe.py when vLLM is 0.23.0; at `model.layers[i].mlp.experts`.
+(2) `apply` calls its module's `select_experts` (from ops/fused_moe/experts_selector.py) on the
+    tokens `prepare` laid out; ExpertWeave wraps `apply` to know the layer and rebinds that module's
+    `select_experts` to reroute the ids it returns, so rerouting comes before EPLB and dispatch.
+(3) w13 [E, H, 2I/tp] (gate then up) and w2 [E, I/tp, H], transposed after loading; ND unless
+    weight_nz_mode=2 or enable_fused_mc2 casts them to NZ. ExpertWeave keeps them ND and refuses NZ.
+(4) TP rank r holds rows [r*I/tp, (r+1)*I/tp) of gate and of up and those columns of down; without
+    EP the TP group spans DP too (flattened rank).
+(5) Without EP it is both `expert_num` and the end of `active_expert_range` of npu_moe_init_routing
+    (torch_npu.npu_moe_init_routing_v2 on A5, vllm-ascend's npu_moe_init_routing_custom on A2/A3).
+    One dispatcher serves every layer (`_MoECommMethods`, ops/fused_moe/moe_comm_method.py), so it is
+    set to the layer's M + S slots only while a woven layer runs `apply`.
+(6) None without EP. With EP rank r owns global ids [r*E/ep, (r+1)*E/ep), and MC2 / all-to-all send
+    id to rank id // (E/ep).
+(7) Without SP each DP rank's tokens are padded to `max_tokens_across_dp` and all-gathered over DP
+    (`_prepare_with_dp_group`); with SP (flashcomm1) `maybe_all_gather_and_maybe_unpad`
+    (ops/register_custom_ops.py) gathers them and, with DP, cuts rank i's `padded_length` block to
+    `num_tokens_across_dp_cpu[i]`. Each token's adapter row takes the same padding and DP all-gather
+    (MoETokenLayout).
+(8) Writes `query_start_loc.np`, inside `execute_model`'s `synchronize_input_prep()`, which also
+    guards ExpertWeave's pinned host rows until their non-blocking copy to the NPU is done.
+
+Refused with one clear error when the engine loads, before anything is mapped: expert parallelism
+(dispatch needs each rank's experts to be one contiguous block of global ids, so an adapter's copy of
+expert j must sit in a block of the EP rank owning j, laid out [r*(E/ep + S), (r+1)*(E/ep + S)); the
+core numbers a layer's adapter slots M..M+S-1 for the whole layer), prefill context parallelism
+(tokens are also gathered over PCP), quantized MoE layers (their `apply` selects experts elsewhere),
+NZ expert weights, and enable_sp_by_pass with DP (its gather keeps the padding).
+"""
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ...errors import ExpertWeaveError
+from .compat import ADAPTER_ARG, batch_layout, expertweave_config, request_adapter, shutdown_llm, wrap_after
+
+__all__ = ["ADAPTER_ARG", "batch_layout", "expertweave_config", "request_adapter", "shutdown_llm",
+           "HOOKS", "FACTS", "VLLM_NAMES", "TORCH_NPU_OPS", "MoETokenLayout", "shard_transposed",
+           "rank_rows", "assemble_rows"]
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A vllm-ascend callable or class ExpertWeave wraps, calls or looks up: `module` is where the
+    plugin finds it, `source` the file defining it, `params` its leading parameter names in order
+    (for a class, its __init__'s)."""
+    module: str
+    qualname: str
+    params: tuple[str, ...]
+    source: str = ""
+
+    @property
+    def file(self) -> str:
+        return self.source or self.module.replace(".", "/") + ".py"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """What ExpertWeave assumes of a vllm-ascend function's or class's body: it `calls` a (dotted)
+    name (with these keywords), `reads` or `writes` an attribute chain (writes: with this value, in
+    source form), or `returns` these names."""
+    file: str
+    qualname: str
+    kind: str
+    name: str
+    keywords: tuple[str, ...] = ()
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class VllmName:
+    """A vLLM 0.23 name ExpertWeave imports, with the vllm-ascend file that imports it the same way."""
+    module: str
+    name: str
+    evidence: str
+
+
+@dataclass(frozen=True)
+class NpuOp:
+    """A torch_npu name, as its path under torch_npu ("npu_swiglu", "npu.synchronize"): `params` the
+    parameter names its callers pass, in the signature's order (callers pass most by keyword);
+    `schema` says where torch-npu declares it: "meta" (op_plugin/meta/_meta_registrations.py),
+    "native" (csrc/aten/npu_native_functions.yaml) or "python:<file in the wheel>"."""
+    name: str
+    params: tuple[str, ...]
+    schema: str
+    used_by: str
+
+
+RUNNER = "vllm_ascend.worker.model_runner_v1"
+MOE = "vllm_ascend.ops.fused_moe.fused_moe"
+
+LOAD_MODEL = Hook(RUNNER, "NPUModelRunner.load_model", ("self",))
+PREPARE_INPUTS = Hook(RUNNER, "NPUModelRunner._prepare_inputs", ("self", "scheduler_output", "num_scheduled_tokens"))
+UPDATE_STATES = Hook(RUNNER, "NPUModelRunner._update_states", ("self", "scheduler_output"))
+GET_MODEL = Hook(RUNNER, "NPUModelRunner.get_model", ("self",))
+MOE_LAYER = Hook(MOE, "AscendFusedMoE", ("self",), "vllm_ascend/ops/fused_moe/fused_moe_0_23_0.py")
+MOE_METHOD = Hook(MOE, "AscendUnquantizedFusedMoEMethod", ("self", "moe", "tid2eid"))
+MOE_APPLY = Hook(MOE, "AscendUnquantizedFusedMoEMethod.apply",
+                 ("self", "layer", "x", "use_grouped_topk", "top_k", "router_logits"))
+SELECT_EXPERTS = Hook(MOE, "select_experts", ("hidden_states", "router_logits", "top_k", "use_grouped_topk"),
+                      "vllm_ascend/ops/fused_moe/experts_selector.py")
+ALLGATHER_DISPATCH = Hook("vllm_ascend.ops.fused_moe.token_dispatcher", "TokenDispatcherWithAllGather.token_dispatch",
+                          ("self", "token_dispatch_input"))
+ENABLE_SP = Hook("vllm_ascend.utils", "enable_sp", ("vllm_config", "enable_shared_expert_dp"))
+GET_ASCEND_CONFIG = Hook("vllm_ascend.ascend_config", "get_ascend_config", ())
+GLOBAL_PATCH = Hook("vllm_ascend", "_ensure_global_patch", (), "vllm_ascend/__init__.py")
+HOOKS = (LOAD_MODEL, PREPARE_INPUTS, UPDATE_STATES, GET_MODEL, MOE_LAYER, MOE_METHOD, MOE_APPLY, SELECT_EXPERTS,
+         ALLGATHER_DISPATCH, ENABLE_SP, GET_ASCEND_CONFIG, GLOBAL_PATCH)
+
+_FUSED = "vllm_ascend/ops/fused_moe/fused_moe.py"
+_LAYER = "vllm_ascend/ops/fused_moe/fused_moe_0_23_0.py"
+_DISPATCH = "vllm_ascend/ops/fused_moe/token_dispatcher.py"
+_PREPARE = "vllm_ascend/ops/fused_moe/prepare_finalize.py"
+_CONTEXT = "vllm_ascend/ascend_forward_context.py"
+_RUNNER = "vllm_ascend/worker/model_runner_v1.py"
+FACTS = (
+    # rerouting: ids come from the module's select_experts, EPLB maps them afterwards
+    Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.apply", "calls", "select_experts"),
+    Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.apply", "calls", "moe_comm_method.fused_experts"),
+    Fact("vllm_ascend/ops/fused_moe/experts_selector.py", "select_experts", "returns", "topk_weights, topk_ids"),
+    Fact("vllm_ascend/ops/fused_moe/moe_comm_method.py", "MoECommMethod.fused_experts", "reads",
+         "fused_experts_input.routing.log2phy"),
+    Fact(_LAYER, "AscendFusedMoE.forward_impl", "calls", "self.quant_method.apply", ("layer", "x", "router_logits")),
+    # weights: transposed after loading, and how the layer tells its parallel layout
+    Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.process_weights_after_loading", "writes", "layer.w13_weight"),
+    Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.process_weights_after_loading", "writes", "layer.w2_weight"),
+    Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.process_weights_after_loading", "calls", "maybe_trans_nz"),
+    Fact(_LAYER, "AscendFusedMoE.__init__", "writes", "self.moe_config.dp_group"),
+    Fact(_LAYER, "AscendFusedMoE.__init__", "reads", "self.moe_config.ep_size"),
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_dp_group", "reads", "self.moe_config.dp_size"),
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_dp_group", "reads", "self.moe_config.pcp_size"),
+    # the expert count the AllGather dispatch sees
+    Fact(_DISPATCH, "TokenDispatcherWithAllGather.__init__", "writes", "self.num_experts_local"),
+    Fact(_DISPATCH, "TokenDispatcherWithAllGather.token_dispatch", "reads", "self.num_experts_local"),
+    Fact(_DISPATCH, "TokenDispatcherWithAllGather.token_dispatch", "calls", "DeviceOperator.npu_moe_init_routing",
+         ("expert_num", "active_expert_range")),
+    Fact("vllm_ascend/ops/fused_moe/moe_comm_method.py", "MoECommMethod.__init__", "writes", "self.token_dispatcher"),
+    # the tokens select_experts sees
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather.prepare", "calls", "enable_sp"),
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather.prepare", "calls", "enable_sp_by_pass"),
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_dp_group", "reads",
+         "_EXTRA_CTX.max_tokens_across_dp"),
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_dp_group", "calls",
+         "self.moe_config.dp_group.all_gather"),
+    Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_ep_group", "calls",
+         "torch.ops.vllm.maybe_all_gather_and_maybe_unpad"),
+    Fact("vllm_ascend/ops/register_custom_ops.py", "_maybe_all_gather_and_maybe_unpad_impl", "reads",
+         "_EXTRA_CTX.padded_length"),
+    Fact("vllm_ascend/ops/register_custom_ops.py", "_maybe_all_gather_and_maybe_unpad_impl", "reads",
+         "dp_metadata.num_tokens_across_dp_cpu"),
+    Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.moe_comm_method"),
+    Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.flash_comm_v1_enabled"),
+    Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.max_tokens_across_dp"),
+    Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.padded_length"),
+    Fact("vllm_ascend/ascend_config.py", "AscendConfig.__init__", "writes", "self.enable_sp_by_pass"),
+    # the model runner
+    Fact(_RUNNER, "NPUModelRunner._prepare_inputs", "writes", "self.query_start_loc.np"),
+    Fact(_RUNNER, "NPUModelRunner.execute_model", "calls", "self.synchronize_input_prep"),
+    Fact(_RUNNER, "NPUModelRunner.execute_model", "calls", "self._prepare_inputs"),
+    Fact(_RUNNER, "NPUModelRunner.load_model", "writes", "self.model"),
+    Fact(_RUNNER, "NPUModelRunner.load_model", "writes", "self.model_memory_usage"),
+    Fact("vllm_ascend/worker/worker.py", "NPUWorker.determine_available_memory", "reads",
+         "self.model_runner.model_memory_usage"),
+    Fact("vllm_ascend/_310p/model_runner_310p.py", "NPUModelRunner310._update_states", "reads",
+         "scheduler_output.finished_req_ids"),
+    Fact("vllm_ascend/platform.py", "NPUPlatform", "writes", "device_type", value="'npu'"),
+    Fact("vllm_ascend/__init__.py", "register_connector", "calls", "_ensure_global_patch"),
+    Fact("vllm_ascend/worker/worker.py", "NPUWorker.__init__", "calls", "adapt_patch"),
+)
+
+VLLM_NAMES = (
+    VllmName("vllm.forward_context", "get_forward_context", _FUSED),
+    VllmName("vllm.distributed", "get_dp_group", _FUSED),
+    VllmName("vllm.platforms", "current_platform", "vllm_ascend/worker/worker.py"),
+)
+
+TORCH_NPU_OPS = (
+    NpuOp("get_npu_format", ("self",), "native", "compat_ascend._check_layer: refuse NZ expert weights"),
+    NpuOp("npu_moe_gating_top_k_softmax", ("x", "finished", "k"), "meta", "scripts/reroute_share.py"),
+    NpuOp("npu_moe_init_routing_v2", ("x", "expert_idx", "active_num", "expert_num", "expert_tokens_num_type",
+                                      "expert_tokens_num_flag", "active_expert_range"), "meta",
+          "scripts/reroute_share.py"),
+    NpuOp("npu_grouped_matmul", ("x", "weight", "group_list", "split_item", "group_type", "group_list_type"), "meta",
+          "scripts/reroute_share.py"),
+    NpuOp("npu_swiglu", ("x", "dim"), "meta", "scripts/reroute_share.py"),
+    NpuOp("npu_moe_token_unpermute", ("permuted_tokens", "sorted_indices", "probs"), "meta",
+          "scripts/reroute_share.py"),
+    NpuOp("npu.empty_cache", (), "python:torch_npu/npu/memory.py", "compat_ascend.weave_installed"),
+    NpuOp("npu.synchronize", ("device",), "python:torch_npu/npu/utils.py", "scripts/reroute_share.py"),
+    NpuOp("npu.set_device", ("device",), "python:torch_npu/npu/utils.py", "scripts/reroute_share.py"),
+    NpuOp("npu.get_device_name", ("device_name",), "python:torch_npu/npu/__init__.py", "scripts/reroute_share.py"),
+    NpuOp("profiler.profiler.analyse", ("profiler_path",), "python:torch_npu/profiler/profiler.py",
+          "scripts/profile_msprof.sh"),
+)
+
+DEVICE_TYPE = "npu"  # vllm-ascend's NPUPlatform.device_type, which compat.engine_api() looks for
+ACL_FORMAT_ND = 2  # aclFormat in acl/acl_base_rt.h
+REROUTE_ATTR = "_expertweave_reroute"  # set on a woven AscendFusedMoE: its ids -> slot ids
+
+
+def resolve(hook: Hook) -> tuple[object, str]:
+    """(owner, attribute name) of a hook: the module or class holding it."""
+    owner = importlib.import_module(hook.module)
+    *path, name = hook.qualname.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def _lookup(hook: Hook):
+    return getattr(*resolve(hook))
+
+
+def _replace(owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "_expertweave", False):
+        return
+    replacement = make(original)
+    replacement._expertweave = True
+    replacement.__wrapped__ = original
+    setattr(owner, name, replacement)
+
+
+# -- the model runner ---------------------------------------------------------------------------------
+def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed: Callable) -> None:
+    """As compat.patch_model_runner, on NPUModelRunner (which overrides all three methods).
+
+    vllm-ascend's own general plugins apply its process-wide patches of vLLM before anything imports
+    its model runner; this plugin may load first, so it applies them the same way before the import."""
+    _lookup(GLOBAL_PATCH)()
+
+    def finished(self, scheduler_output) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            on_request_removed(self, req_id)
+
+    wrap_after(*resolve(LOAD_MODEL), lambda self, *a, **k: on_load(self))
+    wrap_after(*resolve(PREPARE_INPUTS), lambda self, *args, **kwargs: on_step(self))
+    wrap_after(*resolve(UPDATE_STATES), finished)
+
+
+def loaded_model(runner) -> torch.nn.Module:
+    """The model itself, out of the ACL graph wrapper."""
+    return getattr(runner, resolve(GET_MODEL)[1])()
+
+
+def load_reroute_kernel() -> None:
+    """Registers the Ascend C reroute kernel as expertweave::reroute's NPU implementation; a clear
+    error if the kernels library was not built."""
+    from ..ascend.kernels import load_kernels
+
+    load_kernels()
+
+
+def weave_device(runner) -> dict:
+    """ExpertWeave's device arguments: AscendCL virtual memory on the runner's NPU, tables there too;
+    the NPU reroute kernel is loaded first."""
+    from ...memory.acl_backend import AclBackend
+
+    load_reroute_kernel()
+    return {"backend": AclBackend(runner.device.index), "device": runner.device}
+
+
+def weave_installed(runner, weave) -> None:
+    """The base experts moved from torch's allocator into AscendCL virtual memory: give their old
+    blocks back to the device and take them out of the weights the KV-cache sizing subtracts
+    (NPUWorker.determine_available_memory counts model_memory_usage and, apart, non-torch memory,
+    where the virtual expert tensors now are)."""
+    import torch_npu
+
+    torch_npu.npu.empty_cache()
+    runner.model_memory_usage -= weave.memory.base_expert_bytes
+
+
+# -- MoE layers ---------------------------------------------------------------------------------------
+def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+    """(decoder layer index, AscendFusedMoE) for every MoE layer; refuses what the NPU path cannot serve."""
+    layer_cls = _lookup(MOE_LAYER)
+    for index, layer in enumerate(model.model.layers):
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if isinstance(experts, layer_cls):
+            _check_layer(index, experts)
+            yield index, experts
+
+
+def _check_layer(index: int, layer: torch.nn.Module) -> None:
+    import torch_npu
+
+    where = f"ExpertWeave on vllm-ascend, MoE layer {index}"
+    moe = layer.moe_config
+    if moe.ep_size > 1:
+        raise ExpertWeaveError(f"{where}: expert parallelism (EP {moe.ep_size}) is not supported: its dispatch "
+                               "needs every adapter expert on the EP rank of its base expert; serve with TP/DP only")
+    if moe.pcp_size > 1:
+        raise ExpertWeaveError(f"{where}: prefill context parallelism (PCP {moe.pcp_size}) is not supported")
+    if moe.dp_size > 1 and _lookup(GET_ASCEND_CONFIG)().enable_sp_by_pass:
+        raise ExpertWeaveError(f"{where}: enable_sp_by_pass with data parallelism is not supported")
+    if type(layer.quant_method) is not _lookup(MOE_METHOD):
+        raise ExpertWeaveError(f"{where}: only unquantized MoE layers are supported, "
+                               f"this one uses {type(layer.quant_method).__name__}")
+    for name in ("w13_weight", "w2_weight"):
+        fmt = torch_npu.get_npu_format(getattr(layer, name))
+        if fmt != ACL_FORMAT_ND:
+            raise ExpertWeaveError(f"{where}: {name} is in NPU format {fmt}, not ND (2); ExpertWeave keeps expert "
+                                   "weights ND: leave weight_nz_mode below 2 and enable_fused_mc2 off")
+
+
+def expert_module(layer: torch.nn.Module) -> torch.nn.Module:
+    """AscendFusedMoE owns w13_weight / w2_weight itself."""
+    return layer
+
+
+def replace_expert_weight(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """As process_weights_after_loading installs its transposed weights: a new frozen Parameter."""
+    setattr(layer, name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def shard_transposed(w13: torch.Tensor, w2: torch.Tensor, tp_rank: int, tp_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert (w13 [2I, H], gate rows then up; w2 [H, I]) as TP rank tp_rank of tp_size holds it in
+    vllm-ascend: its rows of gate then of up, transposed, [H, 2I/tp]; its columns of down, transposed,
+    [I/tp, H]; both contiguous (ND)."""
+    inter = w2.shape[1]
+    if w13.shape[0] != 2 * inter or inter % tp_size:
+        raise ExpertWeaveError(f"expert of shapes {tuple(w13.shape)} / {tuple(w2.shape)} cannot be split "
+                               f"over {tp_size} tensor-parallel ranks")
+    size = inter // tp_size
+    rows = slice(tp_rank * size, (tp_rank + 1) * size)
+    w13 = torch.cat([w13[:inter][rows], w13[inter:][rows]])
+    return w13.t().contiguous(), w2[:, rows].t().contiguous()
+
+
+def pack_expert(layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert ([2I, H], [H, I], gate rows first) in the layout vllm-ascend gave the base experts."""
+    moe = layer.moe_config
+    w13, w2 = shard_transposed(w13, w2, moe.tp_rank, moe.tp_size)
+    return w13.to(layer.w13_weight.dtype), w2.to(layer.w2_weight.dtype)
+
+
+_rerouting: Callable[[torch.Tensor], torch.Tensor] | None = None  # the woven layer now in apply
+
+
+def reroute_topk(layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Makes every top-k selection of this layer pass its ids through reroute, and its dispatch count
+    every slot of its (enlarged) expert tensors."""
+    _replace(*resolve(MOE_APPLY), _woven_apply)
+    _replace(*resolve(SELECT_EXPERTS), _rerouted_select)
+    setattr(layer, REROUTE_ATTR, reroute)
+
+
+def _woven_apply(original: Callable) -> Callable:
+    def apply(self, layer, *args, **kwargs):
+        global _rerouting
+        reroute = getattr(layer, REROUTE_ATTR, None)
+        if reroute is None:
+            return original(self, layer, *args, **kwargs)
+        from vllm.forward_context import get_forward_context
+
+        dispatcher = get_forward_context().moe_comm_method.token_dispatcher
+        count = dispatcher.num_experts_local
+        dispatcher.num_experts_local = layer.w13_weight.shape[0]
+        _rerouting = reroute
+        try:
+            return original(self, layer, *args, **kwargs)
+        finally:
+            _rerouting = None
+            dispatcher.num_experts_local = count
+    return apply
+
+
+def _rerouted_select(original: Callable) -> Callable:
+    def select_experts(*args, **kwargs):
+        weights, ids = original(*args, **kwargs)
+        if _rerouting is None:
+            return weights, ids
+        return weights, _rerouting(ids)
+    return select_experts
+
+
+# -- each token's adapter row, laid out as the MoE layer's tokens are ----------------------------------
+@dataclass(frozen=True)
+class MoETokenLayout:
+    """How the tokens a MoE layer selects experts for come from the DP ranks' tokens: each rank
+    contributes its first pad_to tokens (zero-padded), the contributions are all-gathered over DP in
+    rank order, and then `kept[i]` tokens are kept from rank i's block (None: all of them)."""
+    pad_to: int
+    dp_size: int = 1
+    kept: tuple[int, ...] | None = None
+
+
+def rank_rows(rows: torch.Tensor, layout: MoETokenLayout) -> torch.Tensor:
+    """This rank's contribution: its per-token adapter rows, cut or zero-padded (row 0, the base) to pad_to."""
+    part = rows[: layout.pad_to]
+    if part.shape[0] == layout.pad_to:
+        return part
+    return torch.nn.functional.pad(part, (0, layout.pad_to - part.shape[0]))
+
+
+def assemble_rows(gathered: torch.Tensor, layout: MoETokenLayout) -> torch.Tensor:
+    """The MoE layer's token rows from the DP all-gather of every rank's contribution."""
+    if layout.kept is None:
+        return gathered
+    blocks = gathered.view(layout.dp_size, layout.pad_to)
+    return torch.cat([blocks[i, :count] for i, count in enumerate(layout.kept)])
+
+
+def token_layout(num_selected: int) -> MoETokenLayout:
+    """The layout AllGather's prepare gives the tokens of the current forward (no EP, no PCP)."""
+    from vllm.distributed import get_dp_group
+    from vllm.forward_context import get_forward_context
+
+    dp_size = get_dp_group().world_size
+    if dp_size == 1:
+        return MoETokenLayout(num_selected)
+    context = get_forward_context()
+    if _lookup(ENABLE_SP)():
+        if not context.flash_comm_v1_enabled:
+            return MoETokenLayout(num_selected)
+        counts = tuple(int(n) for n in context.dp_metadata.num_tokens_across_dp_cpu)
+        return MoETokenLayout(int(context.padded_length), dp_size, counts)
+    return MoETokenLayout(int(context.max_tokens_across_dp), dp_size)
+
+
+def moe_token_rows(token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
+    """The adapter row of each of the num_selected tokens a MoE layer selected experts for, from this
+    rank's per-token rows (the runner's token order, zero beyond the step's tokens)."""
+    layout = token_layout(num_selected)
+    rows = rank_rows(token_adapter, layout)
+    if layout.dp_size > 1:
+        from vllm.distributed import get_dp_group
+
+        rows = get_dp_group().all_gather(rows, 0)
+    rows = assemble_rows(rows, layout)
+    if rows.shape[0] != num_selected:
+        raise ExpertWeaveError(f"ExpertWeave on vllm-ascend: the MoE layer selected experts for {num_selected} "
+                               f"tokens, the token layout {layout} gives {rows.shape[0]}")
+    return rows
+

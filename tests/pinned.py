@@ -1,0 +1,86 @@
+"""Files of the pinned Ascend releases (requirements-ascend.txt), fetched once from PyPI and cached.
+
+Nothing here is installed: torch_npu's wheel gives the real AscendCL headers, vllm-ascend's source
+release gives the code the plugin hooks. Downloads use PyPI's simple index (PEP 691) and are checked
+against the sha256 it publishes.
+"""
+
+import hashlib
+import json
+import os
+import tarfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertweave" / "pinned"
+INDEX = "https://pypi.org/simple"
+
+
+def pin(project: str) -> str:
+    for line in (ROOT / "requirements-ascend.txt").read_text().splitlines():
+        name, _, version = line.split("#")[0].strip().partition("==")
+        if name == project:
+            return version
+    raise KeyError(f"requirements-ascend.txt: no pin for {project}")
+
+
+def _fetch(project: str, filename: str) -> Path:
+    target = CACHE / filename
+    if target.exists():
+        return target
+    request = urllib.request.Request(f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = {f["filename"]: f for f in json.load(response)["files"]}
+    if filename not in files:
+        raise FileNotFoundError(f"PyPI {project}: no file {filename}")
+    entry = files[filename]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    with urllib.request.urlopen(entry["url"], timeout=600) as response, open(partial, "wb") as out:
+        digest = hashlib.sha256()
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != entry["hashes"]["sha256"]:
+        partial.unlink()
+        raise ValueError(f"{filename}: sha256 differs from PyPI's")
+    partial.rename(target)
+    return target
+
+
+def torch_npu_wheel() -> Path:
+    """The pinned torch_npu wheel for CPython 3.11 on x86-64."""
+    return _fetch("torch-npu", f"torch_npu-{pin('torch-npu')}-cp311-cp311-manylinux_2_28_x86_64.whl")
+
+
+def acl_include_dir() -> Path:
+    """torch_npu's copy of the AscendCL headers (acl/acl_rt.h and what it includes)."""
+    version = pin("torch-npu")
+    out = CACHE / f"torch_npu-{version}-acl-inc"
+    if not (out / "acl" / "acl_rt.h").exists():
+        wheel = torch_npu_wheel()
+        prefix = "torch_npu/include/third_party/acl/inc/"
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.startswith(prefix) and not name.endswith("/"):
+                    path = out / name[len(prefix):]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(archive.read(name))
+    return out
+
+
+def vllm_ascend_sources() -> Path:
+    """The pinned source release's root: its vllm_ascend package and its csrc."""
+    version = pin("vllm-ascend")
+    out = CACHE / f"vllm_ascend-{version}"
+    if not (out / "vllm_ascend").is_dir():
+        sdist = _fetch("vllm-ascend", f"vllm_ascend-{version}.tar.gz")
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers()
+                       if m.isfile() and m.name.split("/")[1:2] in (["vllm_ascend"], ["csrc"])]
+            for member in members:
+                member.name = member.name.split("/", 1)[1]
+            archive.extractall(out, members=members, filter="data")
+    return out

@@ -1,0 +1,358 @@
+"""The Ascend path of the vLLM plugin, without an NPU.
+
+Every vllm-ascend and torch_npu name the plugin (and scripts/reroute_share.py) hooks, calls or relies on
+comes from compat_ascend's tables; each is checked here against the pinned releases' sources, parsed
+with ast and never imported: vllm-ascend 0.23.0.post1's source release and the torch-npu 2.10.0.post4
+wheel (tests/pinned.py). The pure-Python parts of the path (expert packing, token layout) run on CPU
+tensors against values worked out by hand.
+"""
+
+import ast
+import re
+import zipfile
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+import pinned
+from expertweave_ascend.errors import ExpertWeaveError
+from expertweave_ascend.integrations.vllm import compat, compat_ascend
+from expertweave_ascend.integrations.vllm.compat_ascend import (FACTS, HOOKS, TORCH_NPU_OPS, VLLM_NAMES, Fact, Hook,
+                                                               MoETokenLayout, NpuOp, assemble_rows, rank_rows,
+                                                               shard_transposed)
+from expertweave_ascend.routing import reroute
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- reading the pinned sources -----------------------------------------------------------------------
+@cache
+def vllm_ascend_tree(file: str) -> ast.Module:
+    return ast.parse((pinned.vllm_ascend_sources() / file).read_text(), file)
+
+
+@cache
+def torch_npu_text(member: str) -> str:
+    with zipfile.ZipFile(pinned.torch_npu_wheel()) as wheel:
+        return wheel.read(member).decode()
+
+
+def find(tree: ast.Module, qualname: str) -> ast.ClassDef | ast.FunctionDef | None:
+    """The first class or function called qualname's first part anywhere in the file (module level or
+    under an `if`), then each further part among the previous one's direct members."""
+    first, *rest = qualname.split(".")
+    node = next((n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == first),
+                None)
+    for part in rest:
+        if node is None:
+            return None
+        node = next((n for n in node.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == part), None)
+    return node
+
+
+def parameters(node: ast.ClassDef | ast.FunctionDef) -> list[str]:
+    if isinstance(node, ast.ClassDef):
+        init = find(ast.Module(body=node.body, type_ignores=[]), "__init__")
+        return parameters(init) if init is not None else []
+    args = node.args
+    return [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+
+
+def dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
+
+
+def imports(tree: ast.Module, module: str, name: str) -> bool:
+    return any(isinstance(n, ast.ImportFrom) and n.module == module and any(a.name == name for a in n.names)
+               for n in ast.walk(tree))
+
+
+def hook_problem(hook: Hook) -> str | None:
+    """None if the hook exists in the pinned vllm-ascend with its leading parameters, else what differs."""
+    node = find(vllm_ascend_tree(hook.file), hook.qualname)
+    if node is None:
+        return f"{hook.file}: no {hook.qualname}"
+    found = parameters(node)
+    if found[: len(hook.params)] != list(hook.params):
+        return f"{hook.file}: {hook.qualname}{tuple(found)} does not start with {hook.params}"
+    module_file = hook.module.replace(".", "/") + ".py"
+    source_module = hook.file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    if source_module == hook.module:
+        return None
+    if not imports(vllm_ascend_tree(module_file), source_module, hook.qualname.split(".")[0]):
+        return f"{module_file} does not import {hook.qualname.split('.')[0]} from {source_module}"
+    return None
+
+
+def written(target: ast.AST) -> list[str]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [name for element in target.elts for name in written(element)]
+    if isinstance(target, ast.Subscript):
+        target = target.value
+    name = dotted(target)
+    return [] if name is None else [name]
+
+
+def fact_holds(fact: Fact) -> bool:
+    node = find(vllm_ascend_tree(fact.file), fact.qualname)
+    if node is None:
+        return False
+    nodes = list(ast.walk(node))
+    if fact.kind == "calls":
+        return any(isinstance(n, ast.Call) and dotted(n.func) == fact.name
+                   and set(fact.keywords) <= {k.arg for k in n.keywords} for n in nodes)
+    if fact.kind == "reads":
+        return any(isinstance(n, ast.Attribute) and dotted(n) == fact.name for n in nodes)
+    if fact.kind == "writes":
+        for n in nodes:
+            if isinstance(n, ast.Assign):
+                targets, value = n.targets, n.value
+            elif isinstance(n, (ast.AnnAssign, ast.AugAssign)) and n.value is not None:
+                targets, value = [n.target], n.value
+            else:
+                continue
+            if any(fact.name in written(t) for t in targets) and fact.value in (None, ast.unparse(value)):
+                return True
+        return False
+    if fact.kind == "returns":
+        want = fact.name.split(", ")
+        return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple)
+                   and [ast.unparse(e) for e in n.value.elts] == want for n in nodes)
+    raise AssertionError(f"unknown fact kind {fact.kind!r}")
+
+
+def npu_op_signature(op: NpuOp) -> list[str] | None:
+    """The parameter names torch-npu declares for op, or None if it declares no such op."""
+    if op.schema == "meta":
+        tree = ast.parse(torch_npu_text("torch_npu/op_plugin/meta/_meta_registrations.py"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any(
+                    isinstance(d, ast.Call) and len(d.args) == 2 and isinstance(d.args[1], ast.Constant)
+                    and d.args[1].value == op.name for d in node.decorator_list):
+                return parameters(node)
+        return None
+    if op.schema == "native":
+        text = torch_npu_text("torch_npu/csrc/aten/npu_native_functions.yaml")
+        match = re.search(rf"func:\s*{re.escape(op.name)}\((.*)\)\s*->", text)
+        if match is None:
+            return None
+        return [part.split("=")[0].split()[-1] for part in match.group(1).split(",") if part.strip() != "*"]
+    if op.schema.startswith("python:"):
+        tree = ast.parse(torch_npu_text(op.schema.removeprefix("python:")))
+        node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == op.name.split(".")[-1]), None)
+        return None if node is None else parameters(node)
+    raise AssertionError(f"unknown schema {op.schema!r}")
+
+
+def in_order(wanted: tuple[str, ...], found: list[str]) -> bool:
+    position = 0
+    for name in wanted:
+        if name not in found[position:]:
+            return False
+        position = found.index(name, position) + 1
+    return True
+
+
+# -- names and signatures -----------------------------------------------------------------------------
+@pytest.mark.parametrize("hook", HOOKS, ids=lambda h: h.qualname)
+def test_each_hook_exists_with_its_parameters(hook):
+    assert hook_problem(hook) is None, hook_problem(hook)
+
+
+@pytest.mark.parametrize("fact", FACTS, ids=lambda f: f"{f.qualname}-{f.kind}-{f.name}")
+def test_each_assumption_about_vllm_ascend_holds(fact):
+    assert fact_holds(fact), f"{fact.file}: {fact.qualname} no longer {fact.kind} {fact.name} {fact.keywords or ''}"
+
+
+@pytest.mark.parametrize("name", VLLM_NAMES, ids=lambda n: f"{n.module}.{n.name}")
+def test_each_vllm_name_is_imported_the_same_way_by_vllm_ascend(name):
+    assert imports(vllm_ascend_tree(name.evidence), name.module, name.name), \
+        f"{name.evidence} does not import {name.name} from {name.module}"
+
+
+@pytest.mark.parametrize("op", TORCH_NPU_OPS, ids=lambda o: o.name)
+def test_each_torch_npu_name_exists_with_its_parameters(op):
+    found = npu_op_signature(op)
+    assert found is not None, f"torch-npu {pinned.pin('torch-npu')} declares no {op.name} ({op.schema})"
+    assert in_order(op.params, found), f"torch_npu.{op.name}{tuple(found)} lacks {op.params} in that order"
+
+
+def torch_npu_references() -> dict[str, set[str]]:
+    """Every torch_npu name the plugin and the scripts use, as a path under torch_npu, by file."""
+    found: dict[str, set[str]] = {}
+    for path in [Path(compat_ascend.__file__), *sorted((ROOT / "scripts").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        found[path.name] = {dotted(n.func).removeprefix("torch_npu.") for n in ast.walk(tree)
+                            if isinstance(n, ast.Call) and (dotted(n.func) or "").startswith("torch_npu.")}
+    for path in sorted((ROOT / "scripts").glob("*.sh")):
+        found[path.name] = set(re.findall(r"\btorch_npu\.([\w.]*\w)", path.read_text()))
+    return found
+
+
+def test_every_torch_npu_name_the_plugin_and_scripts_use_is_in_the_table():
+    listed = {op.name for op in TORCH_NPU_OPS}
+    references = torch_npu_references()
+    assert references["compat_ascend.py"] and references["reroute_share.py"] and references["profile_msprof.sh"]
+    for file, names in references.items():
+        unlisted = {n for n in names if n not in listed and not any(op.startswith(n + ".") for op in listed)}
+        assert not unlisted, f"{file} uses torch_npu names missing from compat_ascend.TORCH_NPU_OPS: {unlisted}"
+
+
+def test_the_checks_catch_a_changed_signature_and_a_missing_name():
+    swapped = Hook(compat_ascend.RUNNER, "NPUModelRunner._prepare_inputs",
+                   ("self", "num_scheduled_tokens", "scheduler_output"))
+    assert "does not start with" in hook_problem(swapped)
+    misspelt = Hook(compat_ascend.RUNNER, "NPUModelRunner._prepare_input", ("self",))
+    assert "no NPUModelRunner._prepare_input" in hook_problem(misspelt)
+    assert not fact_holds(Fact(compat_ascend._DISPATCH, "TokenDispatcherWithAllGather.token_dispatch", "calls",
+                               "DeviceOperator.npu_moe_init_routing", ("expert_count",)))
+    routing = next(op for op in TORCH_NPU_OPS if op.name == "npu_moe_init_routing_v2")
+    assert not in_order(("expert_num", "expert_idx"), npu_op_signature(routing))
+    assert npu_op_signature(NpuOp("npu_moe_init_routing_v9", (), "meta", "")) is None
+
+
+def test_rerouting_comes_before_the_eplb_map_and_dispatch():
+    """apply selects, then hands the ids to the comm method, which applies log2phy before dispatching."""
+    apply = find(vllm_ascend_tree(compat_ascend.MOE_APPLY.file), compat_ascend.MOE_APPLY.qualname)
+    calls = {dotted(n.func): n.lineno for n in ast.walk(apply) if isinstance(n, ast.Call)}
+    assert calls["select_experts"] < calls["moe_comm_method.fused_experts"]
+    fused = find(vllm_ascend_tree("vllm_ascend/ops/fused_moe/moe_comm_method.py"), "MoECommMethod.fused_experts")
+    lines = {dotted(n.func) or "": n.lineno for n in ast.walk(fused) if isinstance(n, ast.Call)}
+    log2phy = min(n.lineno for n in ast.walk(fused) if isinstance(n, ast.Subscript)
+                  and dotted(n.value) == "fused_experts_input.routing.log2phy")
+    assert log2phy < lines["self.token_dispatcher.token_dispatch"]
+
+
+def test_vllm_023_takes_the_moe_layer_from_its_legacy_module():
+    tree = vllm_ascend_tree(compat_ascend.MOE_APPLY.file)
+    branches = [ast.Module(body=n.body, type_ignores=[]) for n in ast.walk(tree)
+                if isinstance(n, ast.If) and ast.unparse(n.test) == "vllm_version_is('0.23.0')"]
+    assert any(imports(b, "vllm_ascend.ops.fused_moe.fused_moe_0_23_0", "AscendFusedMoE") for b in branches)
+
+
+def test_constants_match_the_headers_and_sources():
+    header = (pinned.acl_include_dir() / "acl" / "acl_base_rt.h").read_text()
+    assert re.search(rf"\bACL_FORMAT_ND = {compat_ascend.ACL_FORMAT_ND},", header)
+    utils = vllm_ascend_tree("vllm_ascend/utils.py")
+    nz = next(n for n in utils.body if isinstance(n, ast.Assign) and dotted(n.targets[0]) == "ACL_FORMAT_FRACTAL_NZ")
+    assert re.search(rf"\bACL_FORMAT_FRACTAL_NZ = {ast.literal_eval(nz.value)},", header)
+    platform = find(vllm_ascend_tree("vllm_ascend/platform.py"), "NPUPlatform")
+    device_type = next(n for n in platform.body if isinstance(n, ast.AnnAssign) and dotted(n.target) == "device_type")
+    assert ast.literal_eval(device_type.value) == compat_ascend.DEVICE_TYPE
+
+
+def api_attributes(tree: ast.Module) -> set[str]:
+    """Names looked up on an engine api: `self.api.X`, `api.X` or `compat.engine_api().X`."""
+    names = set()
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Attribute):
+            continue
+        if dotted(n.value) in ("self.api", "api") or (isinstance(n.value, ast.Call)
+                                                      and dotted(n.value.func) == "compat.engine_api"):
+            names.add(n.attr)
+    return names
+
+
+def test_both_compat_modules_offer_every_function_the_integration_calls():
+    """worker.py, layer.py and plugin.py call these on whichever module compat.engine_api() returns."""
+    used = set()
+    for file in ("worker.py", "layer.py", "plugin.py"):
+        used |= api_attributes(ast.parse((Path(compat.__file__).parent / file).read_text()))
+    assert {"iter_moe_layers", "loaded_model", "weave_device", "weave_installed", "moe_token_rows", "batch_layout",
+            "request_adapter", "expert_module", "replace_expert_weight", "reroute_topk", "pack_expert",
+            "patch_model_runner"} <= used
+    for module in (compat, compat_ascend):
+        assert not [name for name in used if not callable(getattr(module, name, None))], module.__name__
+
+
+# -- expert packing: one TP rank's transposed shard ---------------------------------------------------
+def expert(inter: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate = torch.arange(inter * hidden, dtype=torch.float32).view(inter, hidden)
+    return gate, 1000 + gate, -torch.arange(hidden * inter, dtype=torch.float32).view(hidden, inter)
+
+
+def test_shard_transposed_is_the_whole_expert_transposed_on_one_rank():
+    gate, up, down = expert(4, 3)
+    w13, w2 = shard_transposed(torch.cat([gate, up]), down, 0, 1)
+    assert w13.shape == (3, 8) and w2.shape == (4, 3)
+    assert torch.equal(w13[:, :4], gate.t()) and torch.equal(w13[:, 4:], up.t())
+    assert torch.equal(w2, down.t())
+    assert w13.is_contiguous() and w2.is_contiguous()
+
+
+def test_shard_transposed_takes_each_ranks_rows_of_gate_and_up_and_columns_of_down():
+    gate, up, down = expert(4, 3)
+    w13, w2 = shard_transposed(torch.cat([gate, up]), down, 1, 2)
+    # vLLM loads gate rows 2..3 into the first half of rank 1's w13, up rows 2..3 into the second;
+    # vllm-ascend then transposes [2I/tp, H] to [H, 2I/tp]; down keeps columns 2..3, transposed.
+    assert torch.equal(w13, torch.tensor([[6., 9., 1006., 1009.], [7., 10., 1007., 1010.], [8., 11., 1008., 1011.]]))
+    assert torch.equal(w2, torch.tensor([[-2., -6., -10.], [-3., -7., -11.]]))
+
+
+def test_shard_transposed_refuses_an_intermediate_size_the_ranks_cannot_share():
+    gate, up, down = expert(6, 3)
+    with pytest.raises(ExpertWeaveError, match="cannot be split over 4 tensor-parallel ranks"):
+        shard_transposed(torch.cat([gate, up]), down, 0, 4)
+
+
+# -- each token's adapter row through DP padding, gathering and SP unpadding -------------------------
+def layer_rows(per_rank: list[list[int]], layout: MoETokenLayout, buffer: int = 8) -> torch.Tensor:
+    """What every DP rank computes: each rank's persistent per-token buffer (its tokens' rows, then
+    zeros), its contribution, the all-gather in rank order, and the assembly."""
+    contributions = []
+    for rows in per_rank:
+        local = torch.zeros(buffer, dtype=torch.int32)
+        local[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        contributions.append(rank_rows(local, layout))
+    return assemble_rows(torch.cat(contributions), layout)
+
+
+def test_one_dp_rank_keeps_its_own_tokens_and_pads_beyond_its_buffer_with_the_base():
+    assert layer_rows([[2, 2, 1]], MoETokenLayout(5)).tolist() == [2, 2, 1, 0, 0]
+    assert layer_rows([[2, 2, 1]], MoETokenLayout(10)).tolist() == [2, 2, 1] + [0] * 7
+    assert layer_rows([[2, 2, 1]], MoETokenLayout(2)).tolist() == [2, 2]
+
+
+def test_without_sp_each_dp_rank_is_padded_to_the_largest_and_gathered_in_rank_order():
+    # prepare pads rank 0's 3 tokens and rank 1's 1 token to max_tokens_across_dp = 3, then all-gathers.
+    rows = layer_rows([[1, 1, 2], [3]], MoETokenLayout(3, 2))
+    assert rows.tolist() == [1, 1, 2, 3, 0, 0]
+
+
+def test_with_sp_each_dp_rank_keeps_its_real_tokens_after_the_gather():
+    # maybe_all_gather_and_maybe_unpad: blocks of padded_length = 4, cut to num_tokens_across_dp = (3, 1).
+    rows = layer_rows([[1, 1, 2], [3]], MoETokenLayout(4, 2, (3, 1)))
+    assert rows.tolist() == [1, 1, 2, 3]
+    rows = layer_rows([[1], [2, 2], [3, 3, 3]], MoETokenLayout(4, 3, (1, 2, 3)))
+    assert rows.tolist() == [1, 2, 2, 3, 3, 3]
+
+
+def test_gathered_rows_reroute_every_token_to_its_own_adapters_slots():
+    table = torch.arange(4, dtype=torch.int32).repeat(3, 1)
+    table[1, 2], table[2, 2] = 4, 5  # adapter rows 1 and 2 both tuned expert 2, into slots 4 and 5
+    rows = layer_rows([[1, 0], [2]], MoETokenLayout(2, 2))
+    topk = torch.tensor([[2, 0], [2, 1], [2, 3], [2, 0]], dtype=torch.int32)
+    assert reroute(topk, rows, table).tolist() == [[4, 0], [2, 1], [5, 3], [2, 0]]
+
+
+# -- the select_experts rebinding ----------------------------------------------------------------------
+def test_rebound_select_experts_reroutes_only_inside_a_woven_layer(monkeypatch):
+    def select_experts(hidden_states, router_logits, top_k):
+        return router_logits.topk(top_k).values, router_logits.topk(top_k).indices.to(torch.int32)
+
+    holder = type("Module", (), {"select_experts": staticmethod(select_experts)})
+    compat_ascend._replace(holder, "select_experts", compat_ascend._rerouted_select)
+    compat_ascend._replace(holder, "select_experts", compat_ascend._rerouted_select)
+    assert holder.select_experts.__wrapped__ is select_experts  # wrapped once, however often installed
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.2]])
+    assert holder.select_experts(None, logits, 2)[1].tolist() == [[1, 2]]
+    monkeypatch.setattr(compat_ascend, "_rerouting", lambda ids: ids + 4)
+    weights, ids = holder.select_experts(None, logits, 2)
+    assert ids.tolist() == [[5, 6]] and torch.allclose(weights, torch.tensor([[0.9, 0.5]]))
