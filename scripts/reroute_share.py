@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from expertweave_ascend.integrations.vllm import compat_ascend
+from expertweave_ascend.integrations.ascend.kernels import load_kernels
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from expertweave_ascend.routing import reroute
 
-    compat_ascend.load_reroute_kernel()
+    load_kernels()
     device = torch.device("npu", args.device)
     torch_npu.npu.set_device(device)
     inter = args.intermediate // args.tp

@@ -348,8 +348,8 @@ def test_rebound_select_experts_reroutes_only_inside_a_woven_layer(monkeypatch):
         return router_logits.topk(top_k).values, router_logits.topk(top_k).indices.to(torch.int32)
 
     holder = type("Module", (), {"select_experts": staticmethod(select_experts)})
-    compat_ascend._replace(holder, "select_experts", compat_ascend._rerouted_select)
-    compat_ascend._replace(holder, "select_experts", compat_ascend._rerouted_select)
+    compat_ascend.replace_method(holder, "select_experts", compat_ascend._rerouted_select)
+    compat_ascend.replace_method(holder, "select_experts", compat_ascend._rerouted_select)
     assert holder.select_experts.__wrapped__ is select_experts  # wrapped once, however often installed
     logits = torch.tensor([[0.1, 0.9, 0.5, 0.2]])
     assert holder.select_experts(None, logits, 2)[1].tolist() == [[1, 2]]

@@ -183,10 +183,14 @@ class AclBackend:
         self._reservations[address.value] = size
         return address.value
 
+    @staticmethod
+    def _check_recorded(call: str, recorded: dict[int, int], address: int, size: int, verb: str) -> None:
+        """AscendCL's release and unmap take no size: refuse one that differs from what was recorded."""
+        if recorded.get(address, size) != size:
+            raise MemoryBackendError(f"{call}: 0x{address:x} was {verb} with {recorded[address]} bytes, not {size}")
+
     def release(self, address: int, size: int) -> None:
-        if self._reservations.get(address, size) != size:
-            raise MemoryBackendError(f"aclrtReleaseMemAddress: 0x{address:x} was reserved with "
-                                     f"{self._reservations[address]} bytes, not {size}")
+        self._check_recorded("aclrtReleaseMemAddress", self._reservations, address, size, "reserved")
         self.call("aclrtReleaseMemAddress", address)
         self._reservations.pop(address, None)
 
@@ -210,9 +214,7 @@ class AclBackend:
         self._mappings[address] = size
 
     def unmap(self, address: int, size: int) -> None:
-        if self._mappings.get(address, size) != size:
-            raise MemoryBackendError(f"aclrtUnmapMem: 0x{address:x} was mapped with "
-                                     f"{self._mappings[address]} bytes, not {size}")
+        self._check_recorded("aclrtUnmapMem", self._mappings, address, size, "mapped")
         self.call("aclrtUnmapMem", address)
         self._mappings.pop(address, None)
 

@@ -131,19 +131,26 @@ def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed:
                 lambda self, req_id, req_state: on_request_removed(self, req_id))
 
 
-def wrap_after(cls: type, name: str, after: Callable) -> None:
-    original = getattr(cls, name)
+def replace_method(owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Sets owner.name to make(original), once however often it is called."""
+    original = getattr(owner, name)
     if getattr(original, "_expertweave", False):
         return
+    replacement = make(original)
+    replacement._expertweave = True
+    replacement.__wrapped__ = original
+    setattr(owner, name, replacement)
 
-    def wrapped(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        after(self, *args, **kwargs)
-        return result
 
-    wrapped._expertweave = True
-    wrapped.__wrapped__ = original
-    setattr(cls, name, wrapped)
+def wrap_after(cls: type, name: str, after: Callable) -> None:
+    def make(original: Callable) -> Callable:
+        def wrapped(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            after(self, *args, **kwargs)
+            return result
+        return wrapped
+
+    replace_method(cls, name, make)
 
 
 def request_adapter(runner, req_id: str) -> str | None:

@@ -62,7 +62,8 @@ from typing import Callable, Iterator
 import torch
 
 from ...errors import ExpertWeaveError
-from .compat import ADAPTER_ARG, batch_layout, expertweave_config, request_adapter, shutdown_llm, wrap_after
+from .compat import (ADAPTER_ARG, batch_layout, expertweave_config, replace_method, request_adapter, shutdown_llm,
+                     wrap_after)
 
 __all__ = ["ADAPTER_ARG", "batch_layout", "expertweave_config", "request_adapter", "shutdown_llm",
            "HOOKS", "FACTS", "VLLM_NAMES", "TORCH_NPU_OPS", "MoETokenLayout", "shard_transposed",
@@ -242,16 +243,6 @@ def _lookup(hook: Hook):
     return getattr(*resolve(hook))
 
 
-def _replace(owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
-    original = getattr(owner, name)
-    if getattr(original, "_expertweave", False):
-        return
-    replacement = make(original)
-    replacement._expertweave = True
-    replacement.__wrapped__ = original
-    setattr(owner, name, replacement)
-
-
 # -- the model runner ---------------------------------------------------------------------------------
 def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed: Callable) -> None:
     """As compat.patch_model_runner, on NPUModelRunner (which overrides all three methods).
@@ -274,20 +265,13 @@ def loaded_model(runner) -> torch.nn.Module:
     return getattr(runner, resolve(GET_MODEL)[1])()
 
 
-def load_reroute_kernel() -> None:
-    """Registers the Ascend C reroute kernel as expertweave::reroute's NPU implementation; a clear
-    error if the kernels library was not built."""
-    from ..ascend.kernels import load_kernels
-
-    load_kernels()
-
-
 def weave_device(runner) -> dict:
     """ExpertWeave's device arguments: AscendCL virtual memory on the runner's NPU, tables there too;
     the NPU reroute kernel is loaded first."""
     from ...memory.acl_backend import AclBackend
+    from ..ascend.kernels import load_kernels
 
-    load_reroute_kernel()
+    load_kernels()
     return {"backend": AclBackend(runner.device.index), "device": runner.device}
 
 
@@ -373,8 +357,8 @@ _rerouting: Callable[[torch.Tensor], torch.Tensor] | None = None  # the woven la
 def reroute_topk(layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Makes every top-k selection of this layer pass its ids through reroute, and its dispatch count
     every slot of its (enlarged) expert tensors."""
-    _replace(*resolve(MOE_APPLY), _woven_apply)
-    _replace(*resolve(SELECT_EXPERTS), _rerouted_select)
+    replace_method(*resolve(MOE_APPLY), _woven_apply)
+    replace_method(*resolve(SELECT_EXPERTS), _rerouted_select)
     setattr(layer, REROUTE_ATTR, reroute)
 
 

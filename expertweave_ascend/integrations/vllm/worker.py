@@ -36,30 +36,31 @@ class WorkerWeave:
         device = torch.device(self.weave.device)
         self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32, device=device)
         # Off the CPU the step's rows go through pinned host memory, so their copy does not block.
-        self.staging = None if device.type == "cpu" else torch.zeros(model_runner.max_num_tokens, dtype=torch.int32,
-                                                                     pin_memory=True)
+        self.staging = self.token_adapter if device.type == "cpu" else torch.zeros(
+            model_runner.max_num_tokens, dtype=torch.int32, pin_memory=True)
+        self.staging_np = self.staging.numpy()
+        self.first_layer = min(self.layers)
+        self.moe_rows: torch.Tensor | None = None  # this forward's rows as its MoE layers see the tokens
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
         self.request_adapter: dict[str, str | None] = {}
         for name, path in (config.get("adapters") or {}).items():
             self.weave.load_adapter(name, path)
 
     def reroute(self, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
-        rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
-        return torch.ops.expertweave.reroute(topk_ids, rows, self.layers[layer].table)
+        # Every MoE layer of a forward sees the same tokens: lay them out (on NPU with DP, an all-gather
+        # every rank makes) at the forward's first MoE layer only.
+        if layer == self.first_layer:
+            self.moe_rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
+        return torch.ops.expertweave.reroute(topk_ids, self.moe_rows, self.layers[layer].table)
 
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
         rows = np.fromiter((self._row(runner, r) for r in req_ids), dtype=np.int32, count=len(req_ids))
         total = int(counts.sum())
-        if self.staging is None:
-            self.token_adapter[:total].copy_(torch.from_numpy(np.repeat(rows, counts)))
-            if self.filled > total:
-                self.token_adapter[total:self.filled].zero_()  # padding tokens run as the base
-        else:
-            end = max(total, self.filled)
-            host = self.staging.numpy()
-            host[:total] = np.repeat(rows, counts)
-            host[total:end] = 0
+        end = max(total, self.filled)
+        self.staging_np[:total] = np.repeat(rows, counts)
+        self.staging_np[total:end] = 0  # padding tokens run as the base
+        if self.staging is not self.token_adapter:
             self.token_adapter[:end].copy_(self.staging[:end], non_blocking=True)
         self.filled = total
 
@@ -143,7 +144,7 @@ class ExpertWeaveWorkerExtension:
             _ACTIVE = None
 
     def expertweave_memory_report(self) -> dict:
-        model = compat.engine_api().loaded_model(self.model_runner)
+        model = _active().api.loaded_model(self.model_runner)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         return _active().weave.memory_report(model_bytes=model_bytes)
 
