@@ -1,8 +1,9 @@
-# `make demo` and `make test` build the environment from nothing, then run.
+# `make demo` and `make test` build the environment from nothing, then run; `make bench` / `make bench-quick`
+# run perf/ (results under perf/results).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: env demo test clean
+.PHONY: env demo test bench bench-quick clean
 
 env: $(VENV)/.installed
 
@@ -11,7 +12,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: setup.py constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test,bench]'
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -20,6 +21,12 @@ demo: env
 
 test: env
 	$(PY) -m pytest -q tests
+
+bench: env
+	$(PY) -m perf.run
+
+bench-quick: env
+	$(PY) -m perf.run --quick
 
 clean:
 	rm -rf $(VENV) build

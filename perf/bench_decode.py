@@ -1,57 +1,34 @@
 """vLLM CPU decode throughput: base-only versus ExpertWeave serving the same requests over 1, 5 and 10
 adapters, all engines alive in one run and measured in alternating rounds.
 
-Model: DeepSeek-V2-style, 64 routed experts top-6 + 2 shared, like DeepSeek-V2-Lite, with hidden and
-expert sizes scaled down to fit a small CPU (see BENCH_CONFIG). Adapters: the real ESFT expert
-selections of DeepSeek-V2-Lite (../shared/data/esft/expert_configs; expert ids are used as they are,
-both models having 64 experts), the layers of adapter k taken from its task's layers 1 + 4k.. so the ten
-adapters differ. Requests are spread over the loaded adapters round robin; the base-only engine runs
-the same prompts with no adapter.
+Model and adapters: perf/bench_model.py (DeepSeek-V2-Lite's 64 routed experts top-6 + 2 shared, hidden
+and expert sizes scaled down; the first 10 of its 20 adapters with real ESFT geometries). Requests are
+spread over the loaded adapters round robin; the base-only engine runs the same prompts with no adapter.
 
 Decode throughput = tokens generated after each request's first / (last token time - first token time),
 from the engine's own per-request timestamps (RequestOutput.metrics), so prefill is left out. All 16
 requests are admitted together, so every step is a decode step of the whole batch. Each round measures
 every engine once, in a shuffled order; a ratio to base-only is taken within a round (this machine's
-speed drifts by +-10% over seconds) and the median over rounds is reported, with its quartiles. The row "10 loaded, base requests"
-sends every request to the base through the 10-adapter engine: the cost of the mechanism alone, apart
-from the extra experts that adapter requests touch.
-Run: .venv/bin/python perf/bench_decode.py [--rounds 20] [--json FILE]
+speed drifts by +-10% over seconds) and the median over rounds is reported, with its quartiles. The
+row "10 loaded, base requests" sends every request to the base through the 10-adapter engine: the cost
+of the mechanism alone, apart from the extra experts that adapter requests touch.
+Run: .venv/bin/python -m perf.bench_decode [--rounds 20] [--json FILE]
 """
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ESFT_CONFIGS = ROOT.parent / "shared" / "data" / "esft" / "expert_configs"
-BENCH_CONFIG = dict(hidden_size=256, intermediate_size=1024, moe_intermediate_size=192, num_hidden_layers=5,
-                    n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2)
-TASKS = ("law", "intent", "summary")
+from .bench_model import BENCH_CONFIG, build
+
 # vLLM's workers keep polling their queue for a second after each step; an engine measured right after
 # another would share the core with it.
 IDLE_S = 1.5
 PROMPTS = [f"the court held that a contract number {i} requires offer acceptance and consideration" for i in range(16)]
-
-
-def build(out: Path) -> dict[str, Path]:
-    from expertweave_ascend.adapters import read_expert_cfg
-    from expertweave_ascend.tiny import make_model
-
-    if (out / "adapters").is_dir() and len(list((out / "adapters").iterdir())) == 10:
-        return {p.name: p for p in sorted((out / "adapters").iterdir())}
-    real = {task: read_expert_cfg(ESFT_CONFIGS / f"{task}.json") for task in TASKS}
-    moe_layers = range(1, BENCH_CONFIG["num_hidden_layers"])
-    layouts = {}
-    for k in range(10):
-        task = TASKS[k % 3]
-        offset = (4 * k) % 22
-        layouts[f"{task}{k}"] = {layer: sorted(real[task].get(layer + offset, ())) for layer in moe_layers}
-    return make_model(out, layouts, seed=0, **BENCH_CONFIG)
 
 
 def main() -> int:
@@ -65,15 +42,14 @@ def main() -> int:
 
     from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertweave" / "bench-decode"
-    adapters = build(cache)
-    names = sorted(adapters)
+    base, adapters = build()
+    names = list(adapters)[:10]
     engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, disable_log_stats=False)
-    base_only = LLM(model=str(cache / "base"), **engine)
+    base_only = LLM(model=str(base), **engine)
     cases = {"base-only": (base_only, None)}
     for n in (1, 5, 10):
         chosen = {name: str(adapters[name]) for name in names[:n]}
-        llm = ExpertWeaveLLM(str(cache / "base"), chosen, max_adapters=10, **engine)
+        llm = ExpertWeaveLLM(str(base), chosen, max_adapters=10, **engine)
         cases[f"{n} adapters"] = (llm, [names[i % n] for i in range(len(PROMPTS))])
     # The mechanism alone: the 10-adapter engine rerouting every token through row 0 (the base).
     cases["10 loaded, base requests"] = (cases["10 adapters"][0], [None] * len(PROMPTS))

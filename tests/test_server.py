@@ -157,3 +157,19 @@ def test_load_serve_unload_at_run_time(server, tiny):
     assert report["memory"]["adapter_mapped_bytes"] == mapped_before
     r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "code"})
     assert r.status_code == 404
+
+
+def test_benchmark_client_replays_a_trace_with_vllm_metrics(server):
+    """perf's client (vLLM's own request function and metrics) against this server, adapters by model name."""
+    from perf.client import replay
+    from perf.workload import WorkloadConfig, make_trace
+
+    trace = make_trace(WorkloadConfig(requests=6, rate=20.0, alpha=1.0, adapters=3, vocab_size=100, prompt_len=12,
+                                      output_len=5))
+    names = ["base", "law", "math"]
+    metrics = replay(trace, lambda r: (server, names[r.adapter]))
+    assert metrics["completed"] == 6 and metrics["failed"] == 0
+    assert metrics["total_input"] == 6 * 12 and metrics["total_output"] == 6 * 5
+    assert 0 < metrics["mean_ttft_ms"] <= metrics["p99_ttft_ms"] and metrics["mean_tpot_ms"] > 0
+    assert metrics["output_throughput"] == pytest.approx(30 / metrics["duration_s"])
+    assert metrics["mean_e2el_ms"] > metrics["mean_ttft_ms"]

@@ -1,0 +1,131 @@
+"""`make bench` / `make bench-quick`: every benchmark of perf/ in one run, on this machine.
+
+    .venv/bin/python -m perf.run [--quick] [--only memory,reroute,hotload,serving] [--out perf/results]
+
+Writes perf/results/<date>-<machine>[-quick].{json,md} and <same>-<plot>.png (perf/report.py).
+Sections: memory (DeepSeek-V2-Lite shapes, real ESFT geometries, KV capacity on a 64 GB device),
+reroute (share of a CPU MoE layer at DeepSeek-V2-Lite shapes), hotload (adapter load vs copy bandwidth),
+serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP).
+--quick: fewer and shorter replays, eager engines (no torch.compile), fewer token counts; under 10
+minutes on 2 cores. Check for stale vLLM processes first (`ps aux | grep -i vllm`): they busy-poll.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from . import hotload, memory, report, reroute_share, serving
+from . import servers as srv
+from .bench_model import build, merged
+from .serving import ServingConfig
+
+SECTIONS = ("memory", "reroute", "hotload", "serving")
+KV_CACHE_BYTES = 256 << 20  # per engine side: ExpertWeave and base-only each; merged engines split it
+
+
+@dataclass(frozen=True)
+class Settings:
+    reroute_tokens: tuple[int, ...]
+    reroute_min_run_s: float
+    hotload_layers: tuple[int, ...]
+    hotload_repeats: int
+    serving: ServingConfig
+    eager: bool
+
+
+FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
+                hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
+                serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3), eager=False)
+QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
+                 hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
+                 serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2), eager=True)
+
+
+def machine() -> dict:
+    import torch
+    import vllm
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    return {"tag": f"{platform.machine()}-{os.cpu_count()}cpu", "cpu": cpu, "cpus": os.cpu_count(),
+            "memory_bytes": mem, "python": platform.python_version(), "torch": torch.__version__,
+            "vllm": vllm.__version__}
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_serving(settings: Settings, log_dir: Path) -> dict:
+    base, adapters = build()
+    cfg = replace(settings.serving, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"])
+    merged_models = merged(base, {n: adapters[n] for n in list(adapters)[:cfg.merged_adapters]})
+    args = lambda kv: srv.engine_args(kv, settings.eager)  # noqa: E731
+    servers = [srv.start_vllm("base", base, args(KV_CACHE_BYTES), log_dir),
+               srv.start_expertweave("expertweave", base, max(cfg.adapter_counts), args(KV_CACHE_BYTES), log_dir)]
+    servers += [srv.start_vllm(name, path, args(KV_CACHE_BYTES // len(merged_models)), log_dir)
+                for name, path in merged_models.items()]
+    try:
+        progress(f"starting {len(servers)} vLLM servers (logs in {log_dir})")
+        srv.wait_ready(servers)
+        base_server, weave, *merged_servers = servers
+        result = {"config": asdict(cfg), "kv_cache_bytes": KV_CACHE_BYTES, "eager": settings.eager,
+                  "overhead": serving.overhead(cfg, base_server, weave, adapters, progress)}
+        result["merged"] = serving.merged(cfg, weave, {s.label: s for s in merged_servers}, progress)
+        return result
+    finally:
+        srv.stop(servers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the under-10-minute variant")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    only = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    settings = QUICK if args.quick else FULL
+    info = machine()
+    stem = f"{datetime.date.today().isoformat()}-{info['tag']}{'-quick' if args.quick else ''}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "make bench-quick" if args.quick else "make bench"
+    results = {"command": command, "date": datetime.date.today().isoformat(), "machine": info,
+               "settings": asdict(settings), "sections": {}}
+    started = time.perf_counter()
+    if "memory" in only:
+        progress("memory: real ESFT geometries on DeepSeek-V2-Lite shapes")
+        results["sections"]["memory"] = memory.measure()
+    if "reroute" in only:
+        progress("reroute: share of one CPU MoE layer")
+        results["sections"]["reroute"] = reroute_share.measure(list(settings.reroute_tokens),
+                                                               settings.reroute_min_run_s)
+    if "hotload" in only:
+        progress("hotload: adapter load vs memory-copy bandwidth")
+        results["sections"]["hotload"] = hotload.measure(settings.hotload_layers, settings.hotload_repeats)
+    if "serving" in only:
+        progress("serving: building the bench model and 20 adapters")
+        with tempfile.TemporaryDirectory(prefix="expertweave-bench-logs-") as logs:
+            results["sections"]["serving"] = run_serving(settings, Path(logs))
+    results["elapsed_s"] = time.perf_counter() - started
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    written = report.write(json_path)
+    progress(f"done in {results['elapsed_s'] / 60:.1f} min: {json_path}, " + ", ".join(str(p) for p in written))
+    print((out / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

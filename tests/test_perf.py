@@ -1,0 +1,127 @@
+"""perf/: the workload generator, the real-data geometries, the memory and hot-load benchmarks on the
+real code path, the report, and the README table generated from committed results."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perf import esft_data, report
+from perf.workload import FIRST_TOKEN, WorkloadConfig, make_trace, s_lora_adapters
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_data = pytest.mark.skipif(not (esft_data.ESFT_DATA / "expert_configs").is_dir(),
+                                reason="../shared/data/esft is not beside this checkout")
+
+
+def test_s_lora_popularity_follows_the_power_law():
+    rng = np.random.default_rng(0)
+    n, count = 10, 200_000
+    for alpha in (1.0, 0.3, 0.1):
+        drawn = s_lora_adapters(rng, alpha, n, count)
+        assert drawn.min() >= 0 and drawn.max() <= n - 1
+        # P(adapter < j) = (j / n) ** alpha for floor(power(alpha) * n)
+        for j in (1, 3, 7):
+            assert abs((drawn < j).mean() - (j / n) ** alpha) < 0.01
+    assert np.bincount(s_lora_adapters(rng, 0.1, n, count), minlength=n).argmax() == 0
+
+
+def test_trace_has_poisson_arrivals_and_fixed_lengths():
+    cfg = WorkloadConfig(requests=20_000, rate=4.0, alpha=0.3, adapters=5, vocab_size=50, prompt_len=16, output_len=8,
+                         seed=3)
+    trace = make_trace(cfg)
+    gaps = np.diff([r.arrival_s for r in trace])
+    assert trace[0].arrival_s == 0 and (gaps >= 0).all()
+    assert abs(gaps.mean() - 1 / cfg.rate) < 0.01 and abs(gaps.std() - 1 / cfg.rate) < 0.01  # exponential
+    assert {len(r.prompt) for r in trace} == {16} and {r.output_len for r in trace} == {8}
+    tokens = {t for r in trace for t in r.prompt}
+    assert min(tokens) == FIRST_TOKEN and max(tokens) == 49
+    assert make_trace(cfg) == trace and make_trace(WorkloadConfig(**{**cfg.__dict__, "seed": 4})) != trace
+
+
+@needs_data
+def test_adapter_geometries_keep_real_counts_and_differ():
+    real = esft_data.real_selections()
+    sets = esft_data.adapter_geometries(20)
+    assert len(sets) == 20 and list(sets)[:3] == list(esft_data.TASKS)
+    for task in esft_data.TASKS:
+        assert sets[task] == {layer: real[task].get(layer, ()) for layer in esft_data.MOE_LAYERS}
+    for name, selection in sets.items():
+        task = name.split("-")[0]
+        assert sorted(map(len, selection.values())) == sorted(len(real[task].get(l, ())) for l in esft_data.MOE_LAYERS)
+    assert len({json.dumps(sorted(s.items())) for s in sets.values()}) == 20
+
+
+@needs_data
+def test_router_trace_is_real_top6():
+    ids = esft_data.router_trace("law", 1)
+    assert ids.shape[1] == 6 and ids.shape[0] > 8000
+    assert int(ids.min()) >= 0 and int(ids.max()) <= 63
+    assert all(len(set(row.tolist())) == 6 for row in ids[:500])
+
+
+@needs_data
+def test_memory_benchmark_accounts_through_the_allocator():
+    from perf import memory
+
+    result = memory.measure((1, 2))
+    assert result["kv_bytes_per_token"] == (512 + 64) * 2 * 27  # MLA latent + rope key, bf16, 27 layers
+    one, two = result["rows"]
+    expert = result["expert_bytes"]
+    assert one["ideal_adapter_bytes"] == one["expert_count"] * expert == 153 * expert  # law
+    for row in (one, two):
+        granule = result["granularity"]
+        assert row["expertweave_adapter_bytes"] % granule == 0
+        assert row["ideal_adapter_bytes"] <= row["expertweave_adapter_bytes"] <= row["padded_adapter_bytes"]
+        assert row["fragmentation"] <= 1.02
+        kv = row["kv_tokens"]
+        assert kv["ideal"] >= kv["expertweave"] >= kv["padded"]
+    assert one["kv_tokens"]["merged"] > one["kv_tokens"]["expertweave"] > 0
+    assert two["kv_tokens"]["merged"] == 0  # two full copies do not fit in 0.9 x 64 GiB
+
+
+@needs_data
+def test_hotload_benchmark_loads_the_real_selection():
+    from perf import hotload
+
+    result = hotload.measure((1, 2), repeats=1)
+    law = esft_data.real_selections()["law"]
+    assert result["experts"] == len(law[1]) + len(law[2])
+    assert result["adapter_bytes"] == result["experts"] * 3 * 2048 * 1408 * 2
+    assert 0 < result["ratio"] and result["first_touch_bytes_per_s"] > 0
+
+
+def test_run_rejects_unknown_sections(capsys):
+    from perf import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--only", "memory,speed"])
+    assert exit_.value.code == 2
+    assert "--only: unknown section(s) speed" in capsys.readouterr().err
+
+
+def committed_results() -> list[Path]:
+    return sorted((ROOT / "perf" / "results").glob("*.json"))
+
+
+def test_readme_table_is_generated_from_committed_results():
+    text = (ROOT / "README.md").read_text()
+    block = text.split(report.README_BEGIN, 1)[1].split(report.README_END, 1)[0]
+    source = re.search(r"From \[`(perf/results/[^`]+\.json)`\]", block).group(1)
+    assert (ROOT / source) in committed_results()
+    assert report.README_BEGIN + block + report.README_END == report.readme_block(ROOT / source, ROOT)
+
+
+@pytest.mark.parametrize("path", committed_results(), ids=lambda p: p.name)
+def test_committed_summaries_regenerate_identically(path, tmp_path):
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    written = report.write(copy)
+    assert copy.with_suffix(".md").read_text() == path.with_suffix(".md").read_text()
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    own_plot = re.escape(path.stem) + r"-[a-z]+\.png"
+    committed = {p.name for p in path.parent.glob("*.png") if re.fullmatch(own_plot, p.name)}
+    assert {p.name for p in pngs} == committed
