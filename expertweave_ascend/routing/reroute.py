@@ -13,10 +13,14 @@ _lib = torch.library.Library("expertweave", "DEF")
 _lib.define("reroute(Tensor topk_ids, Tensor token_adapter, Tensor table) -> Tensor")
 
 
-def reroute_torch(topk_ids: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """topk_ids [T, k] base expert ids; token_adapter [T] table rows; table [rows, M] int32 slot ids."""
+def check_rows(topk_ids: torch.Tensor, token_adapter: torch.Tensor) -> None:
     if token_adapter.shape[0] != topk_ids.shape[0]:
         raise ValueError(f"reroute: {token_adapter.shape[0]} adapter rows for {topk_ids.shape[0]} tokens")
+
+
+def reroute_torch(topk_ids: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """topk_ids [T, k] base expert ids; token_adapter [T] table rows; table [rows, M] int32 slot ids."""
+    check_rows(topk_ids, token_adapter)
     return table[token_adapter.unsqueeze(1), topk_ids].to(topk_ids.dtype)
 
 
