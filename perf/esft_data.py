@@ -35,8 +35,8 @@ def adapter_geometries(n: int, layers: tuple[int, ...] = MOE_LAYERS) -> dict[str
         task = TASKS[k % len(TASKS)]
         shift = 7 * (k // len(TASKS))
         name = task if k < len(TASKS) else f"{task}-r{shift}"
-        out[name] = {layer: real[task].get(MOE_LAYERS[(MOE_LAYERS.index(source) + shift) % len(MOE_LAYERS)], ())
-                     for layer, source in zip(layers, MOE_LAYERS)}
+        out[name] = {layer: real[task].get(MOE_LAYERS[(i + shift) % len(MOE_LAYERS)], ())
+                     for i, layer in enumerate(layers)}
     return out
 
 

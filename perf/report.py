@@ -22,7 +22,8 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     rows = []
     if "serving" in s:
         cells = s["serving"]["overhead"]["cells"]
-        most = [c for c in cells if c["adapters"] == max(c["adapters"] for c in cells)]
+        largest = max(c["adapters"] for c in cells)
+        most = [c for c in cells if c["adapters"] == largest]
         weave, base = (statistics.fmean(r["mean_tpot_ms"] for c in most for r in c["runs"][side]) for side in "AB")
         replays = sum(len(c["runs"]["A"]) for c in most)
         rows.append(("TPOT overhead at 20 adapters <= 5%", f"{weave / base - 1:+.1%}",
@@ -36,7 +37,8 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     if "memory" in s:
         worst = max(s["memory"]["rows"], key=lambda r: r["fragmentation"])
         rows.append(("fragmentation <= 1.02", f"{worst['fragmentation']:.4f}",
-                     f"{worst['adapters']} adapter{'s' * (worst['adapters'] != 1)} (worst of {len(s['memory']['rows'])})",
+                     f"{worst['adapters']} adapter{'s' * (worst['adapters'] != 1)} "
+                     f"(worst of {len(s['memory']['rows'])})",
                      worst["fragmentation"] <= 1.02))
     if "hotload" in s:
         h = s["hotload"]
@@ -59,6 +61,16 @@ def _kv(tokens: int) -> str:
     return f"{tokens / 1000:.0f}K" if tokens else "does not fit"
 
 
+def _section(title: str, text: str, table: list[str] = (), after: str = "", plot: str = "",
+             stem: str = "") -> list[str]:
+    """One summary section: heading, paragraph, then a table, a closing line and a plot where given."""
+    lines = ["", f"## {title}", "", text]
+    for part in (list(table), [after] if after else [], [f"![{plot}]({stem}-{plot}.png)"] if plot else []):
+        if part:
+            lines += ["", *part]
+    return lines
+
+
 def markdown(results: dict, stem: str) -> str:
     s, m = results["sections"], results["machine"]
     lines = [f"# Benchmarks {results['date']}, {m['cpu']} ({m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB)",
@@ -66,68 +78,68 @@ def markdown(results: dict, stem: str) -> str:
              f"{results['elapsed_s'] / 60:.1f} minutes.", "", "## Targets", "", *targets_table(results)]
     if "memory" in s:
         mem = s["memory"]
-        lines += ["", "## Memory: DeepSeek-V2-Lite, real ESFT geometries", "",
+        lines += _section("Memory: DeepSeek-V2-Lite, real ESFT geometries",
                   f"{mem['moe_layers']} MoE layers, one expert {mem['expert_bytes'] / 1e6:.1f} MB, model "
                   f"{mem['model_bytes'] / GB:.2f} GB, granule {mem['granularity'] >> 20} MiB. KV capacity on one "
                   f"{mem['device_gib']} GiB device at utilization {mem['utilization']}, "
                   f"{mem['reserve_gib_per_engine']} GiB reserved per engine, {mem['kv_bytes_per_token']} B per token "
-                  "(vLLM's MLA page).", "",
-                  *_table(["adapters", "experts", "ideal GB", "ExpertWeave GB (frag.)", "padded GB (frag.)",
+                  "(vLLM's MLA page).",
+                  _table(["adapters", "experts", "ideal GB", "ExpertWeave GB (frag.)", "padded GB (frag.)",
                            "merged total GB", "KV ExpertWeave", "KV padded", "KV merged"],
                           [[r["adapters"], r["expert_count"], f"{r['ideal_adapter_bytes'] / GB:.2f}",
                             f"{r['expertweave_adapter_bytes'] / GB:.2f} ({r['fragmentation']:.4f})",
                             f"{r['padded_adapter_bytes'] / GB:.2f} ({r['padded_fragmentation']:.3f})",
                             f"{r['total_bytes']['merged'] / GB:.1f}", _kv(r["kv_tokens"]["expertweave"]),
                             _kv(r["kv_tokens"]["padded"]), _kv(r["kv_tokens"]["merged"])] for r in mem["rows"]]),
-                  "", f"![memory]({stem}-memory.png)"]
+                  plot="memory", stem=stem)
     if "reroute" in s:
         rr = s["reroute"]
         shape = rr["shape"]
-        lines += ["", "## Reroute share of a MoE layer (CPU, vLLM cpu_fused_moe)", "",
+        lines += _section("Reroute share of a MoE layer (CPU, vLLM cpu_fused_moe)",
                   f"hidden {shape['hidden']}, expert intermediate {shape['expert_intermediate']}, "
                   f"{shape['base_experts']} + {shape['adapter_slots']} slots, top-{shape['top_k']}, "
                   f"{shape['shared_experts']} shared experts, {shape['dtype']}, isa {shape['isa']}; routing replayed "
-                  f"from the real trace ({shape['trace']}).", "",
-                  *_table(["tokens", "MoE layer us", "reroute us", "share"],
+                  f"from the real trace ({shape['trace']}).",
+                  _table(["tokens", "MoE layer us", "reroute us", "share"],
                           [[r["tokens"], f"{r['moe_layer_us']:.0f}", f"{r['reroute_us']:.1f}", f"{r['share']:.3%}"]
-                           for r in rr["rows"]]), "", f"![reroute]({stem}-reroute.png)"]
+                           for r in rr["rows"]]), plot="reroute", stem=stem)
     if "hotload" in s:
         h = s["hotload"]
-        lines += ["", "## Adapter hot-load", "",
+        lines += _section("Adapter hot-load",
                   f"{h['adapter']}, {h['layers']} layers, {h['experts']} experts, {h['adapter_bytes'] / GB:.3f} GB: "
                   f"load {h['load_s'] * 1000:.0f} ms = {h['load_bytes_per_s'] / GB:.2f} GB/s; copy between touched "
                   f"buffers {h['copy_bytes_per_s'] / GB:.2f} GB/s; copy into freshly mapped granules "
                   f"{h['first_touch_bytes_per_s'] / GB:.2f} GB/s. Ratio to copy: **{h['ratio']:.1%}**; to first-touch "
-                  f"copy: {h['load_bytes_per_s'] / h['first_touch_bytes_per_s']:.1%}."]
+                  f"copy: {h['load_bytes_per_s'] / h['first_touch_bytes_per_s']:.1%}.")
     if "serving" in s:
         sv = s["serving"]
         c = sv["config"]
-        lines += ["", "## Serving overhead: ExpertWeave vs base-only (vLLM CPU, HTTP on loopback)", "",
+        lines += _section("Serving overhead: ExpertWeave vs base-only (vLLM CPU, HTTP on loopback)",
                   f"Poisson arrivals at {c['rate']} req/s, {c['requests']} requests per replay, prompt "
                   f"{c['prompt_len']} random tokens, {c['output_len']} output tokens (ignore_eos); S-LoRA power-law "
                   f"popularity; replay order {c['order']} (A = ExpertWeave); "
-                  f"{'eager' if sv['eager'] else 'compiled'} engines. Ratios ExpertWeave / base-only.", "",
-                  *_table(["adapters", "alpha", "TTFT ms base", "TTFT ms EW", "TTFT x", "TPOT ms base", "TPOT ms EW",
+                  f"{'eager' if sv['eager'] else 'compiled'} engines. Ratios ExpertWeave / base-only.",
+                  _table(["adapters", "alpha", "TTFT ms base", "TTFT ms EW", "TTFT x", "TPOT ms base", "TPOT ms EW",
                            "TPOT x", "tok/s base", "tok/s EW", "throughput x"],
                           [[x["adapters"], f"{x['alpha']:g}", f"{x['other']['mean_ttft_ms']:.1f}",
                             f"{x['expertweave']['mean_ttft_ms']:.1f}", f"{x['ratio']['mean_ttft_ms']:.3f}",
                             f"{x['other']['mean_tpot_ms']:.2f}", f"{x['expertweave']['mean_tpot_ms']:.2f}",
                             f"{x['ratio']['mean_tpot_ms']:.3f}", f"{x['other']['output_throughput']:.1f}",
                             f"{x['expertweave']['output_throughput']:.1f}", f"{x['ratio']['output_throughput']:.3f}"]
-                           for x in sv["overhead"]["cells"]]), "",
+                           for x in sv["overhead"]["cells"]]),
                   f"Adapters were hot-loaded over HTTP between cells (`/v1/load_esft_adapter`, expert packing for the "
                   f"CPU kernel included): median {1000 * statistics.median(sv['overhead']['hot_load_s'].values()):.0f} "
-                  f"ms per adapter.", "", f"![serving]({stem}-serving.png)"]
+                  f"ms per adapter.", plot="serving", stem=stem)
         mg = sv["merged"]
-        lines += ["", f"## {mg['adapters']} merged engines vs one ExpertWeave engine", "",
+        lines += _section(f"{mg['adapters']} merged engines vs one ExpertWeave engine",
                   f"Same trace (alpha {mg['alpha']:g}, requests per adapter {mg['requests_per_adapter']}); each merged "
-                  f"engine has 1/{mg['adapters']} of the KV budget, ExpertWeave all of it; one machine.", "",
-                  *_table(["", "output tok/s", "mean TTFT ms", "mean TPOT ms"],
+                  f"engine has 1/{mg['adapters']} of the KV budget, ExpertWeave all of it; one machine.",
+                  _table(["", "output tok/s", "mean TTFT ms", "mean TPOT ms"],
                           [[label, f"{side['output_throughput']:.1f}", f"{side['mean_ttft_ms']:.1f}",
                             f"{side['mean_tpot_ms']:.2f}"]
                            for label, side in (("merged engines", mg["other"]), ("ExpertWeave", mg["expertweave"]))]),
-                  "", f"ExpertWeave / merged: throughput x{mg['ratio']['output_throughput']:.3f}, "
-                  f"TTFT x{mg['ratio']['mean_ttft_ms']:.3f}.", "", f"![merged]({stem}-merged.png)"]
+                  f"ExpertWeave / merged: throughput x{mg['ratio']['output_throughput']:.3f}, "
+                  f"TTFT x{mg['ratio']['mean_ttft_ms']:.3f}.", plot="merged", stem=stem)
     return "\n".join(lines) + "\n"
 
 
