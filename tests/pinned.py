@@ -1,8 +1,9 @@
-"""Files of the pinned Ascend releases (requirements-ascend.txt), fetched once from PyPI and cached.
+"""Files of pinned releases, fetched once from PyPI and cached: the Ascend ones (requirements-ascend.txt)
+and the CUDA driver header.
 
 Nothing here is installed: torch_npu's wheel gives the real AscendCL headers, vllm-ascend's source
-release gives the code the plugin hooks. Downloads use PyPI's simple index (PEP 691) and are checked
-against the sha256 it publishes.
+release gives the code the plugin hooks, nvidia-cuda-runtime's wheel gives cuda.h. Downloads use PyPI's
+simple index (PEP 691) and are checked against the sha256 it publishes.
 """
 
 import hashlib
@@ -16,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertweave" / "pinned"
 INDEX = "https://pypi.org/simple"
+# cuda.h of CUDA 13.5, the release the pinned cuda-bindings (constraints.txt) was generated from.
+CUDA_RUNTIME = "13.5.37"
 
 
 def pin(project: str) -> str:
@@ -83,4 +86,16 @@ def vllm_ascend_sources() -> Path:
             for member in members:
                 member.name = member.name.split("/", 1)[1]
             archive.extractall(out, members=members, filter="data")
+    return out
+
+
+def cuda_include_dir() -> Path:
+    """The CUDA driver header cuda.h, from the pinned nvidia-cuda-runtime wheel."""
+    out = CACHE / f"nvidia_cuda_runtime-{CUDA_RUNTIME}-include"
+    if not (out / "cuda.h").exists():
+        wheel = _fetch("nvidia-cuda-runtime",
+                       f"nvidia_cuda_runtime-{CUDA_RUNTIME}-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "cuda.h").write_bytes(archive.read("nvidia/cu13/include/cuda.h"))
     return out
