@@ -84,6 +84,33 @@ def test_runtime_load_serve_unload(engine, tiny):
     assert greedy(engine, prompts, None) == before
 
 
+def test_what_captured_graphs_read_stays_in_place(engine, tiny):
+    """CUDA graphs record addresses: the adapter-row buffer, every table and every expert tensor must keep
+    theirs through steps, loads and unloads, and change only in content."""
+    import torch
+
+    from expertweave_ascend.integrations.vllm import compat, worker
+
+    active = worker._ACTIVE
+
+    def addresses():
+        return (active.token_adapter.data_ptr(), active.weave.tables.tensor.data_ptr(),
+                [(h.table.data_ptr(), compat.expert_module(h.runner).w13_weight.data_ptr(),
+                  compat.expert_module(h.runner).w2_weight.data_ptr()) for h in active.layers.values()])
+
+    before = addresses()
+    tables = active.weave.tables.tensor.clone()
+    loaded = engine.load_adapter("code", tiny / "adapters" / "code")
+    greedy(engine, ["def add(a, b):"], ["code"])
+    assert addresses() == before
+    row = active.weave.adapters["code"].row
+    assert not torch.equal(active.weave.tables.tensor[:, row], tables[:, row]), "the row was not written in place"
+    assert loaded["experts"] > 0
+    engine.unload_adapter("code")
+    assert addresses() == before
+    assert torch.equal(active.weave.tables.tensor, tables)
+
+
 def test_unknown_adapter_is_refused_before_scheduling(engine):
     with pytest.raises(AdapterStateError, match="unknown adapter 'nope'"):
         greedy(engine, ["hello"], "nope")

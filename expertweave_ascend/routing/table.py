@@ -27,7 +27,8 @@ class RoutingTables:
     def write_row(self, row: int, slots: dict[int, dict[int, int]]) -> None:
         """slots[layer][expert] = slot holding the adapter's copy; other experts stay identity."""
         for layer, mapping in slots.items():
-            values = self._identity.clone()
+            # Built on the host and copied once: item writes into a device tensor are a launch each.
+            values = torch.arange(self.num_experts, dtype=torch.int32)
             for expert, slot in mapping.items():
                 values[expert] = slot
             self.layer(layer)[row].copy_(values)

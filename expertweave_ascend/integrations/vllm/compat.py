@@ -8,10 +8,12 @@ and function behind each and the tables its hook test reads. engine_api() picks 
 | ------------------------- | ------------------------------------------------------------ | ------------------------------ |
 | MoE layer module          | `MoERunner` at `model.layers[i].mlp.experts`                 | `AscendFusedMoE` there         |
 | where top-k ids appear    | `runner.router.select_experts(...) -> (weights, ids)`        | `select_experts` in `apply`    |
-| expert weights            | `runner.routed_experts.w13_weight` [E, 2I, H], `w2_weight` [E, H, I] | [E, H, 2I], [E, I, H], ND |
-| expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe, fused_moe)           | the AllGather dispatcher's     |
-| CPU weight packing        | intermediate zero-padded, then `cpu_prepack_moe_weight` per expert | TP shard, transposed     |
-| expert memory             | host (mmap + memfd), tables on the CPU                       | AscendCL VMM, tables on the NPU |
+| expert weights            | `runner.routed_experts.w13_weight` [E, 2I/tp, H], `w2_weight` [E, H, I/tp] | [E, H, 2I], [E, I, H], ND |
+| expert kernel             | `quant_method.unquantized_backend`: CPU, or TRITON on CUDA (`--moe-backend triton`) | AscendUnquantizedFusedMoEMethod |
+| expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe; TritonExperts aligns by `w1.shape[0]` without EP, CUDA < 1024 rounded to 32) | the AllGather dispatcher's |
+| expert weight packing     | TP shard; on CPU intermediate zero-padded, then `cpu_prepack_moe_weight` per expert | TP shard, transposed |
+| expert memory             | host (mmap + memfd) on CPU, CUDA VMM on GPU; tables on the device | AscendCL VMM, tables on the NPU |
+| KV-cache sizing           | `GPUWorker.determine_available_memory`: `model_memory_usage` + non-torch growth | same (NPUWorker) |
 | model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model`    | `NPUModelRunner.load_model`    |
 | per-step token layout     | `GPUModelRunner._prepare_inputs(sched, num_scheduled_tokens)`, `input_batch.req_ids` order | `NPUModelRunner._prepare_inputs` |
 | tokens at the MoE layer   | the step's tokens                                            | DP-gathered by AllGather's prepare |
@@ -25,7 +27,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ...errors import ExpertWeaveError
+
 ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a request's adapter
+# UnquantizedMoeBackend names whose kernels take plain [E, 2I, H] / [E, H, I] weights, run after
+# select_experts, and size their expert loop by w13_weight.size(0).
+REROUTABLE_KERNELS = ("CPU", "TRITON")
+# TritonExperts' moe_align_block_size takes fewer than 1024 experts once rounded up to 32.
+CUDA_MAX_EXPERT_SLOTS = 992
 
 
 def engine_api():
@@ -39,14 +48,44 @@ def engine_api():
     return sys.modules[__name__]
 
 
+def engine_defaults() -> dict:
+    """Engine arguments ExpertWeave needs unless the user set them: on CUDA, vLLM's Triton fused MoE
+    (the FlashInfer kernels it may prefer route inside the kernel, where no reroute can reach)."""
+    from vllm.platforms import current_platform
+
+    return {"moe_backend": "triton"} if current_platform.is_cuda() else {}
+
+
 def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
-    """(decoder layer index, MoE runner) for every MoE layer of a DeepSeek-V2 style model."""
+    """(decoder layer index, MoE runner) for every MoE layer of a DeepSeek-V2 style model; refuses
+    what this path cannot serve."""
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     for index, layer in enumerate(model.model.layers):
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if isinstance(experts, MoERunner):
+            check_layer(index, experts.routed_experts)
             yield index, experts
+
+
+def check_layer(index: int, module: torch.nn.Module) -> None:
+    where = f"ExpertWeave on vLLM, MoE layer {index}"
+    parallel = module.moe_config.moe_parallel_config
+    if parallel.use_ep:
+        raise ExpertWeaveError(f"{where}: expert parallelism (EP {parallel.ep_size}) is not supported: its dispatch "
+                               "needs every adapter expert on the EP rank of its base expert; serve with TP")
+    if parallel.dp_size > 1 or parallel.pcp_size > 1 or parallel.is_sequence_parallel:
+        raise ExpertWeaveError(f"{where}: data, context or sequence parallelism is not supported: the MoE "
+                               "layer routes tokens gathered from other ranks, whose adapters this rank does "
+                               "not know; serve with TP, or one engine per GPU")
+    method = module.quant_method
+    backend = getattr(method, "unquantized_backend", None)
+    if backend is None:
+        raise ExpertWeaveError(f"{where}: only unquantized MoE layers are supported, this one uses "
+                               f"{type(method).__name__}")
+    if backend.name not in REROUTABLE_KERNELS:
+        raise ExpertWeaveError(f"{where}: vLLM chose the {backend.value} MoE kernel, which ExpertWeave cannot "
+                               "reroute; start the engine with --moe-backend triton")
 
 
 def loaded_model(runner) -> torch.nn.Module:
@@ -54,12 +93,23 @@ def loaded_model(runner) -> torch.nn.Module:
 
 
 def weave_device(runner) -> dict:
-    """ExpertWeave's device arguments: none, its host backend and CPU tables."""
-    return {}
+    """ExpertWeave's device arguments: on a GPU, CUDA virtual memory on the runner's device and the
+    tables there too; on the CPU none (its host backend, CPU tables)."""
+    if runner.device.type != "cuda":
+        return {}
+    from ...memory.cuda_backend import CudaBackend
+
+    return {"backend": CudaBackend(runner.device.index or 0), "device": runner.device}
 
 
 def weave_installed(runner, weave) -> None:
-    """Nothing to account for: vLLM's CPU worker takes its KV-cache size from the configuration."""
+    """On a GPU the base experts moved from torch's allocator into CUDA virtual memory: give their old
+    blocks back and take them out of the weights the KV-cache sizing subtracts (GPUWorker's
+    determine_available_memory counts model_memory_usage and, apart, non-torch memory, where the virtual
+    expert tensors now are). vLLM's CPU worker takes its KV-cache size from the configuration."""
+    if runner.device.type == "cuda":
+        torch.cuda.empty_cache()
+        runner.model_memory_usage -= weave.memory.base_expert_bytes
 
 
 def moe_token_rows(token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
@@ -75,11 +125,18 @@ def expert_module(runner: torch.nn.Module) -> torch.nn.Module:
 def replace_expert_weight(runner: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     from vllm.model_executor.utils import replace_parameter
 
-    replace_parameter(expert_module(runner), name, tensor)
+    module = expert_module(runner)
+    if tensor.device.type == "cuda" and tensor.shape[0] > CUDA_MAX_EXPERT_SLOTS:
+        raise ExpertWeaveError(f"ExpertWeave on vLLM CUDA: {tensor.shape[0]} expert slots per MoE layer, but "
+                               f"vLLM's Triton fused MoE aligns at most {CUDA_MAX_EXPERT_SLOTS}; "
+                               "lower --max-adapters or --adapter-slots")
+    replace_parameter(module, name, tensor)
 
 
 def reroute_topk(runner: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Makes every top-k selection of this layer pass its ids through reroute."""
+    """Makes every top-k selection of this layer pass its ids through reroute. The CUDA graphs vLLM
+    captures record the reroute kernel with the buffers it reads (adapter rows, table), which are
+    updated in place, so a replay sees the current adapters."""
     router = runner.router
     select = router.select_experts
 
@@ -90,9 +147,26 @@ def reroute_topk(runner: torch.nn.Module, reroute: Callable[[torch.Tensor], torc
     router.select_experts = select_experts
 
 
+def shard_expert(w13: torch.Tensor, w2: torch.Tensor, tp_rank: int, tp_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert (w13 [2I, H], gate rows then up; w2 [H, I]) as TP rank tp_rank of tp_size holds it, as
+    vLLM's FusedMoE weight loader splits it: its rows of gate then of up [2I/tp, H], its columns of
+    down [H, I/tp]."""
+    inter = w2.shape[1]
+    if w13.shape[0] != 2 * inter or inter % tp_size:
+        raise ExpertWeaveError(f"expert of shapes {tuple(w13.shape)} / {tuple(w2.shape)} cannot be split "
+                               f"over {tp_size} tensor-parallel ranks")
+    if tp_size == 1:
+        return w13, w2
+    size = inter // tp_size
+    rows = slice(tp_rank * size, (tp_rank + 1) * size)
+    return torch.cat([w13[:inter][rows], w13[inter:][rows]]), w2[:, rows]
+
+
 def pack_expert(runner: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert ([2I, H], [H, I], gate rows first) in the layout the engine gave its base experts."""
     module = expert_module(runner)
+    w13, w2 = shard_expert(w13, w2, module.moe_config.tp_rank, module.moe_config.tp_size)
     padded = module.w13_weight.shape[1] // 2
     inter = w2.shape[1]
     if padded != inter:

@@ -62,8 +62,8 @@ from typing import Callable, Iterator
 import torch
 
 from ...errors import ExpertWeaveError
-from .compat import (ADAPTER_ARG, batch_layout, expertweave_config, replace_method, request_adapter, shutdown_llm,
-                     wrap_after)
+from .compat import (ADAPTER_ARG, batch_layout, expertweave_config, replace_method, request_adapter, shard_expert,
+                     shutdown_llm, wrap_after)
 
 __all__ = ["ADAPTER_ARG", "batch_layout", "expertweave_config", "request_adapter", "shutdown_llm",
            "HOOKS", "FACTS", "VLLM_NAMES", "TORCH_NPU_OPS", "MoETokenLayout", "shard_transposed",
@@ -331,17 +331,10 @@ def replace_expert_weight(layer: torch.nn.Module, name: str, tensor: torch.Tenso
 
 def shard_transposed(w13: torch.Tensor, w2: torch.Tensor, tp_rank: int, tp_size: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert (w13 [2I, H], gate rows then up; w2 [H, I]) as TP rank tp_rank of tp_size holds it in
-    vllm-ascend: its rows of gate then of up, transposed, [H, 2I/tp]; its columns of down, transposed,
-    [I/tp, H]; both contiguous (ND)."""
-    inter = w2.shape[1]
-    if w13.shape[0] != 2 * inter or inter % tp_size:
-        raise ExpertWeaveError(f"expert of shapes {tuple(w13.shape)} / {tuple(w2.shape)} cannot be split "
-                               f"over {tp_size} tensor-parallel ranks")
-    size = inter // tp_size
-    rows = slice(tp_rank * size, (tp_rank + 1) * size)
-    w13 = torch.cat([w13[:inter][rows], w13[inter:][rows]])
-    return w13.t().contiguous(), w2[:, rows].t().contiguous()
+    """One expert as TP rank tp_rank of tp_size holds it in vllm-ascend: vLLM's shard (shard_expert),
+    transposed, [H, 2I/tp] and [I/tp, H], both contiguous (ND)."""
+    w13, w2 = shard_expert(w13, w2, tp_rank, tp_size)
+    return w13.t().contiguous(), w2.t().contiguous()
 
 
 def pack_expert(layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

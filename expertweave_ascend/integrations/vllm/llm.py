@@ -45,6 +45,8 @@ class ExpertWeaveLLM:
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
         additional["expertweave"] = engine_config(self.geometry, adapters or {}, max_adapters, adapter_slots,
                                                   adapter_memory_bytes, granularity)
+        for key, value in compat.engine_defaults().items():
+            llm_kwargs.setdefault(key, value)
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
         self._adapters = set(self._rpc("expertweave_list_adapters"))

@@ -211,9 +211,15 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
                   max_adapters: int, adapter_slots: int | None, base_name: str | None) -> list[str]:
     """The `vllm serve` command line (as a python -m invocation) for ExpertWeave."""
     config = {"expertweave": engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters, adapter_slots)}
+    defaults = []
+    for key, value in compat.engine_defaults().items():
+        flag = "--" + key.replace("_", "-")
+        if not any(arg == flag or arg.startswith(flag + "=") for arg in vllm_args):
+            defaults += [flag, str(value)]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
             "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
-            "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *vllm_args]
+            "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *defaults,
+            *vllm_args]
 
 
 def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str], max_adapters: int = 8,
