@@ -125,3 +125,59 @@ def test_committed_summaries_regenerate_identically(path, tmp_path):
     own_plot = re.escape(path.stem) + r"-[a-z]+\.png"
     committed = {p.name for p in path.parent.glob("*.png") if re.fullmatch(own_plot, p.name)}
     assert {p.name for p in pngs} == committed
+
+
+def test_the_grouped_experts_stand_in_computes_the_moe_of_each_token():
+    import torch
+
+    from perf.gpu import grouped_experts
+
+    g = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, k = 5, 64, 32, 7, 3
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.1).to(torch.bfloat16)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) * 0.1).to(torch.bfloat16)
+    ids = torch.randint(0, experts, (tokens, k), generator=g).to(torch.int32)
+    weights = torch.rand(tokens, k, generator=g)
+    expected = torch.zeros(tokens, hidden)
+    for t in range(tokens):
+        for j in range(k):
+            e = int(ids[t, j])
+            gate, up = (x[t].float() @ w13[e].float().t()).chunk(2)
+            expected[t] += weights[t, j] * (w2[e].float() @ (torch.nn.functional.silu(gate) * up))
+    got = grouped_experts(x, w13, w2, weights, ids).float()
+    assert torch.allclose(got, expected, atol=0.02, rtol=0.05), (got - expected).abs().max()
+
+
+@needs_data
+def test_the_gpu_memory_check_on_the_host_backend():
+    """perf.gpu's memory section through the real allocator, on host memory at DeepSeek-V2-Lite's layer
+    count and expert counts with narrower experts: mapped bytes are the invariant's, slots hold their
+    data, releasing returns to the base."""
+    from expertweave_ascend.capacity import DEEPSEEK_V2_LITE
+    from expertweave_ascend.geometry import BaseGeometry
+    from expertweave_ascend.memory import HostBackend
+    from perf.gpu import measure_memory
+
+    geometry = BaseGeometry.from_config(dict(DEEPSEEK_V2_LITE, hidden_size=256, moe_intermediate_size=176), "BF16")
+    backend = HostBackend(64 << 10)
+    try:
+        result = measure_memory(geometry, backend, esft_data.adapter_geometries(3, geometry.moe_layers))
+    finally:
+        backend.close()
+    assert result["exact"] and result["slots_hold_their_data"]
+    assert result["mapped_after_release"] == result["base_mapped_bytes"]
+    assert result["adapter_expert_bytes"] == 405 * geometry.expert_nbytes  # law + intent + summary
+    assert 1.0 <= result["fragmentation"] < 1.1
+    assert result["driver_free_drop_adapters"] is None  # host memory: no driver to ask
+
+
+def test_the_gpu_benchmarks_refuse_to_run_without_a_gpu(capsys):
+    import torch
+
+    from perf import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU here")
+    assert gpu.main(["--quick"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err

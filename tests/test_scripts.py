@@ -1,5 +1,5 @@
-"""The Atlas scripts: shellcheck finds nothing, and each answers --help and refuses bad arguments
-without CANN, an NPU or torch_npu."""
+"""The Atlas and CUDA scripts: shellcheck finds nothing, and each answers --help and refuses bad
+arguments without CANN, an NPU, torch_npu or a GPU."""
 
 import os
 import subprocess
@@ -20,7 +20,8 @@ def run(*command: str | Path) -> subprocess.CompletedProcess:
 
 
 def test_the_scripts_are_there():
-    assert {s.name for s in RUNNABLE} == {"serve_atlas.sh", "profile_msprof.sh", "validate_atlas.sh"}
+    assert {s.name for s in RUNNABLE} == {"serve_atlas.sh", "profile_msprof.sh", "validate_atlas.sh",
+                                          "validate_cuda.sh"}
 
 
 def test_shellcheck_finds_nothing():
@@ -81,3 +82,15 @@ def test_reroute_share_answers_help_without_torch_npu():
     result = run(sys.executable, "scripts/reroute_share.py", "--help")
     assert result.returncode == 0, result.stderr
     assert "share of one MoE layer's time" in result.stdout and "--tokens" in result.stdout
+
+
+def test_validate_cuda_checks_its_arguments_and_the_gpu(tmp_path):
+    assert run("scripts/validate_cuda.sh", "--esft-data", tmp_path).stderr == \
+        f"validate_cuda.sh: error: {tmp_path}: no expert_configs/ in it\n"
+    assert run("scripts/validate_cuda.sh", "--out").stderr == "validate_cuda.sh: error: --out needs a value (see --help)\n"
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_gpu = run("scripts/validate_cuda.sh", "--python", sys.executable)
+    assert no_gpu.returncode == 2 and no_gpu.stderr.endswith("'s torch sees no CUDA GPU\n")

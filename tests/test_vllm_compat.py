@@ -96,3 +96,23 @@ def test_on_cuda_serve_asks_for_the_triton_moe_kernel_unless_told_otherwise(tiny
     for given in (["--moe-backend", "triton"], ["--moe-backend=auto"]):
         argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, given, 4, None, None)
         assert argv.count("--moe-backend") + sum(a.startswith("--moe-backend=") for a in argv) == 1
+
+
+def test_on_cuda_the_engine_runs_the_v1_model_runner_whose_hooks_are_installed(monkeypatch):
+    assert compat.engine_environment() == {}
+    platform = sys.modules["vllm.platforms"].current_platform
+    monkeypatch.setattr(type(platform), "is_cuda", lambda self: True)
+    assert compat.engine_environment() == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+
+def test_model_runner_v2_is_refused_when_expertweave_is_on():
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as ModelRunnerV2
+
+    from expertweave_ascend.integrations.vllm import plugin
+
+    plugin.register()
+    assert getattr(ModelRunnerV2.load_model, "_expertweave", False), "Model Runner V2's load_model is not hooked"
+    runner = SimpleNamespace(vllm_config=SimpleNamespace(additional_config={"expertweave": {"max_adapters": 2}}))
+    with pytest.raises(ExpertWeaveError, match="start it with VLLM_USE_V2_MODEL_RUNNER=0"):
+        compat.refuse_model_runner_v2(runner)
+    compat.refuse_model_runner_v2(SimpleNamespace(vllm_config=SimpleNamespace(additional_config={})))

@@ -14,7 +14,7 @@ and function behind each and the tables its hook test reads. engine_api() picks 
 | expert weight packing     | TP shard; on CPU intermediate zero-padded, then `cpu_prepack_moe_weight` per expert | TP shard, transposed |
 | expert memory             | host (mmap + memfd) on CPU, CUDA VMM on GPU; tables on the device | AscendCL VMM, tables on the NPU |
 | KV-cache sizing           | `GPUWorker.determine_available_memory`: `model_memory_usage` + non-torch growth | same (NPUWorker) |
-| model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model`    | `NPUModelRunner.load_model`    |
+| model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model` (V1 runner; V2 refused) | `NPUModelRunner.load_model`    |
 | per-step token layout     | `GPUModelRunner._prepare_inputs(sched, num_scheduled_tokens)`, `input_batch.req_ids` order | `NPUModelRunner._prepare_inputs` |
 | tokens at the MoE layer   | the step's tokens                                            | DP-gathered by AllGather's prepare |
 | request finished          | `GPUModelRunner._on_request_state_removed(req_id, state)`    | `NPUModelRunner._update_states` |
@@ -54,6 +54,22 @@ def engine_defaults() -> dict:
     from vllm.platforms import current_platform
 
     return {"moe_backend": "triton"} if current_platform.is_cuda() else {}
+
+
+def engine_environment() -> dict:
+    """Environment the engine processes need unless the user set it: on CUDA, vLLM's V1 GPU model runner,
+    whose hooks patch_model_runner installs (Model Runner V2, vLLM 0.32's default there, lays out batches
+    differently and is refused at load)."""
+    from vllm.platforms import current_platform
+
+    return {"VLLM_USE_V2_MODEL_RUNNER": "0"} if current_platform.is_cuda() else {}
+
+
+def refuse_model_runner_v2(runner) -> None:
+    if expertweave_config(runner) is not None:
+        raise ExpertWeaveError("ExpertWeave hooks vLLM's V1 model runner, and this engine runs Model Runner V2: "
+                               "start it with VLLM_USE_V2_MODEL_RUNNER=0 (expertweave serve and ExpertWeaveLLM "
+                               "set it unless it is set)")
 
 
 def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
@@ -200,6 +216,12 @@ def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed:
     for cls in runners:
         if "load_model" in vars(cls):
             wrap_after(cls, "load_model", lambda self, *a, **k: on_load(self))
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as ModelRunnerV2
+
+        wrap_after(ModelRunnerV2, "load_model", lambda self, *a, **k: refuse_model_runner_v2(self))
+    except ImportError:
+        pass
     wrap_after(GPUModelRunner, "_prepare_inputs", lambda self, *args: on_step(self))
     wrap_after(GPUModelRunner, "_on_request_state_removed",
                 lambda self, req_id, req_state: on_request_removed(self, req_id))

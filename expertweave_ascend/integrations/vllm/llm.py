@@ -1,5 +1,6 @@
 """ExpertWeaveLLM: vllm.LLM serving a base model and many ESFT adapters in one engine."""
 
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -47,6 +48,8 @@ class ExpertWeaveLLM:
                                                   adapter_memory_bytes, granularity)
         for key, value in compat.engine_defaults().items():
             llm_kwargs.setdefault(key, value)
+        for key, value in compat.engine_environment().items():
+            os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
         self._adapters = set(self._rpc("expertweave_list_adapters"))

@@ -228,4 +228,6 @@ def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: 
     env = dict(os.environ)
     allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(allowed + PLUGIN_NAMES.split(",")))
+    for key, value in compat.engine_environment().items():
+        env.setdefault(key, value)
     os.execve(sys.executable, argv, env)
