@@ -5,13 +5,16 @@ Three real expert selections exist (law, intent, summary). Sets of more adapters
 a real per-layer count distribution while the sets differ layer by layer, as distinct fine-tunes do.
 """
 
+import os
 from pathlib import Path
 
 import torch
 
 from expertweave_ascend.adapters import read_expert_cfg
 
-ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "esft"
+# The real ESFT data: ../shared/data/esft beside the checkout, or EXPERTWEAVE_ESFT_DATA (a GPU machine).
+ESFT_DATA = Path(os.environ.get("EXPERTWEAVE_ESFT_DATA") or
+                 Path(__file__).resolve().parents[1].parent / "shared" / "data" / "esft")
 TASKS = ("law", "intent", "summary")
 MOE_LAYERS = tuple(range(1, 27))  # DeepSeek-V2-Lite: layer 0 is dense
 TOP_K = 6

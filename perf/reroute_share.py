@@ -50,11 +50,13 @@ def cpu_isa() -> str:
     return "amx" if torch.cpu._is_amx_tile_supported() else "vec"
 
 
-def measure(token_counts: list[int], min_run_time: float) -> dict:
+def adapter_table(device: torch.device | str = "cpu") -> tuple[dict, int, torch.Tensor]:
+    """Three real adapters' rows of TRACE_LAYER's table, their experts packed after the base's:
+    (adapters, adapter slots, table [4, EXPERTS])."""
     adapters = adapter_geometries(3)
     layer = TRACE_LAYER
     slots = slots_needed(adapters.values(), [layer])
-    tables = RoutingTables([layer], EXPERTS, len(adapters))
+    tables = RoutingTables([layer], EXPERTS, len(adapters), device)
     next_slot = EXPERTS
     for row, experts in enumerate(adapters.values(), start=1):
         mapping = {}
@@ -62,7 +64,12 @@ def measure(token_counts: list[int], min_run_time: float) -> dict:
             mapping[e] = next_slot
             next_slot += 1
         tables.write_row(row, {layer: mapping})
-    table = tables.layer(layer)
+    return adapters, slots, tables.layer(layer)
+
+
+def measure(token_counts: list[int], min_run_time: float) -> dict:
+    adapters, slots, table = adapter_table()
+    layer = TRACE_LAYER
     moe = CpuMoeLayer(EXPERTS + slots, cpu_isa())
     trace = router_trace("law", layer)
     g = torch.Generator().manual_seed(1)
