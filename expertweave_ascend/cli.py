@@ -96,6 +96,8 @@ def cmd_verify(args) -> int:
     if not adapters:
         raise ExpertWeaveError("verify: give at least one --adapter NAME=PATH or --adapters-dir DIR")
     if args.engine == "vllm":
+        if args.device != "cpu":
+            raise ExpertWeaveError("verify: --device is for --engine hf; vLLM runs on its platform's device")
         from .integrations.vllm.verify import verify_vllm
 
         report = verify_vllm(args.base, adapters, DEFAULT_PROMPTS, args.max_new_tokens, dtype=args.dtype or "auto",
@@ -105,7 +107,8 @@ def cmd_verify(args) -> int:
         import torch
 
         report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
-                           dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity)
+                           dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity,
+                           device=args.device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -201,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-model-len", type=int, default=1024, help="vllm")
     f.add_argument("--kv-cache-memory", type=_size, default=256 << 20, help="vllm: KV cache size, e.g. 256MiB")
     f.add_argument("--granularity", type=_size, help="VMM granule, e.g. 64KiB (default 2MiB, as on devices)")
+    f.add_argument("--device", default="cpu", help="hf: cpu or cuda[:N] (CUDA virtual memory, Triton reroute)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_verify)
 

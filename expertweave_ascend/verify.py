@@ -19,7 +19,7 @@ DEFAULT_PROMPTS = [
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int):
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
@@ -29,11 +29,18 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int):
 
 def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 16,
               prompts: list[str] | None = None, dtype: torch.dtype = torch.float32,
-              config: WeaveConfig | None = None, granularity: int | None = None) -> dict:
-    """config: the weave's; by default just enough slots for these adapters, granules of granularity."""
+              config: WeaveConfig | None = None, granularity: int | None = None,
+              device: str | torch.device = "cpu") -> dict:
+    """config: the weave's; by default just enough slots for these adapters, granules of granularity.
+    device: where the models run; on a GPU the expert tensors are CUDA virtual memory (the driver's
+    granularity) and rerouting runs the CUDA kernel."""
     from transformers import AutoTokenizer
 
     from .integrations.hf import load_model, merge_adapter, model_nbytes, moe_layer_handles
+    from .memory import backend_for
+
+    device = torch.device(device)
+    backend = backend_for(device, granularity or (config.granularity if config else None))
 
     geometry = BaseGeometry.from_checkpoint(base)
     checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
@@ -43,19 +50,20 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
     entries = [None, *adapters]  # None: the base model
     batch_prompts = [prompts[i % len(prompts)] for i in range(len(entries))]
 
-    reference = load_model(base, dtype)
-    served = load_model(base, dtype)
+    reference = load_model(base, dtype).to(device)
+    served = load_model(base, dtype).to(device)
     model_bytes = model_nbytes(served)
     handles, adapter_rows = moe_layer_handles(served)
     if config is None:
         slots = slots_needed((a.experts for a in checked.values()), geometry.moe_layers)
         config = WeaveConfig(max_adapters=max(1, len(adapters)), adapter_slots=slots,
-                             **({"granularity": granularity} if granularity else {}))
-    weave = ExpertWeave(geometry, handles, config)
+                             granularity=backend.granularity)
+    weave = ExpertWeave(geometry, handles, config, backend=backend, device=device)
     try:
         for name, path in adapters.items():
             weave.load_adapter(name, path)
-        adapter_rows.rows = torch.tensor([weave.begin_request(name) for name in entries], dtype=torch.int32)
+        adapter_rows.rows = torch.tensor([weave.begin_request(name) for name in entries], dtype=torch.int32,
+                                         device=device)
         with torch.no_grad():
             tokens, logits = _generate(served, tokenizer, batch_prompts, max_new_tokens)
         for name in entries:
@@ -63,8 +71,9 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
         memory = weave.memory_report(model_bytes=model_bytes)
     finally:
         weave.close()
+        backend.close()
 
-    report = {"engine": "hf", "base_model": str(base), "dtype": str(dtype).removeprefix("torch."),
+    report = {"engine": "hf", "device": str(device), "base_model": str(base), "dtype": str(dtype).removeprefix("torch."),
               "max_new_tokens": max_new_tokens, "adapters": {}}
     for i, name in enumerate(entries):
         oracle = reference if name is None else merge_adapter(reference, checked[name])

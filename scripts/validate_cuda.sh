@@ -15,7 +15,9 @@ Runs, in the checkout that holds this script, with the interpreter's own torch (
 Triton and cuda-bindings, and without installing anything (PYTHONPATH is the checkout):
   1 test   the CUDA tests natively: CudaBackend through the whole memory suite on the GPU
            (tests/test_cuda_backend.py), the Triton reroute kernel against the torch reference
-           (tests/test_reroute_triton.py), the routing tables and the memory layer
+           (tests/test_reroute_triton.py), the routing tables and the memory layer, and the tiny
+           model's base and adapters in one batch on the GPU against the merged models
+           (transformers, tests/test_verify.py)
   2 bench  python -m perf.gpu: the Triton reroute kernel vs torch and its share of one
            DeepSeek-V2-Lite MoE layer at 1..256 tokens, and the real ESFT selections loaded on CUDA
            virtual memory; writes OUT/<date>-<gpu>.json and .md
@@ -58,6 +60,6 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 echo "== test"
 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_reroute_triton.py \
-    tests/test_routing.py tests/test_memory.py
+    tests/test_routing.py tests/test_memory.py tests/test_verify.py::test_mixed_batch_equals_merged_models_on_the_gpu
 echo "== bench"
 "$python" -m perf.gpu "${quick[@]}" --out "$out"

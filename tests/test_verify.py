@@ -95,3 +95,34 @@ def test_cli_verify_bad_adapter_is_one_line_error(tiny, tmp_path):
                              "--adapter", f"x={tmp_path}"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'expert_cfg.json'}: missing"]
+
+
+def test_cli_verify_device_is_for_the_transformers_engine(tiny):
+    result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "verify", "--engine", "vllm",
+                             "--base", str(tiny / "base"), "--adapter", f"law={tiny / 'adapters' / 'law'}",
+                             "--device", "cuda"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: verify: --device is for --engine hf; vLLM runs on its "
+                                                  "platform's device"]
+
+
+def test_backend_for_a_device():
+    from expertweave_ascend.errors import MemoryBackendError
+    from expertweave_ascend.memory import HostBackend, backend_for
+
+    backend = backend_for("cpu", 64 << 10)
+    assert isinstance(backend, HostBackend) and backend.granularity == 64 << 10
+    backend.close()
+    with pytest.raises(MemoryBackendError, match=r"no virtual-memory backend for device meta here"):
+        backend_for("meta")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and a CUDA build of torch")
+def test_mixed_batch_equals_merged_models_on_the_gpu(tiny):
+    """The base and three adapters in one batch on CUDA virtual memory, rerouted by the Triton kernel."""
+    adapters = {name: tiny / "adapters" / name for name in ("law", "math", "code")}
+    result = verify_hf(tiny / "base", adapters, max_new_tokens=16, device="cuda")
+    assert result["ok"], result
+    assert result["memory"]["granularity"] == 2 << 20
+    for row in [result["base"], *result["adapters"].values()]:
+        assert row["max_abs_logit_diff"] < 1e-3
