@@ -55,7 +55,6 @@ class CudaBackend:
             raise MemoryBackendError(f"cannot load the CUDA driver {DRIVER_SONAME} "
                                      f"({' '.join(str(e).split())})") from None
         self._check("cuInit", error)
-        self.device_index = device_index
         self._device = self.call("cuDeviceGet", device_index)
         supported = self.call("cuDeviceGetAttribute",
                               driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
