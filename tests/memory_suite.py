@@ -5,6 +5,11 @@ backend. The caller owns the backends' lifetime (it closes them after the test);
 the MemoryBackend protocol, PhysicalPool, VirtualExpertTensor and ExpertMemory, nothing host-only.
 A test file runs the whole suite with
 
+    @pytest.fixture
+    def make_backend():
+        with memory_suite.closing_factory(SomeBackend) as make:
+            yield make
+
     @pytest.mark.parametrize("check", memory_suite.CHECKS, ids=lambda c: c.__name__)
     def test_memory_suite(check, make_backend):
         check(make_backend)
@@ -13,6 +18,7 @@ Slot sizes are given in granules and are deliberately not whole: 5/8 (several sl
 3/2, and DeepSeek-V2-Lite's w13 [2816, 2048] / w2 [2048, 1408] bf16 at a 2 MiB granule (11/4, 11/8).
 """
 
+import contextlib
 import random
 from fractions import Fraction
 
@@ -97,6 +103,39 @@ def assert_exact_mapping(vt: VirtualExpertTensor, occupied) -> None:
     assert sorted(vt.handles) == sorted(expected)
     assert vt.mapped_bytes == len(expected) * g
     assert {gi: r for gi, r in enumerate(vt.refs) if r} == expected
+
+
+@contextlib.contextmanager
+def closing_factory(construct):
+    """make(), a factory of fresh backends built by construct(); every one is closed on leaving."""
+    made = []
+
+    def make():
+        backend = construct()
+        made.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in made:
+            backend.close()
+
+
+def check_stand_in_views_host_memory(backend, granularity: int) -> None:
+    """A backend over a stand-in device library: host memory, CPU views at the mapped address."""
+    g = granularity
+    assert backend.stand_in
+    assert backend.device == torch.device("cpu")
+    assert backend.granularity == g
+    address = backend.reserve(g)
+    handle = backend.create_physical(g)
+    backend.map(address, g, handle)
+    view = backend.tensor(address, (g // 4,), torch.int32)
+    assert view.device.type == "cpu" and view.data_ptr() == address
+    backend.unmap(address, g)
+    backend.free_physical(handle)
+    backend.release(address, g)
 
 
 class FailingMap:

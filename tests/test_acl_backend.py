@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 import memory_suite
 import pinned
@@ -53,16 +52,8 @@ def shim(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_backend(shim):
     """A factory of fresh backends over the stand-in, all closed after the test."""
-    made = []
-
-    def make():
-        backend = AclBackend(library=str(shim))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
+    with memory_suite.closing_factory(lambda: AclBackend(library=str(shim))) as make:
+        yield make
 
 
 @pytest.fixture
@@ -76,17 +67,7 @@ def test_memory_suite(check, make_backend):
 
 
 def test_the_stand_in_says_its_memory_is_host_memory(backend):
-    assert backend.stand_in
-    assert backend.device == torch.device("cpu")
-    assert backend.granularity == G
-    address = backend.reserve(G)
-    handle = backend.create_physical(G)
-    backend.map(address, G, handle)
-    view = backend.tensor(address, (G // 4,), torch.int32)
-    assert view.device.type == "cpu" and view.data_ptr() == address
-    backend.unmap(address, G)
-    backend.free_physical(handle)
-    backend.release(address, G)
+    memory_suite.check_stand_in_views_host_memory(backend, G)
 
 
 # ----------------------------------------------------------------------------------------------

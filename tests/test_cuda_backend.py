@@ -52,23 +52,10 @@ def stand_in(tmp_path_factory) -> Path:
     return library
 
 
-def backend_factory(device_index: int = 0):
-    made = []
-
-    def make():
-        backend = CudaBackend(device_index)
-        made.append(backend)
-        return backend
-
-    return make, made
-
-
 @pytest.fixture
 def make_backend(stand_in):
-    make, made = backend_factory()
-    yield make
-    for backend in made:
-        backend.close()
+    with memory_suite.closing_factory(CudaBackend) as make:
+        yield make
 
 
 @pytest.fixture
@@ -82,17 +69,7 @@ def test_memory_suite_over_the_stand_in(check, make_backend):
 
 
 def test_the_stand_in_says_its_memory_is_host_memory(backend):
-    assert backend.stand_in
-    assert backend.device == torch.device("cpu")
-    assert backend.granularity == G
-    address = backend.reserve(G)
-    handle = backend.create_physical(G)
-    backend.map(address, G, handle)
-    view = backend.tensor(address, (G // 4,), torch.int32)
-    assert view.device.type == "cpu" and view.data_ptr() == address
-    backend.unmap(address, G)
-    backend.free_physical(handle)
-    backend.release(address, G)
+    memory_suite.check_stand_in_views_host_memory(backend, G)
 
 
 def test_mapped_memory_is_readable_and_writable_only_after_set_access(backend):
@@ -229,11 +206,9 @@ gpu = pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU and a CUDA build o
 @pytest.fixture
 def make_gpu_backend():
     torch.cuda.init()
-    make, made = backend_factory(torch.cuda.current_device())
-    yield make
-    torch.cuda.synchronize()
-    for backend in made:
-        backend.close()
+    with memory_suite.closing_factory(lambda: CudaBackend(torch.cuda.current_device())) as make:
+        yield make
+        torch.cuda.synchronize()
 
 
 @gpu

@@ -25,16 +25,8 @@ backends = [
 @pytest.fixture(params=backends)
 def make_backend(request):
     """A factory of fresh backends, all closed after the test."""
-    made = []
-
-    def make():
-        backend = request.param()
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
+    with memory_suite.closing_factory(request.param) as make:
+        yield make
 
 
 @pytest.mark.parametrize("check", memory_suite.CHECKS, ids=lambda check: check.__name__)
