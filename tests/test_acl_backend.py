@@ -31,8 +31,9 @@ def compile_c(source: Path, output: Path, *flags: str) -> subprocess.CompletedPr
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.fail("gcc is needed to build the stand-in libascendcl from tests/ascend_shim; install gcc")
+    # The stand-ins share tests/stand_in_host_vm.h.
     command = [gcc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(pinned.acl_include_dir()),
-               *flags, str(source), "-o", str(output)]
+               "-I", str(SOURCES.parent), *flags, str(source), "-o", str(output)]
     # LC_ALL=C keeps gcc's messages in plain ASCII quotes, so tests can match them.
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
 

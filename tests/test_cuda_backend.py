@@ -33,8 +33,10 @@ def compile_stand_in(source: Path, output: Path) -> subprocess.CompletedProcess:
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.fail("gcc is needed to build the stand-in libcuda from tests/cuda_stand_in; install gcc")
+    # The stand-ins share tests/stand_in_host_vm.h.
     command = [gcc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(pinned.cuda_include_dir()),
-               "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", str(source), "-o", str(output)]
+               "-I", str(SOURCE.parents[1]), "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", str(source),
+               "-o", str(output)]
     # LC_ALL=C keeps gcc's messages in plain ASCII quotes, so tests can match them.
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
 

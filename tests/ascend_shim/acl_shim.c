@@ -2,7 +2,7 @@
  *
  * Compiled against the real acl/acl_rt.h, so every function below must keep the header's exact
  * signature or the build fails. Reservations are PROT_NONE mmaps aligned to a 2 MiB granule, a
- * physical handle is one memfd, mapping is mmap(MAP_FIXED | MAP_SHARED) of that memfd over the
+ * physical handle is one memfd (both from ../stand_in_host_vm.h), mapping is mmap(MAP_FIXED | MAP_SHARED) of that memfd over the
  * reservation and unmapping puts PROT_NONE back. Misuse is refused with the header's error codes
  * and leaves a message for aclGetRecentErrMsg, as the runtime does; which code the real runtime
  * returns for each misuse is this stand-in's choice, not a measured fact.
@@ -11,27 +11,14 @@
  * reads it to hand out CPU tensors instead of NPU ones.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <pthread.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
+#include "stand_in_host_vm.h"
 #include "acl/acl_rt.h"
 
-#define GRANULE ((size_t)2 << 20)
-
 __attribute__((visibility("default"))) const int expertweave_acl_stand_in = 1;
-
-struct reservation {
-    uintptr_t base;
-    size_t size;
-    struct reservation *next;
-};
 
 struct handle {
     int fd;
@@ -47,9 +34,6 @@ struct mapping {
     struct mapping *next;
 };
 
-/* ctypes drops the GIL around each call, so Python threads can reach these lists at once. */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static struct reservation *reservations;
 static struct handle *handles;
 static struct mapping *mappings;
 
@@ -63,16 +47,6 @@ static aclError fail(aclError code, const char *format, ...)
     vsnprintf(recent, sizeof recent, format, args);
     va_end(args);
     return code;
-}
-
-static int aligned(size_t value) { return value % GRANULE == 0; }
-
-static struct reservation *reservation_holding(uintptr_t base, size_t size)
-{
-    for (struct reservation *r = reservations; r; r = r->next)
-        if (r->base <= base && base + size <= r->base + r->size)
-            return r;
-    return NULL;
 }
 
 static struct handle *live_handle(aclrtDrvMemHandle h)
@@ -136,26 +110,9 @@ aclError aclrtReserveMemAddress(void **virPtr, size_t size, size_t alignment, vo
     if (!size || !aligned(size))
         return fail(ACL_ERROR_RT_PARAM_INVALID, "aclrtReserveMemAddress: size %zu is not a positive multiple of %zu",
                     size, GRANULE);
-    struct reservation *r = malloc(sizeof *r);
-    if (!r)
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "aclrtReserveMemAddress: out of host memory");
-    /* One granule more than asked, so the range can start on a granule boundary. */
-    char *raw = mmap(NULL, size + GRANULE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (raw == MAP_FAILED) {
-        free(r);
+    uintptr_t start = reserve_range(size);
+    if (!start)
         return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "aclrtReserveMemAddress: %s", strerror(errno));
-    }
-    uintptr_t start = ((uintptr_t)raw + GRANULE - 1) / GRANULE * GRANULE;
-    size_t head = start - (uintptr_t)raw;
-    if (head)
-        munmap(raw, head);
-    munmap((void *)(start + size), GRANULE - head);
-    r->base = start;
-    r->size = size;
-    pthread_mutex_lock(&lock);
-    r->next = reservations;
-    reservations = r;
-    pthread_mutex_unlock(&lock);
     *virPtr = (void *)start;
     return ACL_SUCCESS;
 }
@@ -165,19 +122,13 @@ aclError aclrtReleaseMemAddress(void *virPtr)
     uintptr_t base = (uintptr_t)virPtr;
     aclError err = ACL_SUCCESS;
     pthread_mutex_lock(&lock);
-    struct reservation **link = &reservations;
-    while (*link && (*link)->base != base)
-        link = &(*link)->next;
-    struct reservation *r = *link;
-    if (!r)
+    struct reservation **link = reservation_link(base);
+    if (!*link)
         err = fail(ACL_ERROR_RT_PARAM_INVALID, "aclrtReleaseMemAddress: %p is not a reservation", virPtr);
-    else if (any_mapping_overlaps(r->base, r->size))
+    else if (any_mapping_overlaps((*link)->base, (*link)->size))
         err = fail(ACL_ERROR_RT_MEMORY_FREE, "aclrtReleaseMemAddress: %p still has memory mapped in it", virPtr);
-    else {
-        *link = r->next;
-        munmap(virPtr, r->size);
-        free(r);
-    }
+    else
+        release_reservation(link);
     pthread_mutex_unlock(&lock);
     return err;
 }
@@ -198,11 +149,9 @@ aclError aclrtMallocPhysical(aclrtDrvMemHandle *handle, size_t size, const aclrt
     struct handle *h = calloc(1, sizeof *h);
     if (!h)
         return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "aclrtMallocPhysical: out of host memory");
-    h->fd = memfd_create("expertweave-acl-shim", MFD_CLOEXEC);
-    if (h->fd < 0 || ftruncate(h->fd, (off_t)size) != 0) {
+    h->fd = new_memfd("expertweave-acl-shim", size);
+    if (h->fd < 0) {
         err = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "aclrtMallocPhysical: %s", strerror(errno));
-        if (h->fd >= 0)
-            close(h->fd);
         free(h);
         return err;
     }
@@ -300,8 +249,7 @@ aclError aclrtUnmapMem(void *virPtr)
     struct mapping *m = *link;
     if (!m)
         err = fail(ACL_ERROR_RT_PARAM_INVALID, "aclrtUnmapMem: nothing is mapped at %p", virPtr);
-    else if (mmap(virPtr, m->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0)
-             == MAP_FAILED)
+    else if (reserve_again(base, m->size) != 0)
         err = fail(ACL_ERROR_RT_INTERNAL_ERROR, "aclrtUnmapMem: %s", strerror(errno));
     else {
         *link = m->next;

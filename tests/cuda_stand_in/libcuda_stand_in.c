@@ -12,31 +12,20 @@
  * mappings. Where the documentation is silent (mapping over a mapping, freeing a reservation that still has
  * mappings), the code returned is this stand-in's choice, not a measured fact.
  *
- * Reservations are PROT_NONE mmaps aligned to a 2 MiB granule; a physical handle is one memfd; mapping is
+ * Reservations are PROT_NONE mmaps aligned to a 2 MiB granule and a physical handle is one memfd (both from
+ * ../stand_in_host_vm.h, shared with the AscendCL stand-in); mapping is
  * mmap(MAP_FIXED | MAP_SHARED) of it with PROT_NONE, cuMemSetAccess mprotects it. The exported symbol
  * expertweave_cuda_stand_in tells CudaBackend the memory is host memory.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
+#include "stand_in_host_vm.h"
 #include "cuda.h"
 
-#define GRANULE ((size_t)2 << 20)
 #define STAND_IN_DRIVER_VERSION CUDA_VERSION
 
 __attribute__((visibility("default"))) const int expertweave_cuda_stand_in = 1;
-
-struct reservation {
-    CUdeviceptr base;
-    size_t size;
-    struct reservation *next;
-};
 
 struct handle {
     int fd;
@@ -53,25 +42,12 @@ struct mapping {
     struct mapping *next;
 };
 
-/* cuda-bindings drops the GIL around driver calls, so Python threads can reach these lists at once. */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static struct reservation *reservations;
 static struct handle *handles;
 static struct mapping *mappings;
 static int initialized;
 static int primary_refs;
 static int primary_context_storage; /* its address is the primary context's handle */
 static __thread CUcontext current;
-
-static int aligned(size_t value) { return value % GRANULE == 0; }
-
-static struct reservation *reservation_holding(CUdeviceptr base, size_t size)
-{
-    for (struct reservation *r = reservations; r; r = r->next)
-        if (r->base <= base && base + size <= r->base + r->size)
-            return r;
-    return NULL;
-}
 
 static struct handle *live_handle(CUmemGenericAllocationHandle h)
 {
@@ -275,26 +251,9 @@ CUresult CUDAAPI cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t align
     if (!ptr || !size || !aligned(size) || flags || (alignment & (alignment - 1)) || alignment > GRANULE)
         return CUDA_ERROR_INVALID_VALUE;
     (void)addr; /* a hint, which the driver may ignore */
-    struct reservation *r = malloc(sizeof *r);
-    if (!r)
+    uintptr_t start = reserve_range(size);
+    if (!start)
         return CUDA_ERROR_OUT_OF_MEMORY;
-    /* One granule more than asked, so the range can start on a granule boundary. */
-    char *raw = mmap(NULL, size + GRANULE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (raw == MAP_FAILED) {
-        free(r);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    uintptr_t start = ((uintptr_t)raw + GRANULE - 1) / GRANULE * GRANULE;
-    size_t head = start - (uintptr_t)raw;
-    if (head)
-        munmap(raw, head);
-    munmap((void *)(start + size), GRANULE - head);
-    r->base = start;
-    r->size = size;
-    pthread_mutex_lock(&lock);
-    r->next = reservations;
-    reservations = r;
-    pthread_mutex_unlock(&lock);
     *ptr = start;
     return CUDA_SUCCESS;
 }
@@ -303,17 +262,11 @@ CUresult CUDAAPI cuMemAddressFree(CUdeviceptr ptr, size_t size)
 {
     CUresult err = CUDA_SUCCESS;
     pthread_mutex_lock(&lock);
-    struct reservation **link = &reservations;
-    while (*link && (*link)->base != ptr)
-        link = &(*link)->next;
-    struct reservation *r = *link;
-    if (!r || r->size != size || any_mapping_overlaps(r->base, r->size))
+    struct reservation **link = reservation_link(ptr);
+    if (!*link || (*link)->size != size || any_mapping_overlaps((*link)->base, size))
         err = CUDA_ERROR_INVALID_VALUE;
-    else {
-        *link = r->next;
-        munmap((void *)(uintptr_t)ptr, r->size);
-        free(r);
-    }
+    else
+        release_reservation(link);
     pthread_mutex_unlock(&lock);
     return err;
 }
@@ -331,10 +284,8 @@ CUresult CUDAAPI cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, 
     struct handle *h = calloc(1, sizeof *h);
     if (!h)
         return CUDA_ERROR_OUT_OF_MEMORY;
-    h->fd = memfd_create("expertweave-cuda-stand-in", MFD_CLOEXEC);
-    if (h->fd < 0 || ftruncate(h->fd, (off_t)size) != 0) {
-        if (h->fd >= 0)
-            close(h->fd);
+    h->fd = new_memfd("expertweave-cuda-stand-in", size);
+    if (h->fd < 0) {
         free(h);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -430,8 +381,7 @@ CUresult CUDAAPI cuMemUnmap(CUdeviceptr ptr, size_t size)
     pthread_mutex_lock(&lock);
     if (!size || covered_by_whole_mappings(ptr, size) != (long long)size)
         err = CUDA_ERROR_INVALID_VALUE;
-    else if (mmap((void *)(uintptr_t)ptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
-                  -1, 0) == MAP_FAILED)
+    else if (reserve_again(ptr, size) != 0)
         err = CUDA_ERROR_OUT_OF_MEMORY;
     else {
         struct mapping **link = &mappings;
