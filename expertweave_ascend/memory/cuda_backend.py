@@ -83,6 +83,7 @@ class CudaBackend:
                                      driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)
         self._reservations: dict[int, int] = {}  # address -> size
         self._mappings: dict[int, tuple[int, int]] = {}  # address -> (size, handle)
+        self._mapped_granules: set[int] = set()  # address of every mapped granule, for O(1) overlap checks
         self._handles: dict[int, object] = {}  # handle as int -> the driver's handle object
         self._mapped_handles: set[int] = set()
 
@@ -143,7 +144,8 @@ class CudaBackend:
             raise MemoryBackendError(f"cuMemMap: 0x{address:x}+{size} is not inside one reservation")
         if handle not in self._handles:
             raise MemoryBackendError(f"cuMemMap: {handle:#x} is not a live physical handle")
-        if any(a < address + size and address < a + n for a, (n, _) in self._mappings.items()):
+        granules = range(address, address + size, self.granularity)
+        if any(a in self._mapped_granules for a in granules):
             raise MemoryBackendError(f"cuMemMap: 0x{address:x}+{size} overlaps memory that is already mapped")
         if handle in self._mapped_handles:
             raise MemoryBackendError(f"cuMemMap: handle {handle:#x} is already mapped elsewhere")
@@ -154,6 +156,7 @@ class CudaBackend:
             self.call("cuMemUnmap", address, size)
             raise
         self._mappings[address] = (size, handle)
+        self._mapped_granules.update(granules)
         self._mapped_handles.add(handle)
 
     def unmap(self, address: int, size: int) -> None:
@@ -161,6 +164,7 @@ class CudaBackend:
             raise MemoryBackendError(f"cuMemUnmap: nothing is mapped at 0x{address:x}+{size}")
         self.call("cuMemUnmap", address, size)
         _, handle = self._mappings.pop(address)
+        self._mapped_granules.difference_update(range(address, address + size, self.granularity))
         self._mapped_handles.discard(handle)
 
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
