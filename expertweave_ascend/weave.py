@@ -6,6 +6,7 @@ I1 a table row is written only after every slot it points at is mapped and writt
    name is published only after its row is written, and a row is cleared before its slots unmap;
 I2 unload waits for an adapter's in-flight requests and admits no new ones meanwhile;
 I3 memory follows occupancy granule by granule (ExpertMemory);
+I6 an unloaded adapter's memory is unmapped only after the device finished every step queued before;
 I5 a rejected adapter leaves tables, memory and requests untouched.
 """
 
@@ -144,6 +145,9 @@ class ExpertWeave:
                                             f"after {timeout} s; not unloaded")
                 del self.adapters[name]
             self.tables.clear_row(loaded.row)
+            # I6: a step queued before the row was cleared may still read the slots (vLLM schedules
+            # asynchronously); unmap only once the device has finished it.
+            self.backend.synchronize()
             self.memory.release(name)
             self.tables.give_back_row(loaded.row)
 

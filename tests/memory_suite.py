@@ -138,6 +138,52 @@ def check_stand_in_views_host_memory(backend, granularity: int) -> None:
     backend.release(address, g)
 
 
+class GranuleSizedLayer:
+    """A MoE layer handle (weave.MoELayerHandle) whose experts take one whole granule each, so that an
+    adapter's unload unmaps memory of its own; an expert is packed as its weights one after another."""
+
+    def __init__(self, layer: int, granularity: int):
+        self.layer = layer
+        self.elements = granularity // 4
+
+    def weight_specs(self):
+        return [WeightSpec("w", (self.elements,), torch.float32)]
+
+    def install(self, views, table):
+        self.table = table
+
+    def pack_expert(self, gate, up, down):
+        packed = torch.zeros(self.elements)
+        flat = torch.cat([gate.flatten(), up.flatten(), down.flatten()])
+        packed[:flat.numel()] = flat
+        return {"w": packed}
+
+
+def check_unload_synchronizes_before_releasing(backend, library_path, tiny, geometry, synchronize: str,
+                                                releases: tuple[str, ...]) -> None:
+    """I6 over a stand-in device library that logs its calls: unloading an adapter waits for the device
+    (synchronize) before any of its memory is unmapped or freed (releases)."""
+    import ctypes
+
+    from expertweave_ascend.weave import ExpertWeave, WeaveConfig
+
+    library = ctypes.CDLL(str(library_path))
+    library.expertweave_stand_in_calls.restype = ctypes.c_char_p
+    handles = [GranuleSizedLayer(layer, backend.granularity) for layer in geometry.moe_layers]
+    weave = ExpertWeave(geometry, handles, WeaveConfig(max_adapters=2, adapter_slots=16,
+                                                       granularity=backend.granularity), backend=backend)
+    try:
+        weave.load_adapter("law", tiny / "adapters" / "law")
+        library.expertweave_stand_in_clear_calls()
+        weave.unload_adapter("law")
+        calls = library.expertweave_stand_in_calls().decode().split()
+    finally:
+        weave.close()
+    released = [i for i, call in enumerate(calls) if call in releases]
+    assert released, f"unload released nothing: {calls}"
+    assert synchronize in calls[:released[0]], f"memory released before {synchronize}: {calls}"
+
+
 class FailingMap:
     """Delegates to a backend, but refuses the fail_at-th map() call (counting from construction)."""
 

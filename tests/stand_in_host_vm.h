@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -26,6 +27,24 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct reservation *reservations;
 
 static int aligned(size_t value) { return value % GRANULE == 0; }
+
+/* The order of the calls that matter for device safety (synchronize, unmap, free), as one line of names
+ * separated by spaces, so a test can check that memory is released only after the device was synchronized. */
+static char call_log[1 << 16];
+
+static void log_call(const char *name)
+{
+    size_t used = strlen(call_log), length = strlen(name);
+    if (used + length + 2 < sizeof call_log) {
+        memcpy(call_log + used, name, length);
+        call_log[used + length] = ' ';
+        call_log[used + length + 1] = '\0';
+    }
+}
+
+__attribute__((visibility("default"))) const char *expertweave_stand_in_calls(void) { return call_log; }
+
+__attribute__((visibility("default"))) void expertweave_stand_in_clear_calls(void) { call_log[0] = '\0'; }
 
 static struct reservation *reservation_holding(uintptr_t base, size_t size)
 {

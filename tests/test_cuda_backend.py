@@ -70,6 +70,11 @@ def test_memory_suite_over_the_stand_in(check, make_backend):
     check(make_backend)
 
 
+def test_unload_waits_for_the_device_before_unmapping(backend, stand_in, tiny, geometry):
+    memory_suite.check_unload_synchronizes_before_releasing(backend, stand_in, tiny, geometry, "cuCtxSynchronize",
+                                                            ("cuMemUnmap", "cuMemRelease"))
+
+
 def test_the_stand_in_says_its_memory_is_host_memory(backend):
     memory_suite.check_stand_in_views_host_memory(backend, G)
 

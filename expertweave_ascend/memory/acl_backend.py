@@ -101,6 +101,7 @@ _SIGNATURES = {
     "aclrtFreePhysical": [aclrtDrvMemHandle],
     "aclrtMapMem": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, aclrtDrvMemHandle, ctypes.c_uint64],
     "aclrtUnmapMem": [ctypes.c_void_p],
+    "aclrtSynchronizeDevice": [],
 }
 
 
@@ -217,6 +218,10 @@ class AclBackend:
         self._check_recorded("aclrtUnmapMem", self._mappings, address, size, "mapped")
         self.call("aclrtUnmapMem", address)
         self._mappings.pop(address, None)
+
+    def synchronize(self) -> None:
+        """Waits for every stream of the current device (vLLM's steps, ACL graph replays included)."""
+        self.call("aclrtSynchronizeDevice")
 
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = dtype.itemsize * math.prod(shape)

@@ -1,7 +1,7 @@
-"""The seven virtual-memory calls every device offers, as ExpertWeave uses them.
+"""The eight virtual-memory calls every device offers, as ExpertWeave uses them.
 
 A backend reserves address ranges, creates physical chunks (one granule each here), maps and unmaps
-them, and wraps a mapped range as a torch tensor. Host (mmap + memfd), CUDA (cuMem*) and AscendCL
+them, waits for the device, and wraps a mapped range as a torch tensor. Host (mmap + memfd), CUDA (cuMem*) and AscendCL
 (aclrtReserveMemAddress / aclrtMallocPhysical / aclrtMapMem) each implement it in one file.
 """
 
@@ -31,6 +31,9 @@ class MemoryBackend(Protocol):
 
     def unmap(self, address: int, size: int) -> None:
         """Unmaps what map() put at address; the range stays reserved."""
+
+    def synchronize(self) -> None:
+        """Returns once all device work queued so far has finished (before memory it may read is unmapped)."""
 
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor viewing memory at address without owning it."""

@@ -167,6 +167,10 @@ class CudaBackend:
         self._mapped_granules.difference_update(range(address, address + size, self.granularity))
         self._mapped_handles.discard(handle)
 
+    def synchronize(self) -> None:
+        """Waits for every stream of the primary context (vLLM's steps, CUDA graph replays included)."""
+        self.call("cuCtxSynchronize")
+
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = dtype.itemsize * math.prod(shape)
         if self.stand_in:

@@ -139,6 +139,9 @@ class HostBackend:
         self._mapped_granules.difference_update(range(address, address + size, self.granularity))
         self._mapped_handles.discard(handle)
 
+    def synchronize(self) -> None:
+        """CPU kernels have finished when they return: nothing is ever queued."""
+
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = dtype.itemsize
         for d in shape:
