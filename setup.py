@@ -26,6 +26,5 @@ setup(
     entry_points={
         "console_scripts": ["expertweave = expertweave_ascend.cli:main"],
         "vllm.general_plugins": ["expertweave = expertweave_ascend.integrations.vllm.plugin:register"],
-        "vllm.endpoint_plugins": ["expertweave_http = expertweave_ascend.integrations.vllm.server:ExpertWeaveRoutes"],
     },
 )

@@ -26,3 +26,7 @@ class AdapterStateError(ExpertWeaveError):
 
 class MemoryBackendError(ExpertWeaveError):
     """A virtual-memory call was refused by the backend (bad size, double map, ...)."""
+
+
+class AdapterBusyError(AdapterStateError):
+    """An adapter still has requests running or queued when its unload ran out of time; nothing was changed."""

@@ -2,7 +2,8 @@
 and the CUDA driver header.
 
 Nothing here is installed: torch_npu's wheel gives the real AscendCL headers, vllm-ascend's source
-release gives the code the plugin hooks, nvidia-cuda-runtime's wheel gives cuda.h. Downloads use PyPI's
+release gives the code the plugin hooks, vLLM's source release the API server and engine code it runs on,
+nvidia-cuda-runtime's wheel gives cuda.h. Downloads use PyPI's
 simple index (PEP 691) and are checked against the sha256 it publishes.
 """
 
@@ -83,6 +84,21 @@ def vllm_ascend_sources() -> Path:
         with tarfile.open(sdist) as archive:
             members = [m for m in archive.getmembers()
                        if m.isfile() and m.name.split("/")[1:2] in (["vllm_ascend"], ["csrc"])]
+            for member in members:
+                member.name = member.name.split("/", 1)[1]
+            archive.extractall(out, members=members, filter="data")
+    return out
+
+
+def vllm_sources() -> Path:
+    """The pinned vLLM source release's root (what vllm-ascend runs on): its vllm package, Python only."""
+    version = pin("vllm")
+    out = CACHE / f"vllm-{version}"
+    if not (out / "vllm").is_dir():
+        sdist = _fetch("vllm", f"vllm-{version}.tar.gz")
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers()
+                       if m.isfile() and m.name.split("/")[1:2] == ["vllm"] and m.name.endswith(".py")]
             for member in members:
                 member.name = member.name.split("/", 1)[1]
             archive.extractall(out, members=members, filter="data")

@@ -173,3 +173,88 @@ def test_benchmark_client_replays_a_trace_with_vllm_metrics(server):
     assert 0 < metrics["mean_ttft_ms"] <= metrics["p99_ttft_ms"] and metrics["mean_tpot_ms"] > 0
     assert metrics["output_throughput"] == pytest.approx(30 / metrics["duration_s"])
     assert metrics["mean_e2el_ms"] > metrics["mean_ttft_ms"]
+
+
+# -- unload and request lifetime: the workers count each adapter's requests; unload waits for them ---------
+LONG = 480  # tokens: a stream that outlasts the unload calls below (the server's max-model-len is 512)
+
+def stream(url, model, max_tokens, prompt="the court held that a contract requires"):
+    return requests.post(f"{url}/v1/completions", stream=True, timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True})
+
+
+def chunks(response):
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def adapters(url) -> dict:
+    return requests.get(f"{url}/v1/esft_adapters").json()
+
+
+def reload(url, tiny, name):
+    r = requests.post(f"{url}/v1/load_esft_adapter",
+                      json={"adapter_name": name, "adapter_path": str(tiny / "adapters" / name)})
+    assert r.status_code == 200, r.text
+
+
+def test_unload_during_a_stream_waits_and_the_stream_ends_with_the_adapters_tokens(server, tiny):
+    want = complete(server, "law", max_tokens=LONG).json()["choices"][0]["text"]
+    memory = adapters(server)["memory"]
+    response = stream(server, "law", LONG)
+    received = chunks(response)
+    text = [next(received)["choices"][0]["text"]]
+    unloaded = {}
+
+    def unload():
+        r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "law"}, timeout=300)
+        unloaded.update(status=r.status_code, at=time.monotonic())
+
+    thread = threading.Thread(target=unload)
+    thread.start()
+    time.sleep(0.3)
+    assert complete(server, "law").status_code == 409, "a new request was admitted while unloading"
+    text += [c["choices"][0]["text"] for c in received]
+    ended = time.monotonic()
+    thread.join(300)
+    assert unloaded["status"] == 200 and unloaded["at"] >= ended
+    assert "".join(text) == want
+    report = adapters(server)
+    assert "law" not in report["adapters"]
+    assert report["memory"]["adapter_expert_bytes"] == memory["adapter_expert_bytes"] - memory["adapters"]["law"]["bytes"]
+    reload(server, tiny, "law")
+    assert adapters(server)["memory"]["adapter_mapped_bytes"] == memory["adapter_mapped_bytes"]
+
+
+def test_unload_that_times_out_is_409_and_changes_nothing(server):
+    before = adapters(server)
+    response = stream(server, "math", LONG)
+    received = chunks(response)
+    next(received)
+    r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "math", "timeout": 0.5})
+    assert r.status_code == 409
+    message = r.json()["error"]["message"]
+    assert "adapter 'math' still has 1 request(s) running" in message and "not unloaded" in message
+    assert len(list(received)) > 10, "the stream did not go on"
+    after = adapters(server)
+    assert after["memory"] == before["memory"] and set(after["adapters"]) == set(before["adapters"])
+    assert complete(server, "math").status_code == 200
+
+
+def test_a_disconnected_stream_is_waited_for_and_nothing_leaks(server, tiny):
+    before = adapters(server)
+    response = stream(server, "law", LONG)
+    next(chunks(response))
+    response.close()  # the client goes away; vLLM aborts the request
+    r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "law", "timeout": 60})
+    assert r.status_code == 200, r.text
+    report = adapters(server)
+    assert "law" not in report["adapters"]
+    assert all(a["requests"] == 0 for a in report["adapters"].values())
+    reload(server, tiny, "law")
+    after = adapters(server)
+    assert after["memory"]["adapter_mapped_bytes"] == before["memory"]["adapter_mapped_bytes"]
+    assert after["adapters"]["law"]["requests"] == 0
+    assert complete(server, "law").json()["model"] == "law"

@@ -9,14 +9,13 @@ tensors against values worked out by hand.
 
 import ast
 import re
-import zipfile
-from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 
 import pinned
+from source_facts import dotted, fact_holds, find, hook_problem, imports, parameters, pinned_tree, torch_npu_text
 from expertweave_ascend.errors import ExpertWeaveError
 from expertweave_ascend.integrations.vllm import compat, compat_ascend
 from expertweave_ascend.integrations.vllm.compat_ascend import (FACTS, HOOKS, TORCH_NPU_OPS, VLLM_NAMES, Fact, Hook,
@@ -25,107 +24,6 @@ from expertweave_ascend.integrations.vllm.compat_ascend import (FACTS, HOOKS, TO
 from expertweave_ascend.routing import reroute
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# -- reading the pinned sources -----------------------------------------------------------------------
-@cache
-def vllm_ascend_tree(file: str) -> ast.Module:
-    return ast.parse((pinned.vllm_ascend_sources() / file).read_text(), file)
-
-
-@cache
-def torch_npu_text(member: str) -> str:
-    with zipfile.ZipFile(pinned.torch_npu_wheel()) as wheel:
-        return wheel.read(member).decode()
-
-
-def find(tree: ast.Module, qualname: str) -> ast.ClassDef | ast.FunctionDef | None:
-    """The first class or function called qualname's first part anywhere in the file (module level or
-    under an `if`), then each further part among the previous one's direct members."""
-    first, *rest = qualname.split(".")
-    node = next((n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == first),
-                None)
-    for part in rest:
-        if node is None:
-            return None
-        node = next((n for n in node.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == part), None)
-    return node
-
-
-def parameters(node: ast.ClassDef | ast.FunctionDef) -> list[str]:
-    if isinstance(node, ast.ClassDef):
-        init = find(ast.Module(body=node.body, type_ignores=[]), "__init__")
-        return parameters(init) if init is not None else []
-    args = node.args
-    return [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
-
-
-def dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
-
-
-def imports(tree: ast.Module, module: str, name: str) -> bool:
-    return any(isinstance(n, ast.ImportFrom) and n.module == module and any(a.name == name for a in n.names)
-               for n in ast.walk(tree))
-
-
-def hook_problem(hook: Hook) -> str | None:
-    """None if the hook exists in the pinned vllm-ascend with its leading parameters, else what differs."""
-    node = find(vllm_ascend_tree(hook.file), hook.qualname)
-    if node is None:
-        return f"{hook.file}: no {hook.qualname}"
-    found = parameters(node)
-    if found[: len(hook.params)] != list(hook.params):
-        return f"{hook.file}: {hook.qualname}{tuple(found)} does not start with {hook.params}"
-    module_file = hook.module.replace(".", "/") + ".py"
-    source_module = hook.file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-    if source_module == hook.module:
-        return None
-    if not imports(vllm_ascend_tree(module_file), source_module, hook.qualname.split(".")[0]):
-        return f"{module_file} does not import {hook.qualname.split('.')[0]} from {source_module}"
-    return None
-
-
-def written(target: ast.AST) -> list[str]:
-    if isinstance(target, (ast.Tuple, ast.List)):
-        return [name for element in target.elts for name in written(element)]
-    if isinstance(target, ast.Subscript):
-        target = target.value
-    name = dotted(target)
-    return [] if name is None else [name]
-
-
-def fact_holds(fact: Fact) -> bool:
-    node = find(vllm_ascend_tree(fact.file), fact.qualname)
-    if node is None:
-        return False
-    nodes = list(ast.walk(node))
-    if fact.kind == "calls":
-        return any(isinstance(n, ast.Call) and dotted(n.func) == fact.name
-                   and set(fact.keywords) <= {k.arg for k in n.keywords} for n in nodes)
-    if fact.kind == "reads":
-        return any(isinstance(n, ast.Attribute) and dotted(n) == fact.name for n in nodes)
-    if fact.kind == "writes":
-        for n in nodes:
-            if isinstance(n, ast.Assign):
-                targets, value = n.targets, n.value
-            elif isinstance(n, (ast.AnnAssign, ast.AugAssign)) and n.value is not None:
-                targets, value = [n.target], n.value
-            else:
-                continue
-            if any(fact.name in written(t) for t in targets) and fact.value in (None, ast.unparse(value)):
-                return True
-        return False
-    if fact.kind == "returns":
-        want = fact.name.split(", ")
-        return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple)
-                   and [ast.unparse(e) for e in n.value.elts] == want for n in nodes)
-    raise AssertionError(f"unknown fact kind {fact.kind!r}")
 
 
 def npu_op_signature(op: NpuOp) -> list[str] | None:
@@ -173,7 +71,7 @@ def test_each_assumption_about_vllm_ascend_holds(fact):
 
 @pytest.mark.parametrize("name", VLLM_NAMES, ids=lambda n: f"{n.module}.{n.name}")
 def test_each_vllm_name_is_imported_the_same_way_by_vllm_ascend(name):
-    assert imports(vllm_ascend_tree(name.evidence), name.module, name.name), \
+    assert imports(pinned_tree(name.evidence), name.module, name.name), \
         f"{name.evidence} does not import {name.name} from {name.module}"
 
 
@@ -220,10 +118,10 @@ def test_the_checks_catch_a_changed_signature_and_a_missing_name():
 
 def test_rerouting_comes_before_the_eplb_map_and_dispatch():
     """apply selects, then hands the ids to the comm method, which applies log2phy before dispatching."""
-    apply = find(vllm_ascend_tree(compat_ascend.MOE_APPLY.file), compat_ascend.MOE_APPLY.qualname)
+    apply = find(pinned_tree(compat_ascend.MOE_APPLY.file), compat_ascend.MOE_APPLY.qualname)
     calls = {dotted(n.func): n.lineno for n in ast.walk(apply) if isinstance(n, ast.Call)}
     assert calls["select_experts"] < calls["moe_comm_method.fused_experts"]
-    fused = find(vllm_ascend_tree("vllm_ascend/ops/fused_moe/moe_comm_method.py"), "MoECommMethod.fused_experts")
+    fused = find(pinned_tree("vllm_ascend/ops/fused_moe/moe_comm_method.py"), "MoECommMethod.fused_experts")
     lines = {dotted(n.func) or "": n.lineno for n in ast.walk(fused) if isinstance(n, ast.Call)}
     log2phy = min(n.lineno for n in ast.walk(fused) if isinstance(n, ast.Subscript)
                   and dotted(n.value) == "fused_experts_input.routing.log2phy")
@@ -231,7 +129,7 @@ def test_rerouting_comes_before_the_eplb_map_and_dispatch():
 
 
 def test_vllm_023_takes_the_moe_layer_from_its_legacy_module():
-    tree = vllm_ascend_tree(compat_ascend.MOE_APPLY.file)
+    tree = pinned_tree(compat_ascend.MOE_APPLY.file)
     branches = [ast.Module(body=n.body, type_ignores=[]) for n in ast.walk(tree)
                 if isinstance(n, ast.If) and ast.unparse(n.test) == "vllm_version_is('0.23.0')"]
     assert any(imports(b, "vllm_ascend.ops.fused_moe.fused_moe_0_23_0", "AscendFusedMoE") for b in branches)
@@ -240,10 +138,10 @@ def test_vllm_023_takes_the_moe_layer_from_its_legacy_module():
 def test_constants_match_the_headers_and_sources():
     header = (pinned.acl_include_dir() / "acl" / "acl_base_rt.h").read_text()
     assert re.search(rf"\bACL_FORMAT_ND = {compat_ascend.ACL_FORMAT_ND},", header)
-    utils = vllm_ascend_tree("vllm_ascend/utils.py")
+    utils = pinned_tree("vllm_ascend/utils.py")
     nz = next(n for n in utils.body if isinstance(n, ast.Assign) and dotted(n.targets[0]) == "ACL_FORMAT_FRACTAL_NZ")
     assert re.search(rf"\bACL_FORMAT_FRACTAL_NZ = {ast.literal_eval(nz.value)},", header)
-    platform = find(vllm_ascend_tree("vllm_ascend/platform.py"), "NPUPlatform")
+    platform = find(pinned_tree("vllm_ascend/platform.py"), "NPUPlatform")
     device_type = next(n for n in platform.body if isinstance(n, ast.AnnAssign) and dotted(n.target) == "device_type")
     assert ast.literal_eval(device_type.value) == compat_ascend.DEVICE_TYPE
 

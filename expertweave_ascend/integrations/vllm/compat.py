@@ -17,7 +17,7 @@ and function behind each and the tables its hook test reads. engine_api() picks 
 | model loaded              | `CPUModelRunner.load_model` / `GPUModelRunner.load_model` (V1 runner; V2 refused) | `NPUModelRunner.load_model`    |
 | per-step token layout     | `GPUModelRunner._prepare_inputs(sched, num_scheduled_tokens)`, `input_batch.req_ids` order | `NPUModelRunner._prepare_inputs` |
 | tokens at the MoE layer   | the step's tokens                                            | DP-gathered by AllGather's prepare |
-| request finished          | `GPUModelRunner._on_request_state_removed(req_id, state)`    | `NPUModelRunner._update_states` |
+| request scheduled/finished | `GPUModelRunner.execute_model(scheduler_output)`: `scheduled_new_reqs`, `finished_req_ids` | `NPUModelRunner.execute_model` |
 | per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             | same                           |
 """
 
@@ -200,10 +200,10 @@ def pack_expert(runner: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) ->
     return w13, w2
 
 
-def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed: Callable) -> None:
+def patch_model_runner(on_load: Callable, on_schedule: Callable, on_step: Callable) -> None:
     """on_load(runner) after the model is loaded (before compilation and warm-up);
-    on_step(runner) once per step, after the batch is laid out (batch_layout gives it);
-    on_request_removed(runner, req_id) when a request leaves the runner."""
+    on_schedule(runner, scheduler_output) as each step starts, before the runner reads it;
+    on_step(runner) once per step, after the batch is laid out (batch_layout gives it)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     runners = [GPUModelRunner]
@@ -222,9 +222,8 @@ def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed:
         wrap_after(ModelRunnerV2, "load_model", lambda self, *a, **k: refuse_model_runner_v2(self))
     except ImportError:
         pass
+    wrap_before(GPUModelRunner, "execute_model", lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
     wrap_after(GPUModelRunner, "_prepare_inputs", lambda self, *args: on_step(self))
-    wrap_after(GPUModelRunner, "_on_request_state_removed",
-                lambda self, req_id, req_state: on_request_removed(self, req_id))
 
 
 def replace_method(owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
@@ -249,9 +248,19 @@ def wrap_after(cls: type, name: str, after: Callable) -> None:
     replace_method(cls, name, make)
 
 
-def request_adapter(runner, req_id: str) -> str | None:
-    params = runner.requests[req_id].sampling_params
-    extra = (params.extra_args if params is not None else None) or {}
+def wrap_before(cls: type, name: str, before: Callable) -> None:
+    def make(original: Callable) -> Callable:
+        def wrapped(self, *args, **kwargs):
+            before(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    replace_method(cls, name, make)
+
+
+def request_adapter(sampling_params) -> str | None:
+    """The adapter a request names (None: the base) in its SamplingParams (None for pooling requests)."""
+    extra = (sampling_params.extra_args if sampling_params is not None else None) or {}
     return extra.get(ADAPTER_ARG)
 
 

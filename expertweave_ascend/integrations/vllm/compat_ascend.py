@@ -21,7 +21,7 @@ File paths in the table are relative to the vllm_ascend package.
 | model loaded           | worker/model_runner_v1.py: NPUModelRunner.load_model, get_model       | patch_model_runner |
 | KV-cache sizing        | worker/worker.py: NPUWorker.determine_available_memory, model_memory_usage | weave_installed |
 | per-step token layout  | worker/model_runner_v1.py: NPUModelRunner._prepare_inputs (8)         | patch_model_runner |
-| request finished       | worker/model_runner_v1.py: NPUModelRunner._update_states, finished_req_ids | patch_model_runner |
+| request scheduled/finished | worker/model_runner_v1.py: NPUModelRunner.execute_model: scheduled_new_reqs, finished_req_ids | patch_model_runner |
 | per-request data       | SamplingParams.extra_args, runner.requests[id].sampling_params        | as compat.py       |
 | expert memory          | ours: AscendCL VMM (expertweave_ascend/memory/acl_backend.py)         | weave_device       |
 
@@ -63,7 +63,7 @@ import torch
 
 from ...errors import ExpertWeaveError
 from .compat import (ADAPTER_ARG, batch_layout, expertweave_config, replace_method, request_adapter, shard_expert,
-                     shutdown_llm, wrap_after)
+                     shutdown_llm, wrap_after, wrap_before)
 
 __all__ = ["ADAPTER_ARG", "batch_layout", "expertweave_config", "request_adapter", "shutdown_llm",
            "HOOKS", "FACTS", "VLLM_NAMES", "TORCH_NPU_OPS", "MoETokenLayout", "shard_transposed",
@@ -123,7 +123,7 @@ MOE = "vllm_ascend.ops.fused_moe.fused_moe"
 
 LOAD_MODEL = Hook(RUNNER, "NPUModelRunner.load_model", ("self",))
 PREPARE_INPUTS = Hook(RUNNER, "NPUModelRunner._prepare_inputs", ("self", "scheduler_output", "num_scheduled_tokens"))
-UPDATE_STATES = Hook(RUNNER, "NPUModelRunner._update_states", ("self", "scheduler_output"))
+EXECUTE_MODEL = Hook(RUNNER, "NPUModelRunner.execute_model", ("self", "scheduler_output", "intermediate_tensors"))
 GET_MODEL = Hook(RUNNER, "NPUModelRunner.get_model", ("self",))
 MOE_LAYER = Hook(MOE, "AscendFusedMoE", ("self",), "vllm_ascend/ops/fused_moe/fused_moe_0_23_0.py")
 MOE_METHOD = Hook(MOE, "AscendUnquantizedFusedMoEMethod", ("self", "moe", "tid2eid"))
@@ -136,7 +136,7 @@ ALLGATHER_DISPATCH = Hook("vllm_ascend.ops.fused_moe.token_dispatcher", "TokenDi
 ENABLE_SP = Hook("vllm_ascend.utils", "enable_sp", ("vllm_config", "enable_shared_expert_dp"))
 GET_ASCEND_CONFIG = Hook("vllm_ascend.ascend_config", "get_ascend_config", ())
 GLOBAL_PATCH = Hook("vllm_ascend", "_ensure_global_patch", (), "vllm_ascend/__init__.py")
-HOOKS = (LOAD_MODEL, PREPARE_INPUTS, UPDATE_STATES, GET_MODEL, MOE_LAYER, MOE_METHOD, MOE_APPLY, SELECT_EXPERTS,
+HOOKS = (LOAD_MODEL, PREPARE_INPUTS, EXECUTE_MODEL, GET_MODEL, MOE_LAYER, MOE_METHOD, MOE_APPLY, SELECT_EXPERTS,
          ALLGATHER_DISPATCH, ENABLE_SP, GET_ASCEND_CONFIG, GLOBAL_PATCH)
 
 _FUSED = "vllm_ascend/ops/fused_moe/fused_moe.py"
@@ -193,8 +193,7 @@ FACTS = (
     Fact(_RUNNER, "NPUModelRunner.load_model", "writes", "self.model_memory_usage"),
     Fact("vllm_ascend/worker/worker.py", "NPUWorker.determine_available_memory", "reads",
          "self.model_runner.model_memory_usage"),
-    Fact("vllm_ascend/_310p/model_runner_310p.py", "NPUModelRunner310._update_states", "reads",
-         "scheduler_output.finished_req_ids"),
+    Fact(_RUNNER, "NPUModelRunner.execute_model", "calls", "self._update_states"),
     Fact("vllm_ascend/platform.py", "NPUPlatform", "writes", "device_type", value="'npu'"),
     Fact("vllm_ascend/__init__.py", "register_connector", "calls", "_ensure_global_patch"),
     Fact("vllm_ascend/worker/worker.py", "NPUWorker.__init__", "calls", "adapt_patch"),
@@ -244,20 +243,16 @@ def _lookup(hook: Hook):
 
 
 # -- the model runner ---------------------------------------------------------------------------------
-def patch_model_runner(on_load: Callable, on_step: Callable, on_request_removed: Callable) -> None:
+def patch_model_runner(on_load: Callable, on_schedule: Callable, on_step: Callable) -> None:
     """As compat.patch_model_runner, on NPUModelRunner (which overrides all three methods).
 
     vllm-ascend's own general plugins apply its process-wide patches of vLLM before anything imports
     its model runner; this plugin may load first, so it applies them the same way before the import."""
     _lookup(GLOBAL_PATCH)()
 
-    def finished(self, scheduler_output) -> None:
-        for req_id in scheduler_output.finished_req_ids:
-            on_request_removed(self, req_id)
-
     wrap_after(*resolve(LOAD_MODEL), lambda self, *a, **k: on_load(self))
+    wrap_before(*resolve(EXECUTE_MODEL), lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
     wrap_after(*resolve(PREPARE_INPUTS), lambda self, *args, **kwargs: on_step(self))
-    wrap_after(*resolve(UPDATE_STATES), finished)
 
 
 def loaded_model(runner) -> torch.nn.Module:

@@ -2,7 +2,6 @@
 
 import os
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +9,7 @@ from ...adapters import validate_adapter
 from ...errors import AdapterStateError
 from ...geometry import BaseGeometry
 from ...weave import slots_needed
-from . import compat
+from . import compat, lifetime
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -32,8 +31,9 @@ def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters
 class ExpertWeaveLLM:
     """A vllm.LLM whose requests each name an adapter (or None for the base model).
 
-    Adapters are checked here before anything reaches the engine; unload waits for the adapter's
-    requests to finish and admits no new ones meanwhile.
+    Adapters are checked here before anything reaches the engine. Unload admits no new requests of the
+    adapter and waits until the engine's workers report none of them running or queued (lifetime.py);
+    from another thread while generate runs, that needs vLLM's engine in its own process (the default).
     """
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, *, max_adapters: int = 8,
@@ -54,8 +54,7 @@ class ExpertWeaveLLM:
                        **llm_kwargs)
         self._adapters = set(self._rpc("expertweave_list_adapters"))
         self._unloading: set[str] = set()
-        self._in_flight: Counter[str] = Counter()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)[0]
@@ -82,52 +81,43 @@ class ExpertWeaveLLM:
                 prompt["cache_salt"] = f"expertweave:{name}"  # adapters never share prefix-cache blocks
             requests.append(prompt)
             per_request.append(sp)
-        self._admit(names)
-        try:
-            outputs = self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
-        finally:
-            self._release(names)
+        self._check_admissible(names)
+        outputs = self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
         return outputs[0] if single else outputs
 
-    def _admit(self, names: list[str | None]) -> None:
-        with self._cond:
+    def _check_admissible(self, names: list[str | None]) -> None:
+        with self._lock:
             for name in set(names) - {None}:
                 if name not in self._adapters:
                     known = ", ".join(sorted(self._adapters)) or "none"
                     raise AdapterStateError(f"unknown adapter {name!r} (loaded: {known})")
                 if name in self._unloading:
                     raise AdapterStateError(f"adapter {name!r} is being unloaded")
-            self._in_flight.update(n for n in names if n is not None)
-
-    def _release(self, names: list[str | None]) -> None:
-        with self._cond:
-            self._in_flight.subtract(n for n in names if n is not None)
-            self._cond.notify_all()
 
     # -- adapters -----------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> dict:
         """Validates here, then loads in every worker; errors leave the engine as it was."""
         validate_adapter(path, self.geometry)
-        with self._cond:
+        with self._lock:
             if name in self._adapters:
                 raise AdapterStateError(f"adapter {name!r} is already loaded")
         info = self._rpc("expertweave_load_adapter", name, str(path))
-        with self._cond:
+        with self._lock:
             self._adapters.add(name)
         return info
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
-        with self._cond:
+        """Waits up to timeout seconds (None: no limit), then raises AdapterBusyError, changing nothing."""
+        with self._lock:
             if name not in self._adapters:
                 raise AdapterStateError(f"unknown adapter {name!r}")
             self._unloading.add(name)
-            try:
-                if not self._cond.wait_for(lambda: self._in_flight[name] == 0, timeout):
-                    raise AdapterStateError(f"adapter {name!r} still has {self._in_flight[name]} request(s) "
-                                            f"in flight after {timeout} s; not unloaded")
-                self._rpc("expertweave_unload_adapter", name, 0.0)
+        try:
+            lifetime.unload_when_idle(self.llm, name, timeout)
+            with self._lock:
                 self._adapters.discard(name)
-            finally:
+        finally:
+            with self._lock:
                 self._unloading.discard(name)
 
     def list_adapters(self) -> dict:

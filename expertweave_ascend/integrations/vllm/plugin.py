@@ -9,4 +9,4 @@ ExpertWeaveLLM and `expertweave serve` pass).
 def register() -> None:
     from . import compat, worker
 
-    compat.engine_api().patch_model_runner(worker.on_load, worker.on_step, worker.on_request_removed)
+    compat.engine_api().patch_model_runner(worker.on_load, worker.on_schedule, worker.on_step)

@@ -1,30 +1,40 @@
-"""`expertweave serve`: vLLM's OpenAI-compatible server with ESFT adapters as models.
+"""`expertweave serve`: vLLM's own OpenAI-compatible server with ESFT adapters as models.
 
-A vLLM endpoint plugin (entry point `vllm.endpoint_plugins: expertweave_http`) adds
+vLLM's API-server code builds the app and runs it; this module adds, to the app it builds,
   POST /v1/load_esft_adapter   {"adapter_name", "adapter_path"}
-  POST /v1/unload_esft_adapter {"adapter_name"}
+  POST /v1/unload_esft_adapter {"adapter_name", "timeout"?}   waits for the adapter's requests
   GET  /v1/esft_adapters
-and an ASGI middleware that turns `"model": "<adapter>"` in completions and chat completions into
-that request's adapter (SamplingParams.extra_args, plus a per-adapter prefix-cache salt), counts the
-adapter's requests in flight so unload waits for them, and names the adapter in the responses.
-Adapter names are registered as model names, so /v1/models lists them and unknown names get vLLM's
-own 404.
+and an ASGI middleware that turns `"model": "<adapter>"` in completions and chat completions into that
+request's adapter (SamplingParams.extra_args, plus a per-adapter prefix-cache salt) and names the adapter
+in the responses. It needs no endpoint plugin (vLLM 0.23 has no such plugin group) and leaves
+VLLM_PLUGINS as the user set it, so platform plugins (vllm-ascend's) and other general plugins load.
+Adapter names are registered as model names, so /v1/models lists them and unknown names get vLLM's 404.
+
+Request lifetime belongs to the engine: the workers count each adapter's requests from the scheduler's
+output (worker.py); unload asks them until the adapter is idle (lifetime.py). This front-end keeps only
+the set of adapters being unloaded, to refuse new requests for them.
 """
 
-import asyncio
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from ...adapters import validate_adapter
-from ...errors import ExpertWeaveError
+from ...errors import AdapterBusyError, ExpertWeaveError
 from ...geometry import BaseGeometry
-from . import compat
+from . import compat, lifetime
 from .llm import WORKER_EXTENSION, engine_config
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
-PLUGIN_NAMES = "expertweave,expertweave_http"  # the general plugin and this endpoint plugin
+GENERAL_PLUGIN = "expertweave"  # our entry point in vllm.general_plugins: must load in every engine process
+# The vLLM details of the front-end, 0.32 and 0.23 alike. API_SERVER re-exports build_and_serve, which
+# calls build_app and init_app_state by their global names where it is defined (0.32: the module
+# vllm.entrypoints.launchers.api_server.entry; 0.23: API_SERVER itself). vLLM's own argument parser
+# and its checks live in the first CLI_ARGS module that exists (0.32, then 0.23).
+API_SERVER = "vllm.entrypoints.openai.api_server"
+CLI_ARGS = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
 
 
 def _error(status: int, message: str, kind: str = "BadRequestError") -> "JSONResponse":
@@ -35,26 +45,24 @@ def _error(status: int, message: str, kind: str = "BadRequestError") -> "JSONRes
 
 
 class AdapterRegistry:
-    """The server's view of loaded adapters: names, paths, requests in flight, unloading."""
+    """The server's view of loaded adapters: names, paths, and those being unloaded."""
 
     def __init__(self, geometry: BaseGeometry, base_name: str):
         self.geometry = geometry
         self.base_name = base_name
         self.paths: dict[str, str] = {}
-        self.in_flight: dict[str, int] = {}
         self.unloading: set[str] = set()
-        self.changed = asyncio.Condition()
 
 
 class AdapterModelMiddleware:
     """ASGI middleware mapping `"model": adapter` to the adapter's extra_args, and back in responses."""
 
-    def __init__(self, app, routes: "ExpertWeaveRoutes"):
+    def __init__(self, app, front_end: "ExpertWeaveFrontEnd"):
         self.app = app
-        self.routes = routes
+        self.front_end = front_end
 
     async def __call__(self, scope, receive, send):
-        registry = self.routes.registry
+        registry = self.front_end.registry
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATE_PATHS \
                 or registry is None:
             return await self.app(scope, receive, send)
@@ -107,30 +115,24 @@ class AdapterModelMiddleware:
                     .replace(b'"model": ' + base, b'"model": ' + adapter)
             await send(message)
 
-        registry.in_flight[name] = registry.in_flight.get(name, 0) + 1
-        try:
-            await self.app(scope, replay, renaming_send)
-        finally:
-            registry.in_flight[name] -= 1
-            async with registry.changed:
-                registry.changed.notify_all()
+        await self.app(scope, replay, renaming_send)
 
 
-class ExpertWeaveRoutes:
-    """vLLM endpoint plugin (vllm.plugins.endpoint_plugins.interface.EndpointPlugin)."""
-
-    name = "expertweave_http"
-    required_tasks = None
+class ExpertWeaveFrontEnd:
+    """The adapter routes and middleware, added to the app vLLM's API server builds."""
 
     def __init__(self):
         self.registry: AdapterRegistry | None = None
         self.engine = None
         self.models = None
 
-    def attach_router(self, app) -> None:
+    def attach(self, app) -> None:
         from fastapi import Request
 
-        app.add_middleware(AdapterModelMiddleware, routes=self)
+        if app.middleware_stack is None:
+            app.add_middleware(AdapterModelMiddleware, front_end=self)
+        else:  # vLLM 0.32's SageMaker bootstrap builds the stack in build_app: ours goes around it
+            app.middleware_stack = AdapterModelMiddleware(app.middleware_stack, front_end=self)
 
         @app.post("/v1/load_esft_adapter")
         async def load_esft_adapter(request: Request):
@@ -146,7 +148,11 @@ class ExpertWeaveRoutes:
             name = body.get("adapter_name")
             if name not in self.registry.paths:
                 return _error(404, f"adapter {name!r} is not loaded", "NotFoundError")
-            return await self.unload(name, float(body.get("timeout", 600)))
+            try:
+                timeout = float(body.get("timeout", 600))
+            except (TypeError, ValueError):
+                return _error(400, f"timeout {body.get('timeout')!r}: expected a number of seconds")
+            return await self.unload(name, timeout)
 
         @app.get("/v1/esft_adapters")
         async def esft_adapters():
@@ -163,10 +169,9 @@ class ExpertWeaveRoutes:
             self._publish(name, info["path"])
 
     def _publish(self, name: str, path: str) -> None:
-        from vllm.entrypoints.openai.models.protocol import BaseModelPath
-
+        base_path = type(self.models.base_model_paths[0])
         self.registry.paths[name] = path
-        self.models.base_model_paths.append(BaseModelPath(name=name, model_path=path))
+        self.models.base_model_paths.append(base_path(name=name, model_path=path))
 
     async def load(self, name: str, path: str):
         registry = self.registry
@@ -178,7 +183,7 @@ class ExpertWeaveRoutes:
         except ExpertWeaveError as e:
             return _error(400, str(e))
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
-            return _error(400, _worker_message(e))
+            return _error(400, lifetime.worker_message(e))
         self._publish(name, path)
         return {"adapter_name": name, **info}
 
@@ -186,12 +191,9 @@ class ExpertWeaveRoutes:
         registry = self.registry
         registry.unloading.add(name)
         try:
-            async with registry.changed:
-                await asyncio.wait_for(registry.changed.wait_for(lambda: registry.in_flight.get(name, 0) == 0),
-                                       timeout)
-            await self.engine.collective_rpc("expertweave_unload_adapter", args=(name, 0.0))
-        except asyncio.TimeoutError:
-            return _error(409, f"adapter {name!r} still has requests in flight after {timeout} s", "ConflictError")
+            await lifetime.unload_when_idle_async(self.engine, name, timeout)
+        except AdapterBusyError as e:
+            return _error(409, str(e), "ConflictError")
         finally:
             registry.unloading.discard(name)
         del registry.paths[name]
@@ -199,35 +201,81 @@ class ExpertWeaveRoutes:
         return {"adapter_name": name, "unloaded": True}
 
 
-def _worker_message(error: Exception) -> str:
-    text = str(error)
-    for line in reversed(text.splitlines()):
-        if ": " in line:
-            return line.strip()
-    return text
+def api_server_module():
+    """The module whose build_and_serve builds and serves vLLM's app (vLLM 0.23 and 0.32 alike)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 0.32 deprecates the module, not the functions
+        module = __import__(API_SERVER, fromlist=["build_and_serve"])
+    return sys.modules[module.build_and_serve.__module__]
+
+
+def add_front_end(module, front_end: ExpertWeaveFrontEnd) -> None:
+    """Makes vLLM's build_and_serve add the front-end to the app it builds and initialise it with the app's
+    state; our own process (the API server we start), so nothing else sees the change."""
+    build_app, init_app_state = module.build_app, module.init_app_state
+
+    def build_app_with_adapters(args, *rest, **kwargs):
+        app = build_app(args, *rest, **kwargs)
+        front_end.attach(app)
+        return app
+
+    async def init_app_state_with_adapters(engine_client, state, args, *rest, **kwargs):
+        await init_app_state(engine_client, state, args, *rest, **kwargs)
+        await front_end.init_state(engine_client, state, args)
+
+    module.build_app = build_app_with_adapters
+    module.init_app_state = init_app_state_with_adapters
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vllm serve`'s API server (argument parser, checks, run_server) with the ExpertWeave front-end."""
+    import importlib.util
+
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_args = importlib.import_module(next(m for m in CLI_ARGS if importlib.util.find_spec(m) is not None))
+    cli_env_setup()
+    args = cli_args.make_arg_parser(FlexibleArgumentParser(description="expertweave serve")).parse_args(argv)
+    cli_args.validate_parsed_serve_args(args)
+    module = api_server_module()
+    add_front_end(module, ExpertWeaveFrontEnd())
+    uvloop.run(module.run_server(args))
 
 
 def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str],
                   max_adapters: int, adapter_slots: int | None, base_name: str | None) -> list[str]:
-    """The `vllm serve` command line (as a python -m invocation) for ExpertWeave."""
+    """The API server's command line (python -m this module) for ExpertWeave."""
     config = {"expertweave": engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters, adapter_slots)}
     defaults = []
     for key, value in compat.engine_defaults().items():
         flag = "--" + key.replace("_", "-")
         if not any(arg == flag or arg.startswith(flag + "=") for arg in vllm_args):
             defaults += [flag, str(value)]
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
+    return [sys.executable, "-m", __name__, "--model", base,
             "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
             "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *defaults,
             *vllm_args]
 
 
+def serve_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The server's environment: VLLM_PLUGINS is an allowlist of every plugin group, platform plugins
+    included, so it is left unset when unset; a list the user gave gets our general plugin added."""
+    env = dict(environ)
+    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    if "VLLM_PLUGINS" in env and GENERAL_PLUGIN not in allowed:
+        env["VLLM_PLUGINS"] = ",".join(allowed + [GENERAL_PLUGIN])
+    for key, value in compat.engine_environment().items():
+        env.setdefault(key, value)
+    return env
+
+
 def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str], max_adapters: int = 8,
           adapter_slots: int | None = None, base_name: str | None = None) -> None:
     argv = serve_command(base, adapters, host, port, vllm_args, max_adapters, adapter_slots, base_name)
-    env = dict(os.environ)
-    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
-    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys(allowed + PLUGIN_NAMES.split(",")))
-    for key, value in compat.engine_environment().items():
-        env.setdefault(key, value)
-    os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, argv, serve_environment(dict(os.environ)))
+
+
+if __name__ == "__main__":
+    main()

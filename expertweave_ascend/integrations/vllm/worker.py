@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import torch
 
-from ...errors import ExpertWeaveError
+from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...weave import ExpertWeave, WeaveConfig
 from . import compat
@@ -42,7 +42,7 @@ class WorkerWeave:
         self.first_layer = min(self.layers)
         self.moe_rows: torch.Tensor | None = None  # this forward's rows as its MoE layers see the tokens
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
-        self.request_adapter: dict[str, str | None] = {}
+        self.requests: dict[str, tuple[str | None, int]] = {}  # scheduled, not finished: id -> (adapter, row)
         for name, path in (config.get("adapters") or {}).items():
             self.weave.load_adapter(name, path)
 
@@ -53,9 +53,20 @@ class WorkerWeave:
             self.moe_rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
         return torch.ops.expertweave.reroute(topk_ids, self.moe_rows, self.layers[layer].table)
 
+    def on_schedule(self, scheduler_output) -> None:
+        """Request accounting from the scheduler's output: a request begins when first scheduled and ends
+        when reported finished (aborted ones too: the abort has then landed)."""
+        for req_id in scheduler_output.finished_req_ids:
+            seen = self.requests.pop(req_id, None)
+            if seen is not None:
+                self.weave.end_request(seen[0])
+        for new in scheduler_output.scheduled_new_reqs:
+            name = self.api.request_adapter(new.sampling_params)
+            self.requests[new.req_id] = (name, self.weave.begin_request(name))
+
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
-        rows = np.fromiter((self._row(runner, r) for r in req_ids), dtype=np.int32, count=len(req_ids))
+        rows = np.fromiter((self.requests[r][1] for r in req_ids), dtype=np.int32, count=len(req_ids))
         total = int(counts.sum())
         end = max(total, self.filled)
         self.staging_np[:total] = np.repeat(rows, counts)
@@ -64,24 +75,17 @@ class WorkerWeave:
             self.token_adapter[:end].copy_(self.staging[:end], non_blocking=True)
         self.filled = total
 
-    def _row(self, runner, req_id: str) -> int:
-        # The front end (ExpertWeaveLLM, the server) admits requests only for loaded adapters and
-        # unloads only once an adapter's requests are done (I2); the runner hears of finished
-        # requests a step late, so it cannot count them itself.
-        if req_id not in self.request_adapter:
-            self.request_adapter[req_id] = self.api.request_adapter(runner, req_id)
-        name = self.request_adapter[req_id]
-        if name is None:
-            return 0
+    def unload_when_idle(self, name: str, live_request_ids) -> dict:
+        """Unloads the adapter if none of its requests runs and none of the engine client's live requests
+        is still queued (not yet scheduled here, so perhaps this adapter's); else says how many."""
         loaded = self.weave.adapters.get(name)
         if loaded is None:
-            logger.error("request %s names adapter %r, which is not loaded; served by the base model", req_id, name)
-            self.request_adapter[req_id] = None
-            return 0
-        return loaded.row
-
-    def on_request_removed(self, req_id: str) -> None:
-        self.request_adapter.pop(req_id, None)
+            raise AdapterStateError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(self.weave.adapters)) or 'none'})")
+        queued = sum(1 for r in live_request_ids if r not in self.requests)
+        if loaded.in_flight or queued:
+            return {"unloaded": False, "running": loaded.in_flight, "queued": queued}
+        self.weave.unload_adapter(name, timeout=0)
+        return {"unloaded": True, "running": 0, "queued": 0}
 
     def close(self) -> None:
         self.weave.close()
@@ -112,14 +116,14 @@ def on_load(runner) -> None:
                     len(_ACTIVE.layers), _ACTIVE.weave.adapter_slots, sorted(_ACTIVE.weave.adapters))
 
 
+def on_schedule(runner, scheduler_output) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.on_schedule(scheduler_output)
+
+
 def on_step(runner) -> None:
     if _ACTIVE is not None:
         _ACTIVE.on_step(runner)
-
-
-def on_request_removed(runner, req_id: str) -> None:
-    if _ACTIVE is not None:
-        _ACTIVE.on_request_removed(req_id)
 
 
 class ExpertWeaveWorkerExtension:
@@ -129,11 +133,12 @@ class ExpertWeaveWorkerExtension:
         loaded = _active().weave.load_adapter(name, path)
         return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes}
 
-    def expertweave_unload_adapter(self, name: str, timeout: float | None = 0.0) -> None:
-        _active().weave.unload_adapter(name, timeout)
+    def expertweave_unload_adapter(self, name: str, live_request_ids: list[str]) -> dict:
+        """{"unloaded", "running", "queued"}: see WorkerWeave.unload_when_idle; front-ends poll it."""
+        return _active().unload_when_idle(name, live_request_ids)
 
     def expertweave_list_adapters(self) -> dict:
-        return {name: {"path": str(a.path), "experts": a.num_experts, "bytes": a.nbytes}
+        return {name: {"path": str(a.path), "experts": a.num_experts, "bytes": a.nbytes, "requests": a.in_flight}
                 for name, a in _active().weave.adapters.items()}
 
     def expertweave_close(self) -> None:

@@ -1,0 +1,81 @@
+"""Unloading an adapter once the engine says it is idle (invariant I2), for the server and the offline API.
+
+The workers own request accounting: each counts the requests of every adapter from the scheduler's output
+(a request begins when first scheduled and ends when the scheduler reports it finished, aborted ones
+included, so a request whose client went away counts until its abort has landed). A request still queued
+in the scheduler has not reached the workers yet: every request vLLM's engine client holds (its output
+processor's request states, which a request leaves when it finishes or is aborted) must therefore have
+reached the workers too. The front-ends stop admitting the adapter's requests first, then ask the workers
+to unload it: a worker does so only when none of the adapter's requests run and none of the given live
+requests is still queued, and otherwise says what it waits for.
+"""
+
+import asyncio
+import time
+
+from ...errors import AdapterBusyError, ExpertWeaveError
+
+POLL_S = 0.05
+
+
+def live_request_ids(engine) -> list[str]:
+    """The requests vLLM's engine client (AsyncLLM or LLMEngine) has not seen finish."""
+    return list(engine.output_processor.request_states)
+
+
+class _UnloadPoll:
+    def __init__(self, name: str, timeout: float | None):
+        self.name, self.timeout = name, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def done(self, statuses: list[dict]) -> bool:
+        """Whether every rank unloaded; raises AdapterBusyError once the time is up."""
+        unloaded = {s["unloaded"] for s in statuses}
+        if unloaded == {True}:
+            return True
+        if True in unloaded:
+            raise ExpertWeaveError(f"adapter {self.name!r}: the tensor-parallel ranks disagree on whether it is "
+                                   f"idle ({statuses}); the engine's ranks no longer hold the same adapters")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            running = max(s["running"] for s in statuses)
+            queued = max(s["queued"] for s in statuses)
+            raise AdapterBusyError(f"adapter {self.name!r} still has {running} request(s) running and {queued} "
+                                   f"queued in the engine after {self.timeout} s; not unloaded")
+        return False
+
+
+def hand_over_finished_requests(engine) -> None:
+    """An in-process engine core (vllm.LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0) steps only while
+    generate runs, so the requests that finished in its last step never reach the workers; one more step
+    hands them over, as vLLM's engine process does by itself once a step has finished requests."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    if isinstance(engine.engine_core, InprocClient) and not engine.has_unfinished_requests():
+        engine.step()
+
+
+def unload_when_idle(llm, name: str, timeout: float | None) -> None:
+    """For vllm.LLM: unloads once idle, or raises AdapterBusyError after timeout seconds (None: no limit)."""
+    poll = _UnloadPoll(name, timeout)
+    while True:
+        hand_over_finished_requests(llm.llm_engine)
+        if poll.done(llm.collective_rpc("expertweave_unload_adapter", args=(name, live_request_ids(llm.llm_engine)))):
+            return
+        time.sleep(POLL_S)
+
+
+async def unload_when_idle_async(engine_client, name: str, timeout: float | None) -> None:
+    """As unload_when_idle, for the server's AsyncLLM."""
+    poll = _UnloadPoll(name, timeout)
+    while not poll.done(await engine_client.collective_rpc("expertweave_unload_adapter",
+                                                           args=(name, live_request_ids(engine_client)))):
+        await asyncio.sleep(POLL_S)
+
+
+def worker_message(error: Exception) -> str:
+    """The one-line message of an error raised in a worker, out of the text vLLM wraps it in."""
+    text = str(error)
+    for line in reversed(text.splitlines()):
+        if ": " in line:
+            return line.strip()
+    return text

@@ -1,0 +1,117 @@
+"""Reading the pinned releases' sources with ast, never importing them: where a name is defined, its
+parameters, and what a function's body calls, reads, writes or returns (tests/pinned.py fetches them)."""
+
+import ast
+import zipfile
+from functools import cache
+
+import pinned
+from expertweave_ascend.integrations.vllm.compat_ascend import Fact, Hook
+
+
+DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+@cache
+def pinned_tree(file: str) -> ast.Module:
+    """A file of the pinned vllm-ascend source release (vllm_ascend/...) or of the pinned vLLM one (vllm/...)."""
+    root = pinned.vllm_sources() if file.startswith("vllm/") else pinned.vllm_ascend_sources()
+    return ast.parse((root / file).read_text(), file)
+
+
+@cache
+def torch_npu_text(member: str) -> str:
+    with zipfile.ZipFile(pinned.torch_npu_wheel()) as wheel:
+        return wheel.read(member).decode()
+
+
+def find(tree: ast.Module, qualname: str) -> ast.ClassDef | ast.FunctionDef | None:
+    """The first class or function called qualname's first part anywhere in the file (module level or
+    under an `if`), then each further part among the previous one's direct members."""
+    first, *rest = qualname.split(".")
+    node = next((n for n in ast.walk(tree) if isinstance(n, DEFINITIONS) and n.name == first),
+                None)
+    for part in rest:
+        if node is None:
+            return None
+        node = next((n for n in node.body if isinstance(n, DEFINITIONS) and n.name == part), None)
+    return node
+
+
+def parameters(node: ast.ClassDef | ast.FunctionDef) -> list[str]:
+    if isinstance(node, ast.ClassDef):
+        init = find(ast.Module(body=node.body, type_ignores=[]), "__init__")
+        return parameters(init) if init is not None else []
+    args = node.args
+    return [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+
+
+def dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
+
+
+def imports(tree: ast.Module, module: str, name: str) -> bool:
+    return any(isinstance(n, ast.ImportFrom) and n.module == module and any(a.name == name for a in n.names)
+               for n in ast.walk(tree))
+
+
+def hook_problem(hook: Hook) -> str | None:
+    """None if the hook exists in the pinned vllm-ascend with its leading parameters, else what differs."""
+    node = find(pinned_tree(hook.file), hook.qualname)
+    if node is None:
+        return f"{hook.file}: no {hook.qualname}"
+    found = parameters(node)
+    if found[: len(hook.params)] != list(hook.params):
+        return f"{hook.file}: {hook.qualname}{tuple(found)} does not start with {hook.params}"
+    module_file = hook.module.replace(".", "/") + ".py"
+    source_module = hook.file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    if source_module == hook.module:
+        return None
+    if not imports(pinned_tree(module_file), source_module, hook.qualname.split(".")[0]):
+        return f"{module_file} does not import {hook.qualname.split('.')[0]} from {source_module}"
+    return None
+
+
+def written(target: ast.AST) -> list[str]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [name for element in target.elts for name in written(element)]
+    if isinstance(target, ast.Subscript):
+        target = target.value
+    name = dotted(target)
+    return [] if name is None else [name]
+
+
+def fact_holds(fact: Fact, tree=None) -> bool:
+    """Whether fact holds in its file; tree(file) reads the file (default: the pinned releases)."""
+    node = find((tree or pinned_tree)(fact.file), fact.qualname)
+    if node is None:
+        return False
+    nodes = list(ast.walk(node))
+    if fact.kind == "calls":
+        return any(isinstance(n, ast.Call) and dotted(n.func) == fact.name
+                   and set(fact.keywords) <= {k.arg for k in n.keywords} for n in nodes)
+    if fact.kind == "reads":
+        return any(isinstance(n, ast.Attribute) and dotted(n) == fact.name for n in nodes)
+    if fact.kind == "writes":
+        for n in nodes:
+            if isinstance(n, ast.Assign):
+                targets, value = n.targets, n.value
+            elif isinstance(n, (ast.AnnAssign, ast.AugAssign)) and n.value is not None:
+                targets, value = [n.target], n.value
+            else:
+                continue
+            if any(fact.name in written(t) for t in targets) and fact.value in (None, ast.unparse(value)):
+                return True
+        return False
+    if fact.kind == "returns":
+        want = fact.name.split(", ")
+        return any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple)
+                   and [ast.unparse(e) for e in n.value.elts] == want for n in nodes)
+    raise AssertionError(f"unknown fact kind {fact.kind!r}")
+
+

