@@ -192,4 +192,15 @@ def test_no_endpoint_plugin_is_registered():
 def test_serve_starts_this_projects_api_server_module(tiny):
     argv = server.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
     assert argv[1:3] == ["-m", "expertweave_ascend.integrations.vllm.server"]
-    assert argv[-1] == "--enforce-eager"
+    assert argv[-3:] == ["--enforce-eager", "--logits-processors",
+                         "expertweave_ascend.integrations.vllm.admission:AdapterAdmission"]
+
+
+def test_the_admission_processor_is_added_once_and_after_the_users_own():
+    from expertweave_ascend.integrations.vllm.admission import ADMISSION, with_admission, with_admission_args
+
+    assert with_admission(None) == [ADMISSION] and with_admission(["a", ADMISSION]) == ["a", ADMISSION]
+    assert with_admission_args(["--enforce-eager"]) == ["--enforce-eager", "--logits-processors", ADMISSION]
+    assert with_admission_args(["--logits-processors", "a", "b", "--x"]) == \
+        ["--logits-processors", ADMISSION, "a", "b", "--x"]
+    assert with_admission_args(["--logits-processors=a"]) == ["--logits-processors", "a", ADMISSION]

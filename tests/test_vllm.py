@@ -125,3 +125,44 @@ def test_bad_adapter_load_changes_nothing(engine, adapter_copy):
         engine.load_adapter("math", bad)
     assert engine.memory_report() == before
     assert engine.list_adapters() == {}
+
+
+def test_vllm_admits_no_request_for_an_adapter_that_is_unknown_or_being_unloaded(engine, tiny):
+    """Requests sent to the engine's own vllm.LLM, past ExpertWeaveLLM's checks, are refused where vLLM
+    admits them (admission.AdapterAdmission.validate_params), so none reaches a worker without its adapter."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # what vLLM 0.32 turns the ValueError into
+
+    def raw(name):
+        params = SamplingParams(max_tokens=4, extra_args={"esft_adapter": name})
+        return engine.llm.generate(["hello"], params, use_tqdm=False)
+
+    with pytest.raises(VLLMValidationError, match="unknown adapter 'nope'"):
+        raw("nope")
+    engine.load_adapter("math", tiny / "adapters" / "math")
+    engine._unloading.add("math")
+    try:
+        with pytest.raises(VLLMValidationError, match="adapter 'math' is being unloaded"):
+            raw("math")
+    finally:
+        engine._unloading.discard("math")
+    assert raw("math")[0].outputs[0].token_ids
+    engine.unload_adapter("math")
+    assert engine.list_adapters() == {}
+
+
+def test_unload_waits_for_running_requests_and_times_out_changing_nothing(engine, tiny):
+    from expertweave_ascend.errors import AdapterBusyError
+    from expertweave_ascend.integrations.vllm import worker
+
+    engine.load_adapter("code", tiny / "adapters" / "code")
+    active = worker._ACTIVE
+    active.weave.begin_request("code")  # a request the workers saw scheduled and not yet finish
+    before = engine.memory_report()
+    with pytest.raises(AdapterBusyError, match=r"adapter 'code' still has 1 request\(s\) running and 0 queued"):
+        engine.unload_adapter("code", timeout=0.2)
+    assert engine.memory_report() == before and "code" in engine.list_adapters()
+    assert greedy(engine, ["def add(a, b):"], ["code"])
+    active.weave.end_request("code")
+    engine.unload_adapter("code", timeout=5)
+    assert engine.list_adapters() == {}

@@ -9,7 +9,7 @@ from ...adapters import validate_adapter
 from ...errors import AdapterStateError
 from ...geometry import BaseGeometry
 from ...weave import slots_needed
-from . import compat, lifetime
+from . import admission, compat, lifetime
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -48,6 +48,7 @@ class ExpertWeaveLLM:
                                                   adapter_memory_bytes, granularity)
         for key, value in compat.engine_defaults().items():
             llm_kwargs.setdefault(key, value)
+        llm_kwargs["logits_processors"] = admission.with_admission(llm_kwargs.get("logits_processors"))
         for key, value in compat.engine_environment().items():
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
@@ -55,6 +56,7 @@ class ExpertWeaveLLM:
         self._adapters = set(self._rpc("expertweave_list_adapters"))
         self._unloading: set[str] = set()
         self._lock = threading.Lock()
+        admission.set_gate(self._refusal)
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)[0]
@@ -85,14 +87,21 @@ class ExpertWeaveLLM:
         outputs = self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
         return outputs[0] if single else outputs
 
-    def _check_admissible(self, names: list[str | None]) -> None:
+    def _refusal(self, name: str) -> str | None:
+        """Why a request for this adapter may not start now, or None."""
         with self._lock:
-            for name in set(names) - {None}:
-                if name not in self._adapters:
-                    known = ", ".join(sorted(self._adapters)) or "none"
-                    raise AdapterStateError(f"unknown adapter {name!r} (loaded: {known})")
-                if name in self._unloading:
-                    raise AdapterStateError(f"adapter {name!r} is being unloaded")
+            if name not in self._adapters:
+                return f"unknown adapter {name!r} (loaded: {', '.join(sorted(self._adapters)) or 'none'})"
+            if name in self._unloading:
+                return f"adapter {name!r} is being unloaded"
+        return None
+
+    def _check_admissible(self, names: list[str | None]) -> None:
+        """Refuses the whole batch before any of it reaches the engine (vLLM admits request by request)."""
+        for name in set(names) - {None}:
+            problem = self._refusal(name)
+            if problem is not None:
+                raise AdapterStateError(problem)
 
     # -- adapters -----------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> dict:
@@ -130,4 +139,5 @@ class ExpertWeaveLLM:
         """Stops the engine and gives its expert memory back (an in-process engine keeps the
         process's address space, so this matters when one process starts several engines)."""
         self._rpc("expertweave_close")
+        admission.set_gate(None)
         compat.shutdown_llm(self.llm)

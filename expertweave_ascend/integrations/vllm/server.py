@@ -12,7 +12,8 @@ Adapter names are registered as model names, so /v1/models lists them and unknow
 
 Request lifetime belongs to the engine: the workers count each adapter's requests from the scheduler's
 output (worker.py); unload asks them until the adapter is idle (lifetime.py). This front-end keeps only
-the set of adapters being unloaded, to refuse new requests for them.
+the set of adapters being unloaded, to refuse new requests for them, here (409) and where vLLM admits
+each request (admission.py).
 """
 
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 from ...adapters import validate_adapter
 from ...errors import AdapterBusyError, ExpertWeaveError
 from ...geometry import BaseGeometry
-from . import compat, lifetime
+from . import admission, compat, lifetime
 from .llm import WORKER_EXTENSION, engine_config
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -165,8 +166,17 @@ class ExpertWeaveFrontEnd:
         self.models = state.openai_serving_models
         base_name = self.models.base_model_paths[0].name
         self.registry = AdapterRegistry(BaseGeometry.from_checkpoint(args.model), base_name)
+        admission.set_gate(self._refusal)
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
             self._publish(name, info["path"])
+
+    def _refusal(self, name: str) -> str | None:
+        """Why a request for this adapter may not start now (vLLM asks as it admits the request), or None."""
+        if name not in self.registry.paths:
+            return f"adapter {name!r} is not loaded"
+        if name in self.registry.unloading:
+            return f"adapter {name!r} is being unloaded"
+        return None
 
     def _publish(self, name: str, path: str) -> None:
         base_path = type(self.models.base_model_paths[0])
@@ -256,7 +266,7 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
     return [sys.executable, "-m", __name__, "--model", base,
             "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
             "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *defaults,
-            *vllm_args]
+            *admission.with_admission_args(vllm_args)]
 
 
 def serve_environment(environ: dict[str, str]) -> dict[str, str]:

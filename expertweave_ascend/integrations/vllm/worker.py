@@ -62,6 +62,12 @@ class WorkerWeave:
                 self.weave.end_request(seen[0])
         for new in scheduler_output.scheduled_new_reqs:
             name = self.api.request_adapter(new.sampling_params)
+            if name is not None and name not in self.weave.adapters:
+                # admission.py refuses these where vLLM admits requests; only an engine client without
+                # an ExpertWeave front-end can send one, and serving it with the base would be wrong.
+                raise ExpertWeaveError(f"request {new.req_id} names adapter {name!r}, which this engine does not "
+                                       f"hold (loaded: {', '.join(sorted(self.weave.adapters)) or 'none'}); "
+                                       "send requests through ExpertWeaveLLM or expertweave serve")
             self.requests[new.req_id] = (name, self.weave.begin_request(name))
 
     def on_step(self, runner) -> None:
