@@ -59,10 +59,13 @@ public:
         tableGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(table), tableEntries_);
         outGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(out), uint64_t(numTokens) * topK);
 
-        const uint32_t tileIdBytes = tileTokens * topK * kIdBytes;
-        pipe->InitBuffer(tableQueue_, 1, tableEntries_ * kIdBytes);
+        // Gather reads at most as many elements as its source tensor holds (CANN's rule), and both Gathers
+        // produce a tile of ids: the rows and the staged table are sized for at least that many.
+        const uint32_t tileIds = tileTokens * topK;
+        const uint32_t tileIdBytes = tileIds * kIdBytes;
+        pipe->InitBuffer(tableQueue_, 1, (tableEntries_ > tileIds ? tableEntries_ : tileIds) * kIdBytes);
         pipe->InitBuffer(idsQueue_, kBufferNum, tileIdBytes);
-        pipe->InitBuffer(rowsQueue_, kBufferNum, tileTokens * kIdBytes);
+        pipe->InitBuffer(rowsQueue_, kBufferNum, tileIdBytes);
         pipe->InitBuffer(outQueue_, kBufferNum, tileIdBytes);
         pipe->InitBuffer(expansionBuf_, tileIdBytes);
         pipe->InitBuffer(offsetsBuf_, tileIdBytes);

@@ -27,19 +27,20 @@ inline uint64_t AlignUpBlock(uint64_t bytes) { return (bytes + kUbBlockBytes - 1
 inline uint64_t RoundUpQuantum(uint64_t tokens) { return (tokens + kTokenQuantum - 1) / kTokenQuantum * kTokenQuantum; }
 
 // UB bytes reroute_kernel allocates, one term per InitBuffer call in reroute.cpp, in order: the staged
-// table; two buffers each of top-k ids, adapter rows and output; the expansion offsets; the offsets.
+// table (at least a tile of ids long, as Gather requires of its source); two buffers each of top-k ids,
+// adapter rows (a tile of ids long, for the same reason) and output; the expansion offsets; the offsets.
 inline uint64_t RerouteUbBytes(uint64_t tileTokens, uint64_t topK, uint64_t tableEntries)
 {
-    const uint64_t ids = AlignUpBlock(tileTokens * topK * 4);
-    const uint64_t rows = AlignUpBlock(tileTokens * 4);
-    return AlignUpBlock(tableEntries * 4) + 2 * ids + 2 * rows + 2 * ids + ids + ids;
+    const uint64_t tileIds = tileTokens * topK;
+    const uint64_t ids = AlignUpBlock(tileIds * 4);
+    return AlignUpBlock((tableEntries > tileIds ? tableEntries : tileIds) * 4) + 2 * ids + 2 * ids + 2 * ids + ids + ids;
 }
 
 // Largest table (entries = rows * experts) that fits beside the smallest tile.
 inline uint64_t MaxTableEntries(uint64_t topK)
 {
-    const uint64_t smallestTile = RerouteUbBytes(kTokenQuantum, topK, 0);
-    return smallestTile >= kUbBytes ? 0 : (kUbBytes - smallestTile) / 4;
+    const uint64_t tileBytes = RerouteUbBytes(kTokenQuantum, topK, 0) - AlignUpBlock(kTokenQuantum * topK * 4);
+    return tileBytes >= kUbBytes ? 0 : (kUbBytes - tileBytes) / 4;
 }
 
 // Fills plan and returns "", or returns why the call cannot run. numTokens == 0 gives blockDim 0.
@@ -62,9 +63,6 @@ inline std::string PlanReroute(uint64_t numTokens, uint64_t topK, uint64_t rows,
     if (numTokens == 0) {
         return "";
     }
-    // Whole quanta keep every term aligned, so the tile's UB grows linearly in them.
-    const uint64_t quantumBytes = RerouteUbBytes(kTokenQuantum, topK, 0);
-    const uint64_t fitsUb = (kUbBytes - AlignUpBlock(entries * 4)) / quantumBytes * kTokenQuantum;
     const uint64_t capped = kMaxTileIds / topK / kTokenQuantum * kTokenQuantum;
     // Every core stages the whole table before its first block, so a core given fewer tokens than a
     // table's worth of id traffic (8k + 4 bytes a token) spends most of its time on the table: small
@@ -72,8 +70,11 @@ inline std::string PlanReroute(uint64_t numTokens, uint64_t topK, uint64_t rows,
     const uint64_t worthACore = RoundUpQuantum((AlignUpBlock(entries * 4) + 8 * topK + 3) / (8 * topK + 4));
     const uint64_t evenShare = RoundUpQuantum((numTokens + vectorCores - 1) / vectorCores);
     uint64_t tile = evenShare > worthACore ? evenShare : worthACore;
-    tile = fitsUb < tile ? fitsUb : tile;
     tile = capped != 0 && capped < tile ? capped : tile;
+    // The largest whole-quantum tile that fits beside the table; the smallest always does (checked above).
+    while (tile > kTokenQuantum && RerouteUbBytes(tile, topK, entries) > kUbBytes) {
+        tile -= kTokenQuantum;
+    }
     const uint64_t blocks = (numTokens + tile - 1) / tile;
     plan->tileTokens = static_cast<uint32_t>(tile);
     plan->blockDim = static_cast<uint32_t>(blocks < vectorCores ? blocks : vectorCores);

@@ -54,6 +54,7 @@ class Kernels:
                                             ctypes.POINTER(u64), text, ctypes.c_size_t]
         self.lib.ew_probe_copy_ids.argtypes = [ptr, u32, text, ctypes.c_size_t]
         self.lib.ew_probe_reserve_ub.argtypes = [u32, text, ctypes.c_size_t]
+        self.lib.ew_probe_gather.argtypes = [u32, u32, text, ctypes.c_size_t]
 
     @staticmethod
     def _check(rc: int, error) -> None:
@@ -93,6 +94,10 @@ class Kernels:
         ids = torch.arange(count, dtype=torch.int32)
         error = ctypes.create_string_buffer(ERROR_BYTES)
         self._check(self.lib.ew_probe_copy_ids(ids.data_ptr(), count, error, ERROR_BYTES), error)
+
+    def probe_gather(self, count: int, source_elements: int) -> None:
+        error = ctypes.create_string_buffer(ERROR_BYTES)
+        self._check(self.lib.ew_probe_gather(count, source_elements, error, ERROR_BYTES), error)
 
     def probe_reserve_ub(self, size: int) -> None:
         error = ctypes.create_string_buffer(ERROR_BYTES)
@@ -214,9 +219,9 @@ def test_out_of_range_ids_and_rows_are_clamped_into_the_table(kernels):
 @pytest.mark.parametrize("k", [1, 2, 6, 8])
 def test_largest_table_fits_and_one_more_entry_is_refused_by_the_plan_and_by_the_model(kernels, k):
     largest = kernels.max_table_entries(k)
-    # The smallest tile (8 tokens) takes 8 * (24k + 8) bytes: 2 buffers each of ids, rows and slots,
-    # plus the expansion offsets and the lookup offsets.
-    assert largest == (UB_BYTES - 8 * (24 * k + 8)) // 4
+    # The smallest tile (8 tokens, 8k ids) takes 8 * 32k bytes: 2 buffers each of ids, rows (a tile of ids
+    # long, as Gather's source) and slots, plus the expansion offsets and the lookup offsets.
+    assert largest == (UB_BYTES - 8 * 32 * k) // 4
     topk, token_adapter, table = random_case(50, k, rows=1, experts=largest, seed=k)
     plan = kernels.plan(50, k, 1, largest)
     assert plan.tile_tokens == 8
@@ -235,6 +240,13 @@ def round_up_8(tokens: int) -> int:
     return -(-tokens // 8) * 8
 
 
+def ub_bytes(tile: int, k: int, entries: int) -> int:
+    """reroute.cpp's InitBuffer calls worked out by hand: the table (at least a tile of ids), then eight
+    tile-of-ids buffers (ids, rows and slots twice each, expansion, offsets)."""
+    ids = -(-tile * k * 4 // 32) * 32
+    return -(-max(entries, tile * k) * 4 // 32) * 32 + 8 * ids
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 64, 1000, 8192, 100_000])
 @pytest.mark.parametrize("k", [1, 6, 8])
 @pytest.mark.parametrize("entries", [9 * 64, 9 * 256, 40_000])
@@ -246,8 +258,9 @@ def test_plan_covers_every_token_within_the_unified_buffer(kernels, tokens, k, e
     # A core takes at least as many tokens as make its id traffic (8k + 4 bytes each) match the table
     # it stages, and at most what fits beside the table and 4096 ids.
     worth_a_core = round_up_8(-(-table_bytes // (8 * k + 4)))
-    fits = (UB_BYTES - table_bytes) // (8 * (24 * k + 8)) * 8
-    assert plan.tile_tokens == min(max(even_share, worth_a_core), fits, 4096 // k // 8 * 8)
+    wanted = min(max(even_share, worth_a_core), 4096 // k // 8 * 8)
+    fits = max(t for t in range(8, wanted + 1, 8) if ub_bytes(t, k, entries) <= UB_BYTES)
+    assert plan.tile_tokens == fits
     assert kernels.ub_bytes(plan.tile_tokens, k, entries) <= UB_BYTES
     assert plan.block_dim == min(cores, -(-tokens // plan.tile_tokens))
 
@@ -272,6 +285,20 @@ def test_model_refuses_a_datacopy_that_is_not_whole_32_byte_blocks(kernels):
     kernels.probe_copy_ids(16)
     with pytest.raises(Violation, match=r"DataCopy\(GM->UB\): 52 bytes is not a whole number of 32-byte blocks"):
         kernels.probe_copy_ids(13)
+
+
+def test_model_refuses_a_gather_of_more_elements_than_its_source_holds(kernels):
+    kernels.probe_gather(64, 64)
+    with pytest.raises(Violation, match=r"Gather: src: 72 elements, the tensor holds 64"):
+        kernels.probe_gather(72, 64)
+
+
+def test_every_gather_of_the_kernel_reads_a_source_as_long_as_its_tile(kernels):
+    """A tile of 6 ids a token over a table of 4 entries: the staged table is padded to the tile's ids."""
+    topk, token_adapter, table = random_case(64, 6, rows=1, experts=4, seed=3)
+    assert torch.equal(kernels.reroute(topk, token_adapter, table), reroute_torch(topk, token_adapter, table))
+    assert kernels.ub_bytes(kernels.plan(64, 6, 1, 4).tile_tokens, 6, 4) == \
+        ub_bytes(kernels.plan(64, 6, 1, 4).tile_tokens, 6, 4)
 
 
 def test_model_refuses_more_unified_buffer_than_a_vector_core_has(kernels):

@@ -13,6 +13,7 @@ extern "C" __global__ __aicore__ void reroute_kernel(GM_ADDR topk, GM_ADDR token
                                                      uint32_t numExperts, uint32_t tileTokens);
 extern "C" __global__ __aicore__ void probe_copy_ids(GM_ADDR ids, uint32_t count);
 extern "C" __global__ __aicore__ void probe_reserve_ub(uint32_t bytes);
+extern "C" __global__ __aicore__ void probe_gather(uint32_t count, uint32_t sourceElements);
 
 namespace {
 
@@ -80,6 +81,17 @@ extern "C" int ew_probe_copy_ids(const int32_t* ids, uint32_t count, char* error
         ascendc_host::ResetDevice();
         ascendc_host::RegisterGm(ids, uint64_t(count) * sizeof(int32_t));
         ascendc_host::RunCore(0, 1, [&] { probe_copy_ids(Gm(ids), count); });
+        return 0;
+    } catch (const ascendc_host::Violation& violation) {
+        return Report(violation.what(), error, errorSize);
+    }
+}
+
+extern "C" int ew_probe_gather(uint32_t count, uint32_t sourceElements, char* error, size_t errorSize)
+{
+    try {
+        ascendc_host::ResetDevice();
+        ascendc_host::RunCore(0, 1, [&] { probe_gather(count, sourceElements); });
         return 0;
     } catch (const ascendc_host::Violation& violation) {
         return Report(violation.what(), error, errorSize);

@@ -16,7 +16,8 @@
 //     dummy data, so a kernel that reads padding reads garbage here too;
 //   - every GM access inside the extent given to GlobalTensor::SetGlobalBuffer, and that extent inside
 //     memory the launcher registered; every UB operand inside its tensor and 32-byte aligned;
-//   - vector operands either identical or disjoint (Gather: dst disjoint from src); Gather offsets
+//   - vector operands either identical or disjoint (Gather: dst disjoint from src, count at most the
+//     source's elements); Gather offsets
 //     aligned to sizeof(T) and inside the source tensor;
 //   - queues: AllocTensor with every buffer in use (a hang on the NPU), EnQue past the depth, DeQue of
 //     an empty queue, FreeTensor of a buffer the kernel does not hold;
@@ -629,7 +630,8 @@ void Gather(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTen
     static_assert(sizeof(T) == 2 || sizeof(T) == 4, "Gather on dav-c220 takes 16- and 32-bit elements");
     const char* api = "Gather";
     ascendc_host::RequireUb(api, "dst", dst, count);
-    ascendc_host::RequireUb(api, "src", src, 0);
+    // CANN's Gather documentation: count may not exceed the source tensor's element count.
+    ascendc_host::RequireUb(api, "src", src, count);
     ascendc_host::RequireUb(api, "srcOffset", srcOffset, count);
     const uint64_t dstBytes = uint64_t(count) * sizeof(T);
     if (!(dst.offset_ + dstBytes <= src.offset_ || src.offset_ + src.Bytes() <= dst.offset_)) {

@@ -27,3 +27,18 @@ extern "C" __global__ __aicore__ void probe_reserve_ub(uint32_t bytes)
     AscendC::TBuf<AscendC::TPosition::VECCALC> scratch;
     pipe.InitBuffer(scratch, bytes);
 }
+
+// Gathers count elements out of a source of sourceElements elements (every offset 0): CANN's Gather takes
+// at most as many elements as its source holds.
+extern "C" __global__ __aicore__ void probe_gather(uint32_t count, uint32_t sourceElements)
+{
+    KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_AIV_ONLY);
+    AscendC::TPipe pipe;
+    AscendC::TBuf<AscendC::TPosition::VECCALC> source, gathered, offsets;
+    pipe.InitBuffer(source, sourceElements * sizeof(int32_t));
+    pipe.InitBuffer(gathered, count * sizeof(int32_t));
+    pipe.InitBuffer(offsets, count * sizeof(int32_t));
+    AscendC::LocalTensor<int32_t> zero = offsets.Get<int32_t>();
+    AscendC::Muls(zero, zero, 0, static_cast<int32_t>(count));
+    AscendC::Gather(gathered.Get<int32_t>(), source.Get<int32_t>(), zero.ReinterpretCast<uint32_t>(), 0, count);
+}
