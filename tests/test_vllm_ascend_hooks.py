@@ -8,6 +8,7 @@ tensors against values worked out by hand.
 """
 
 import ast
+from types import SimpleNamespace
 import re
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_both_compat_modules_offer_every_function_the_integration_calls():
     used = set()
     for file in ("worker.py", "layer.py", "plugin.py"):
         used |= api_attributes(ast.parse((Path(compat.__file__).parent / file).read_text()))
-    assert {"iter_moe_layers", "loaded_model", "weave_device", "weave_installed", "moe_token_rows", "batch_layout",
+    assert {"check_engine", "iter_moe_layers", "loaded_model", "weave_device", "weave_installed", "moe_token_rows", "batch_layout",
             "request_adapter", "expert_module", "replace_expert_weight", "reroute_topk", "pack_expert",
             "patch_model_runner"} <= used
     for module in (compat, compat_ascend):
@@ -254,3 +255,40 @@ def test_rebound_select_experts_reroutes_only_inside_a_woven_layer(monkeypatch):
     monkeypatch.setattr(compat_ascend, "_rerouting", lambda ids: ids + 4)
     weights, ids = holder.select_experts(None, logits, 2)
     assert ids.tolist() == [[5, 6]] and torch.allclose(weights, torch.tensor([[0.9, 0.5]]))
+
+
+# -- engine options that break the slot layout are refused before anything is mapped -----------------
+def engine_options(return_routed=False, mix=False, prefetch=False, moe_ratios=None, experts=64, top_k=6):
+    hf = SimpleNamespace(n_routed_experts=experts, num_experts_per_tok=top_k)
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(enable_return_routed_experts=return_routed,
+                                                               hf_config=hf))
+    ratios = {} if moe_ratios is None else {"moe": moe_ratios}
+    ascend = SimpleNamespace(mix_placement=mix,
+                             weight_prefetch_config=SimpleNamespace(enabled=prefetch, prefetch_ratio=ratios))
+    return vllm_config, ascend
+
+
+def test_the_default_options_are_accepted_up_to_the_largest_routing_table():
+    compat_ascend.check_options(*engine_options(), max_adapters=761)  # 762 x 64 = 48,768 entries at top-6
+    compat_ascend.check_options(*engine_options(prefetch=True, moe_ratios={"gate_up": 0.0}), max_adapters=8)
+
+
+@pytest.mark.parametrize("options, max_adapters, problem", [
+    (dict(return_routed=True), 8, "enable_return_routed_experts would return expert slots, not expert ids"),
+    (dict(mix=True), 8, "mix_placement puts the shared experts after the routed ones"),
+    (dict(prefetch=True), 8, "weight prefetch of MoE weights reads a share of the enlarged w13"),
+    (dict(prefetch=True, moe_ratios={"gate_up": 0.5}), 8, "weight prefetch of MoE weights"),
+    ({}, 762, "763 x 64 entries; the Ascend C reroute kernel stages at most 48768 at top-6"),
+])
+def test_options_that_break_the_slot_layout_are_refused_in_one_line(options, max_adapters, problem):
+    with pytest.raises(ExpertWeaveError) as excinfo:
+        compat_ascend.check_options(*engine_options(**options), max_adapters=max_adapters)
+    assert problem in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_more_slots_than_npu_moe_init_routing_takes_are_refused():
+    layer = torch.nn.Module()
+    with pytest.raises(ExpertWeaveError, match="5121 expert slots per MoE layer, but npu_moe_init_routing takes at most 5120"):
+        compat_ascend.replace_expert_weight(layer, "w13_weight", torch.empty(5121, 1))
+    compat_ascend.replace_expert_weight(layer, "w13_weight", torch.empty(5120, 1))
+    assert layer.w13_weight.shape[0] == 5120

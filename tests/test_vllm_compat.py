@@ -116,3 +116,13 @@ def test_model_runner_v2_is_refused_when_expertweave_is_on():
     with pytest.raises(ExpertWeaveError, match="start it with VLLM_USE_V2_MODEL_RUNNER=0"):
         compat.refuse_model_runner_v2(runner)
     compat.refuse_model_runner_v2(SimpleNamespace(vllm_config=SimpleNamespace(additional_config={})))
+
+
+def test_returning_routed_experts_needs_model_runner_v2_which_expertweave_refuses():
+    """Returned routed experts would be slots, not expert ids; vLLM 0.32 offers them on Model Runner V2
+    only, which compat.refuse_model_runner_v2 refuses, so the V1 runner ExpertWeave runs never has them."""
+    from vllm.config import VllmConfig
+    from vllm.config.aux_output import AuxOutputConfig
+
+    with pytest.raises(ValueError, match="requires Model Runner V2"):
+        VllmConfig(aux_output_config=AuxOutputConfig(enable_return_routed_experts=True))

@@ -72,6 +72,12 @@ def refuse_model_runner_v2(runner) -> None:
                                "set it unless it is set)")
 
 
+def check_engine(runner, max_adapters: int) -> None:
+    """Engine options that break the slot layout, refused before anything is mapped. On vLLM 0.32 the one
+    such option, enable_return_routed_experts (it would return slots, not expert ids), needs Model Runner
+    V2, which ExpertWeave refuses (refuse_model_runner_v2); vLLM itself refuses it on the V1 runner."""
+
+
 def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
     """(decoder layer index, MoE runner) for every MoE layer of a DeepSeek-V2 style model; refuses
     what this path cannot serve."""

@@ -158,6 +158,15 @@ FACTS = (
     Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.process_weights_after_loading", "writes", "layer.w2_weight"),
     Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.process_weights_after_loading", "calls", "maybe_trans_nz"),
     Fact(_LAYER, "AscendFusedMoE.__init__", "writes", "self.moe_config.dp_group"),
+    Fact(_LAYER, "AscendFusedMoE.__init__", "writes", "self.mix_placement"),
+    # what check_options reads: the options that break the slot layout
+    Fact("vllm_ascend/ascend_config.py", "AscendConfig.__init__", "writes", "self.mix_placement"),
+    Fact("vllm_ascend/ascend_config.py", "AscendConfig.__init__", "writes", "self.weight_prefetch_config"),
+    Fact("vllm_ascend/ascend_config.py", "WeightPrefetchConfig.__init__", "writes", "self.enabled"),
+    Fact("vllm_ascend/ascend_config.py", "WeightPrefetchConfig.__init__", "writes", "self.prefetch_ratio"),
+    Fact(_FUSED, "AscendUnquantizedFusedMoEMethod.apply", "reads", "model_config.enable_return_routed_experts"),
+    # Model Runner V2 never runs on vLLM 0.23.0: the NPU worker falls back to the V1 runner the hooks patch
+    Fact("vllm_ascend/worker/worker.py", "NPUWorker.__init__", "writes", "self.use_v2_model_runner", value="False"),
     Fact(_LAYER, "AscendFusedMoE.__init__", "reads", "self.moe_config.ep_size"),
     Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_dp_group", "reads", "self.moe_config.dp_size"),
     Fact(_PREPARE, "PrepareAndFinalizeWithAllGather._prepare_with_dp_group", "reads", "self.moe_config.pcp_size"),
@@ -225,6 +234,13 @@ TORCH_NPU_OPS = (
 )
 
 DEVICE_TYPE = "npu"  # vllm-ascend's NPUPlatform.device_type, which compat.engine_api() looks for
+# npu_moe_init_routing_custom takes expert ids up to 10240, 5120 in its key-value count mode
+# (csrc/moe/moe_init_routing_custom/op_host/moe_init_routing_custom_tiling.cpp: KV_MODE_EXPERT_IDX_MAX):
+# the smaller bounds a layer's M + S slots, whichever mode the dispatcher picks.
+ROUTING_MAX_EXPERTS = 5120
+# ascendc_kernels/reroute_tiling.h MaxTableEntries: a vector core's 192 KiB unified buffer less the
+# smallest tile (8 tokens of top-k ids, eight buffers of them), in int32 table entries.
+REROUTE_UB_BYTES = 192 * 1024
 ACL_FORMAT_ND = 2  # aclFormat in acl/acl_base_rt.h
 REROUTE_ATTR = "_expertweave_reroute"  # set on a woven AscendFusedMoE: its ids -> slot ids
 
@@ -292,11 +308,46 @@ def iter_moe_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Modu
             yield index, experts
 
 
+def max_table_entries(top_k: int) -> int:
+    """The largest [rows, M] table the Ascend C reroute kernel stages (reroute_tiling.h MaxTableEntries)."""
+    return (REROUTE_UB_BYTES - 8 * 32 * top_k) // 4
+
+
+def check_engine(runner, max_adapters: int) -> None:
+    """Refuses, before anything is mapped, engine options that break the slot layout on vllm-ascend."""
+    check_options(runner.vllm_config, _lookup(GET_ASCEND_CONFIG)(), max_adapters)
+
+
+def check_options(vllm_config, ascend_config, max_adapters: int) -> None:
+    where = "ExpertWeave on vllm-ascend"
+    if vllm_config.model_config.enable_return_routed_experts:
+        raise ExpertWeaveError(f"{where}: enable_return_routed_experts would return expert slots, not expert ids "
+                               "(rerouting rewrites them before the capture); start without it")
+    if getattr(ascend_config, "mix_placement", False):
+        raise ExpertWeaveError(f"{where}: mix_placement puts the shared experts after the routed ones, in the rows "
+                               "the adapter slots take; start without it")
+    prefetch = ascend_config.weight_prefetch_config
+    moe_ratios = prefetch.prefetch_ratio.get("moe", {}) or {"gate_up": 0.8}  # vllm-ascend's default
+    if prefetch.enabled and any(ratio > 0 for ratio in moe_ratios.values()):
+        raise ExpertWeaveError(f"{where}: weight prefetch of MoE weights reads a share of the enlarged w13, adapter "
+                               "slots no adapter holds included; set weight_prefetch_config's moe ratios to 0 or "
+                               "disable it")
+    hf = vllm_config.model_config.hf_config
+    experts, top_k = hf.n_routed_experts, hf.num_experts_per_tok
+    rows = max_adapters + 1
+    if rows * experts > max_table_entries(top_k):
+        raise ExpertWeaveError(f"{where}: {max_adapters} adapters make a routing table of {rows} x {experts} "
+                               f"entries; the Ascend C reroute kernel stages at most {max_table_entries(top_k)} at "
+                               f"top-{top_k}: lower --max-adapters")
+
+
 def _check_layer(index: int, layer: torch.nn.Module) -> None:
     import torch_npu
 
     where = f"ExpertWeave on vllm-ascend, MoE layer {index}"
     moe = layer.moe_config
+    if layer.mix_placement:
+        raise ExpertWeaveError(f"{where}: mix_placement puts the shared experts in the rows the adapter slots take")
     if moe.ep_size > 1:
         raise ExpertWeaveError(f"{where}: expert parallelism (EP {moe.ep_size}) is not supported: its dispatch "
                                "needs every adapter expert on the EP rank of its base expert; serve with TP/DP only")
@@ -321,6 +372,10 @@ def expert_module(layer: torch.nn.Module) -> torch.nn.Module:
 
 def replace_expert_weight(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """As process_weights_after_loading installs its transposed weights: a new frozen Parameter."""
+    if tensor.shape[0] > ROUTING_MAX_EXPERTS:
+        raise ExpertWeaveError(f"ExpertWeave on vllm-ascend: {tensor.shape[0]} expert slots per MoE layer, but "
+                               f"npu_moe_init_routing takes at most {ROUTING_MAX_EXPERTS}; lower --max-adapters "
+                               "or --adapter-slots")
     setattr(layer, name, torch.nn.Parameter(tensor, requires_grad=False))
 
 

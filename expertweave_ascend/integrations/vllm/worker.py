@@ -22,6 +22,7 @@ logger = logging.getLogger("expertweave")
 class WorkerWeave:
     def __init__(self, model_runner, config: dict):
         self.api = compat.engine_api()
+        self.api.check_engine(model_runner, config.get("max_adapters") or WeaveConfig.max_adapters)
         self.layers = {index: VllmMoELayer(runner, index, self.api)
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
