@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ...adapters import validate_adapter
-from ...errors import AdapterStateError
+from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...weave import slots_needed
-from . import admission, compat, lifetime
+from . import admission, agreement, compat, lifetime
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -110,7 +110,12 @@ class ExpertWeaveLLM:
         with self._lock:
             if name in self._adapters:
                 raise AdapterStateError(f"adapter {name!r} is already loaded")
-        info = self._rpc("expertweave_load_adapter", name, str(path))
+        outcome = agreement.check_load(name, self.llm.collective_rpc("expertweave_load_adapter", args=(name, str(path))))
+        if outcome.roll_back:
+            self.llm.collective_rpc("expertweave_discard_adapter", args=(name,))
+        if outcome.error is not None:
+            raise ExpertWeaveError(outcome.error)
+        info = outcome.info
         with self._lock:
             self._adapters.add(name)
         return info

@@ -25,7 +25,7 @@ from pathlib import Path
 from ...adapters import validate_adapter
 from ...errors import AdapterBusyError, ExpertWeaveError
 from ...geometry import BaseGeometry
-from . import admission, compat, lifetime
+from . import admission, agreement, compat, lifetime
 from .llm import WORKER_EXTENSION, engine_config
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -189,7 +189,13 @@ class ExpertWeaveFrontEnd:
             return _error(400, f"adapter name {name!r} is already in use")
         try:
             validate_adapter(path, registry.geometry)
-            info = (await self.engine.collective_rpc("expertweave_load_adapter", args=(name, path)))[0]
+            outcome = agreement.check_load(name, await self.engine.collective_rpc("expertweave_load_adapter",
+                                                                                  args=(name, path)))
+            if outcome.roll_back:
+                await self.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
+            if outcome.error is not None:
+                return _error(400, outcome.error)
+            info = outcome.info
         except ExpertWeaveError as e:
             return _error(400, str(e))
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM

@@ -137,8 +137,20 @@ class ExpertWeaveWorkerExtension:
     """Methods vLLM appends to its worker (worker_extension_cls); called with collective_rpc."""
 
     def expertweave_load_adapter(self, name: str, path: str) -> dict:
-        loaded = _active().weave.load_adapter(name, path)
-        return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes}
+        """This rank's row and slots, or the one-line error it met: a rank that raised would leave the
+        others loaded (agreement.py decides, and rolls back through expertweave_discard_adapter)."""
+        try:
+            loaded = _active().weave.load_adapter(name, path)
+        except ExpertWeaveError as e:
+            return {"error": str(e)}
+        return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes,
+                "slots": {str(layer): slots for layer, slots in loaded.slots.items()}}
+
+    def expertweave_discard_adapter(self, name: str) -> None:
+        """Takes back a load the ranks did not agree on (never published, so no request uses it)."""
+        weave = _active().weave
+        if name in weave.adapters:
+            weave.unload_adapter(name, timeout=0)
 
     def expertweave_unload_adapter(self, name: str, live_request_ids: list[str]) -> dict:
         """{"unloaded", "running", "queued"}: see WorkerWeave.unload_when_idle; front-ends poll it."""

@@ -1,0 +1,32 @@
+"""Rank agreement (invariant I7): under tensor or data parallelism every rank loads an adapter on its
+own, so a load counts only if every rank loaded it into the same table row and the same slots; else it
+is taken back on every rank that has it and the caller gets one error.
+
+Each rank answers a load with its row and slots, or with the one-line error it met (worker.py); the
+front-ends (server.py, llm.py) send these answers here and, when told to, discard the adapter everywhere.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    info: dict | None  # what the load reports (rank 0's), when every rank agrees
+    error: str | None  # the one line the caller gets, when not
+    roll_back: bool  # some rank holds the adapter and must discard it
+
+
+def check_load(name: str, answers: list[dict]) -> LoadOutcome:
+    failed = [(rank, a["error"]) for rank, a in enumerate(answers) if "error" in a]
+    loaded = [a for a in answers if "error" not in a]
+    if failed:
+        rank, error = failed[0]
+        where = f" (rank {rank} of {len(answers)}; undone on the others)" if loaded else ""
+        return LoadOutcome(None, f"{error}{where}", bool(loaded))
+    layouts = {(a["row"], tuple(sorted((layer, tuple(s)) for layer, s in a["slots"].items()))) for a in loaded}
+    if len(layouts) > 1:
+        placed = "; ".join(f"rank {rank}: row {a['row']}" for rank, a in enumerate(loaded))
+        return LoadOutcome(None, f"adapter {name!r}: the ranks placed it differently ({placed}); undone on every "
+                                 "rank", True)
+    first = loaded[0]
+    return LoadOutcome({k: first[k] for k in ("row", "experts", "bytes")}, None, False)
