@@ -63,6 +63,7 @@ def plan_memory(geometry: BaseGeometry, adapters: dict[str, dict[int, tuple[int,
             "expert_bytes": geometry.expert_nbytes,
             "base_expert_bytes": memory.base_expert_bytes,
             "base_mapped_bytes": memory.base_mapped_bytes,
+            "base_allocations": memory.base_allocations,  # physical allocations, one map call each
             "adapter_expert_bytes": adapter_bytes,
             "adapter_mapped_bytes": adapter_mapped,
             "fragmentation": adapter_mapped / adapter_bytes if adapter_bytes else None,
@@ -84,7 +85,9 @@ def format_plan(plan: dict) -> str:
                      f"{a['added_mapped_bytes'] / gb:>12.3f}")
     lines += [
         f"base experts {plan['base_expert_bytes'] / gb:.3f} GB over {plan['moe_layers']} MoE layers "
-        f"(mapped {plan['base_mapped_bytes'] / gb:.3f} GB, granule {plan['granularity'] / 2**20:g} MiB)",
+        f"(mapped {plan['base_mapped_bytes'] / gb:.3f} GB, granule {plan['granularity'] / 2**20:g} MiB, "
+        f"{plan['base_allocations']} physical allocations and map calls for "
+        f"{plan['base_mapped_bytes'] // plan['granularity']} granules)",
         f"adapters: experts {plan['adapter_expert_bytes'] / gb:.3f} GB, mapped {plan['adapter_mapped_bytes'] / gb:.3f} GB"
         f" -> fragmentation {plan['fragmentation']:.4f}",
         f"padded to E_max: {plan['padded_bytes'] / gb:.3f} GB (fragmentation {plan['padded_fragmentation']:.3f})",

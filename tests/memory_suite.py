@@ -87,7 +87,7 @@ def memory_layers(granularity: int, layer_ids=(1, 3, 5)) -> dict[int, list[Weigh
 
 
 def vt_state(vt: VirtualExpertTensor):
-    return vt.mapped_bytes, sorted(vt.handles), list(vt.refs), vt.pool.used_bytes
+    return vt.mapped_bytes, sorted(vt.mapped_granules), list(vt.refs), vt.pool.used_bytes
 
 
 def memory_state(mem: ExpertMemory):
@@ -100,7 +100,7 @@ def assert_exact_mapping(vt: VirtualExpertTensor, occupied) -> None:
     """vt maps exactly the granules its occupied slots touch, each counted once per touching slot."""
     g = vt.granularity
     expected = touch_counts(vt.slot_nbytes, g, occupied)
-    assert sorted(vt.handles) == sorted(expected)
+    assert sorted(vt.mapped_granules) == sorted(expected)
     assert vt.mapped_bytes == len(expected) * g
     assert {gi: r for gi, r in enumerate(vt.refs) if r} == expected
 

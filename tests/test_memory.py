@@ -99,7 +99,7 @@ def maps_overlapping(start: int, end: int) -> list[str]:
 
 def mapped_granule_addresses(mem: ExpertMemory) -> set[int]:
     return {vt.address + gi * vt.granularity
-            for layer in mem.tensors.values() for vt in layer.values() for gi in vt.handles}
+            for layer in mem.tensors.values() for vt in layer.values() for gi in vt.mapped_granules}
 
 
 @pytest.fixture

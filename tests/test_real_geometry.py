@@ -39,6 +39,14 @@ def test_three_real_adapters_fragmentation(lite, selections):
     assert plan["padded_bytes"] == sum(max(map(len, s.values())) for s in selections.values()) * 26 * EXPERT_BYTES
 
 
+def test_base_experts_take_one_allocation_and_one_map_call_per_tensor(lite, selections):
+    """Each layer's w13 and w2 base experts are one contiguous run: 2 x 26 allocations, not one per granule
+    (13,728 for DeepSeek-V2-Lite at 2 MiB: 64 experts x (5.5 + 2.75) granules x 26 layers)."""
+    plan = plan_memory(lite, selections, granularity=2 << 20)
+    assert plan["base_allocations"] == 2 * 26
+    assert plan["base_mapped_bytes"] // (2 << 20) == 26 * (64 * 11 // 2 + 64 * 11 // 4) == 13728
+
+
 def test_cli_memory_plan(esft_data, capsys):
     cfgs = [f"--expert-cfg={t}={esft_data / 'expert_configs' / f'{t}.json'}" for t in TASKS]
     assert main(["memory-plan", *cfgs, "--json"]) == 0

@@ -34,11 +34,12 @@ class ExpertMemory:
                     vt = VirtualExpertTensor(backend, self.pool, num_base + num_adapter_slots,
                                              spec.slot_shape, spec.dtype)
                     self.tensors[layer][spec.name] = vt
-                    vt.map_slots(list(range(num_base)))
+                    vt.map_fixed(num_base)
         except BaseException:
             self.close()
             raise
         self.base_mapped_bytes = self.mapped_bytes
+        self.base_allocations = self.pool.allocations  # physical allocations (and map calls) for the base
         if adapter_budget_bytes is not None:
             self.pool.budget_bytes = self.base_mapped_bytes + adapter_budget_bytes
 

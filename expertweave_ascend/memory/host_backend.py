@@ -47,7 +47,7 @@ class HostBackend:
         self.fd = os.memfd_create(self.name, os.MFD_CLOEXEC)
         self._arena_size = 0
         self._free_offsets: list[int] = []
-        self._live_handles: set[int] = set()
+        self._live_handles: dict[int, int] = {}  # offset -> size
         self._reservations: dict[int, int] = {}  # address -> size
         self._mapped: dict[int, tuple[int, int]] = {}  # address -> (size, handle)
         self._mapped_granules: set[int] = set()  # addresses of every mapped granule, for O(1) overlap checks
@@ -88,15 +88,14 @@ class HostBackend:
         del self._reservations[address]
 
     def create_physical(self, size: int) -> int:
-        if size != self.granularity:
-            raise MemoryBackendError(f"physical chunks are one granule ({self.granularity}), asked {size}")
-        if self._free_offsets:
+        self._check_size(size, "physical memory")
+        if size == self.granularity and self._free_offsets:
             offset = self._free_offsets.pop()
-        else:
+        else:  # larger chunks (a run of base experts) live until close, so they are not reused
             offset = self._arena_size
             self._arena_size += size
             os.ftruncate(self.fd, self._arena_size)
-        self._live_handles.add(offset)
+        self._live_handles[offset] = size
         return offset
 
     def free_physical(self, handle: int) -> None:
@@ -104,10 +103,11 @@ class HostBackend:
             raise MemoryBackendError(f"free of unknown physical handle {handle}")
         if handle in self._mapped_handles:
             raise MemoryBackendError(f"free of physical handle {handle} that is still mapped")
+        size = self._live_handles.pop(handle)
         _check_errno(_libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                                     handle, self.granularity) == 0, "fallocate(punch hole)")
-        self._live_handles.remove(handle)
-        self._free_offsets.append(handle)
+                                     handle, size) == 0, "fallocate(punch hole)")
+        if size == self.granularity:
+            self._free_offsets.append(handle)
 
     def map(self, address: int, size: int, handle: int) -> None:
         self._check_size(size, "map")
@@ -117,6 +117,9 @@ class HostBackend:
         self._reservation_of(address, size)
         if handle not in self._live_handles:
             raise MemoryBackendError(f"map of unknown physical handle {handle}")
+        if size != self._live_handles[handle]:
+            raise MemoryBackendError(f"map of {size} bytes of physical handle {handle}, which has "
+                                     f"{self._live_handles[handle]}")
         granules = range(address, address + size, self.granularity)
         if any(a in self._mapped_granules for a in granules):
             raise MemoryBackendError(f"map at 0x{address:x}: the range is already mapped")

@@ -1,4 +1,4 @@
-"""Physical memory handed out one granule at a time, under a byte budget."""
+"""Physical memory handed out in whole granules, under a byte budget, counting the allocations made."""
 
 from typing import Any
 
@@ -12,6 +12,7 @@ class PhysicalPool:
         self.granularity = backend.granularity
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
+        self.allocations = 0  # physical allocations made (each is mapped once)
 
     @property
     def available_bytes(self) -> int | None:
@@ -24,12 +25,15 @@ class PhysicalPool:
                                 f"{self.available_bytes / 2**20:.1f} MiB of the "
                                 f"{self.budget_bytes / 2**20:.1f} MiB budget is free")
 
-    def allocate(self) -> Any:
-        self.check(self.granularity, "mapping a granule")
-        handle = self.backend.create_physical(self.granularity)
-        self.used_bytes += self.granularity
+    def allocate(self, granules: int = 1) -> Any:
+        """One physical allocation of this many granules."""
+        nbytes = granules * self.granularity
+        self.check(nbytes, "mapping granules")
+        handle = self.backend.create_physical(nbytes)
+        self.used_bytes += nbytes
+        self.allocations += 1
         return handle
 
-    def free(self, handle: Any) -> None:
+    def free(self, handle: Any, granules: int = 1) -> None:
         self.backend.free_physical(handle)
-        self.used_bytes -= self.granularity
+        self.used_bytes -= granules * self.granularity

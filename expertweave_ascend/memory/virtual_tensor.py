@@ -2,7 +2,8 @@
 
 Each granule counts the occupied slots that touch it: it is mapped when the count leaves 0 and
 unmapped when it returns to 0, so two neighbouring experts of different owners share the granule
-between them and memory follows occupancy exactly.
+between them and memory follows occupancy exactly. The base experts, which stay until the tensor is
+closed, are mapped as one run: one physical allocation and one map call, instead of one per granule.
 """
 
 import torch
@@ -23,7 +24,9 @@ class VirtualExpertTensor:
         self.size = -(-num_slots * self.slot_nbytes // g) * g
         self.address = backend.reserve(self.size)
         self.refs = [0] * (self.size // g)
-        self.handles: dict[int, object] = {}  # granule index -> physical handle
+        self.handles: dict[int, object] = {}  # granule index -> physical handle of that one granule
+        self.fixed_granules = 0  # granules 0.. mapped as one run for the first slots (map_fixed)
+        self.fixed_handle = None
         self.tensor = backend.tensor(self.address, (num_slots, *slot_shape), dtype)
 
     def granules(self, slot: int) -> range:
@@ -34,6 +37,25 @@ class VirtualExpertTensor:
         """How many granules mapping these slots would add."""
         touched = {gi for s in slots for gi in self.granules(s)}
         return sum(1 for gi in touched if self.refs[gi] == 0)
+
+    def map_fixed(self, count: int) -> None:
+        """Maps slots 0..count-1, which stay until close, with one allocation and one map call."""
+        assert not self.handles and not self.fixed_granules, "map_fixed comes first"
+        granules = self.granules(count - 1).stop
+        handle = self.pool.allocate(granules)
+        try:
+            self.backend.map(self.address, granules * self.granularity, handle)
+        except BaseException:
+            self.pool.free(handle, granules)
+            raise
+        self.fixed_granules, self.fixed_handle = granules, handle
+        for slot in range(count):
+            for gi in self.granules(slot):
+                self.refs[gi] += 1
+
+    @property
+    def mapped_granules(self) -> set[int]:
+        return set(range(self.fixed_granules)) | set(self.handles)
 
     def map_slots(self, slots: list[int]) -> None:
         """Maps every granule under these slots; all or nothing."""
@@ -65,6 +87,7 @@ class VirtualExpertTensor:
 
     def _drop(self, gi: int) -> None:
         self.refs[gi] -= 1
+        assert self.refs[gi] or gi >= self.fixed_granules, f"granule {gi} of the fixed run lost its last slot"
         if self.refs[gi] == 0:
             handle = self.handles.pop(gi)
             self.backend.unmap(self.address + gi * self.granularity, self.granularity)
@@ -72,10 +95,14 @@ class VirtualExpertTensor:
 
     @property
     def mapped_bytes(self) -> int:
-        return len(self.handles) * self.granularity
+        return (len(self.handles) + self.fixed_granules) * self.granularity
 
     def close(self) -> None:
         for gi in list(self.handles):
             self.refs[gi] = 1
             self._drop(gi)
+        if self.fixed_granules:
+            self.backend.unmap(self.address, self.fixed_granules * self.granularity)
+            self.pool.free(self.fixed_handle, self.fixed_granules)
+            self.fixed_granules, self.fixed_handle = 0, None
         self.backend.release(self.address, self.size)
