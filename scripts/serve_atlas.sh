@@ -113,7 +113,7 @@ echo "ExpertWeave is serving at $url (pid $pid); models:"
 curl -fsS "$url/v1/models"
 echo
 echo "ESFT adapters and expert memory:"
-curl -fsS "$url/v1/esft_adapters" || echo "(no /v1/esft_adapters: the expertweave_http endpoint plugin did not load)"
+curl -fsS "$url/v1/esft_adapters" || die "the server answers but has no /v1/esft_adapters: its front-end did not start (see $log)"
 echo
 if ((detach)); then
     trap - INT TERM EXIT
