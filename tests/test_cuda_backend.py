@@ -22,6 +22,7 @@ import memory_suite
 import pinned
 from expertweave_ascend.errors import MemoryBackendError
 from expertweave_ascend.memory.cuda_backend import CudaBackend
+from expertweave_ascend.memory.host_backend import host_bytes
 
 SOURCE = Path(__file__).resolve().parent / "cuda_stand_in" / "libcuda_stand_in.c"
 G = 2 << 20  # the stand-in's granularity
@@ -56,7 +57,7 @@ def stand_in(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_backend(stand_in):
-    with memory_suite.closing_factory(CudaBackend) as make:
+    with memory_suite.closing_factory(lambda: CudaBackend(view=host_bytes)) as make:
         yield make
 
 
@@ -227,7 +228,7 @@ def test_memory_suite_on_the_gpu(check, make_gpu_backend):
 @gpu
 def test_gpu_views_are_cuda_tensors_over_the_mapped_range(make_gpu_backend):
     backend = make_gpu_backend()
-    assert not backend.stand_in and backend.device.type == "cuda"
+    assert backend.device.type == "cuda"
     g = backend.granularity
     address = backend.reserve(2 * g)
     handles = [backend.create_physical(g) for _ in range(2)]

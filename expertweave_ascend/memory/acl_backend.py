@@ -11,11 +11,11 @@ acl/error_codes/rt_error_codes.h; tests/ascend_shim/layout_check.c prints them f
 tests/test_acl_backend.py compares them with these.
 
 Errors: a non-zero aclError becomes one MemoryBackendError naming the call, the code as the header
-names it and aclGetRecentErrMsg()'s text. Sizes and addresses that are not granule multiples are
-refused here first, as HostBackend refuses them (the runtime would too, less clearly). What is mapped
-where is the runtime's to judge: mapping over a mapping, unmapping a hole, releasing a range that is
-still mapped and freeing a mapped handle reach the runtime and come back as its error. Release and
-unmap take no size in AscendCL, so the sizes are recorded here and a size that differs is refused.
+names it and aclGetRecentErrMsg()'s text. Misuse never reaches the runtime: the ledger every backend
+keeps (ledger.py) refuses unaligned sizes and addresses, mapping over a mapping or outside a
+reservation, mapping a handle twice, unmapping a hole, releasing a range that is still mapped and
+freeing a mapped handle, and, since AscendCL's release and unmap take no size, a size that differs
+from the recorded one.
 
 tensor() on an NPU: torch_npu._C._construct_storage_from_data_pointer(address, device, nbytes) builds
 an NPU storage whose DataPtr has no deleter, so it never frees the range, and
@@ -25,10 +25,10 @@ torchair's reconstruct_from_tensor_metadata). DLPack was the other candidate (to
 _npu_from_dlpack takes kDLExtDev tensors), but torch_npu's fromDLPack reads the producer's
 DLManagedTensor again when the tensor dies, so a ctypes-built one would have to outlive every view.
 
-Stand-in: tests/ascend_shim/acl_shim.c implements these calls over host memory and exports
-expertweave_acl_stand_in. With such a library the mapped memory is host memory, so the backend's
-device is cpu and tensor() returns a CPU view, as HostBackend's does. A real libascendcl without an
-importable torch_npu is refused at construction, since nothing could view its memory.
+view: how a mapped range becomes a tensor. None (production): an NPU tensor through torch_npu, so a
+libascendcl without an importable torch_npu is refused at construction. The tests run this backend over
+a stand-in libascendcl whose memory is host memory (tests/ascend_shim/acl_shim.c) and pass
+memory.host_backend.host_bytes, which makes the device cpu.
 
 Not yet verified on Ascend hardware: tensor() through torch_npu, the device setup through
 torch.npu.set_device, which error code the runtime returns for each misuse, and the text
@@ -38,13 +38,14 @@ aclGetRecentErrMsg gives for them.
 import ctypes
 import math
 import os
+from typing import Callable
 
 import torch
 
 from ..errors import MemoryBackendError
+from .ledger import MappingLedger
 
 LIBRARY_ENV = "EXPERTWEAVE_LIBASCENDCL"
-STAND_IN_SYMBOL = "expertweave_acl_stand_in"
 
 aclError = ctypes.c_int
 aclrtDrvMemHandle = ctypes.c_void_p
@@ -131,7 +132,8 @@ def _npu_bytes(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 class AclBackend:
-    def __init__(self, device_id: int = 0, library: str | None = None):
+    def __init__(self, device_id: int = 0, library: str | None = None,
+                 view: Callable[[int, int], torch.Tensor] | None = None):
         self.library = library or os.environ.get(LIBRARY_ENV) or "libascendcl.so"
         try:
             lib = ctypes.CDLL(self.library)
@@ -149,8 +151,11 @@ class AclBackend:
         if self._recent_error is not None:
             self._recent_error.argtypes, self._recent_error.restype = [], ctypes.c_char_p
 
-        self.stand_in = hasattr(lib, STAND_IN_SYMBOL)
-        self.device = torch.device("cpu") if self.stand_in else _npu_device(device_id, self.library)
+        if view is None:
+            self.device = _npu_device(device_id, self.library)
+            self.view = lambda address, nbytes: _npu_bytes(address, nbytes, self.device)
+        else:
+            self.device, self.view = torch.device("cpu"), view
         self._prop = aclrtPhysicalMemProp(
             handleType=ACL_MEM_HANDLE_TYPE_NONE, allocationType=ACL_MEM_ALLOCATION_TYPE_PINNED,
             memAttr=ACL_HBM_MEM_HUGE, location=aclrtMemLocation(device_id, ACL_MEM_LOCATION_TYPE_DEVICE))
@@ -158,9 +163,7 @@ class AclBackend:
         self.call("aclrtMemGetAllocationGranularity", ctypes.byref(self._prop), ACL_RT_MEM_ALLOC_GRANULARITY_MINIMUM,
                   ctypes.byref(granularity))
         self.granularity = granularity.value
-        self._reservations: dict[int, int] = {}  # address -> size
-        self._mappings: dict[int, int] = {}  # address -> size
-        self._handles: set[int] = set()
+        self.ledger = MappingLedger(self.granularity)
 
     def call(self, name: str, *args) -> None:
         """One AscendCL call by name; any aclError becomes a MemoryBackendError."""
@@ -172,70 +175,52 @@ class AclBackend:
         detail = f": {_one_line(recent.decode(errors='replace'))}" if recent else ""
         raise MemoryBackendError(f"{name} failed with {code}{detail}")
 
-    def _check_size(self, call: str, size: int) -> None:
-        if size <= 0 or size % self.granularity:
-            raise MemoryBackendError(f"{call}: size {size} is not a positive multiple of the "
-                                     f"granularity {self.granularity}")
-
     def reserve(self, size: int) -> int:
-        self._check_size("aclrtReserveMemAddress", size)
+        self.ledger.check_size("aclrtReserveMemAddress", size)
         address = ctypes.c_void_p()
         self.call("aclrtReserveMemAddress", ctypes.byref(address), size, 0, None, 0)
-        self._reservations[address.value] = size
+        self.ledger.reserved(address.value, size)
         return address.value
 
-    @staticmethod
-    def _check_recorded(call: str, recorded: dict[int, int], address: int, size: int, verb: str) -> None:
-        """AscendCL's release and unmap take no size: refuse one that differs from what was recorded."""
-        if recorded.get(address, size) != size:
-            raise MemoryBackendError(f"{call}: 0x{address:x} was {verb} with {recorded[address]} bytes, not {size}")
-
     def release(self, address: int, size: int) -> None:
-        self._check_recorded("aclrtReleaseMemAddress", self._reservations, address, size, "reserved")
+        self.ledger.check_release("aclrtReleaseMemAddress", address, size)
         self.call("aclrtReleaseMemAddress", address)
-        self._reservations.pop(address, None)
+        self.ledger.released(address)
 
     def create_physical(self, size: int) -> int:
-        self._check_size("aclrtMallocPhysical", size)
+        self.ledger.check_size("aclrtMallocPhysical", size)
         handle = aclrtDrvMemHandle()
         self.call("aclrtMallocPhysical", ctypes.byref(handle), size, ctypes.byref(self._prop), 0)
-        self._handles.add(handle.value)
+        self.ledger.created(handle.value, size)
         return handle.value
 
     def free_physical(self, handle: int) -> None:
+        self.ledger.check_free("aclrtFreePhysical", handle)
         self.call("aclrtFreePhysical", handle)
-        self._handles.discard(handle)
+        self.ledger.freed(handle)
 
     def map(self, address: int, size: int, handle: int) -> None:
-        self._check_size("aclrtMapMem", size)
-        if address % self.granularity:
-            raise MemoryBackendError(f"aclrtMapMem: address 0x{address:x} is not a multiple of the "
-                                     f"granularity {self.granularity}")
+        self.ledger.check_map("aclrtMapMem", address, size, handle)
         self.call("aclrtMapMem", address, size, 0, handle, 0)
-        self._mappings[address] = size
+        self.ledger.mapped(address, size, handle)
 
     def unmap(self, address: int, size: int) -> None:
-        self._check_recorded("aclrtUnmapMem", self._mappings, address, size, "mapped")
+        self.ledger.check_unmap("aclrtUnmapMem", address, size)
         self.call("aclrtUnmapMem", address)
-        self._mappings.pop(address, None)
+        self.ledger.unmapped(address)
 
     def synchronize(self) -> None:
         """Waits for every stream of the current device (vLLM's steps, ACL graph replays included)."""
         self.call("aclrtSynchronizeDevice")
 
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = dtype.itemsize * math.prod(shape)
-        if self.stand_in:
-            raw = torch.frombuffer((ctypes.c_ubyte * nbytes).from_address(address), dtype=torch.uint8)
-        else:
-            raw = _npu_bytes(address, nbytes, self.device)
-        return raw.view(dtype).view(shape)
+        return self.view(address, dtype.itemsize * math.prod(shape)).view(dtype).view(shape)
 
     def close(self) -> None:
         """Unmaps, frees and releases whatever is still held; harmless twice."""
-        for address, size in list(self._mappings.items()):
+        for address, (size, _) in list(self.ledger.mappings.items()):
             self.unmap(address, size)
-        for handle in list(self._handles):
+        for handle in list(self.ledger.handles):
             self.free_physical(handle)
-        for address, size in list(self._reservations.items()):
+        for address, size in list(self.ledger.reservations.items()):
             self.release(address, size)

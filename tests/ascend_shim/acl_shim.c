@@ -7,8 +7,8 @@
  * and leaves a message for aclGetRecentErrMsg, as the runtime does; which code the real runtime
  * returns for each misuse is this stand-in's choice, not a measured fact.
  *
- * The memory is host memory: the exported expertweave_acl_stand_in symbol says so, and AclBackend
- * reads it to hand out CPU tensors instead of NPU ones.
+ * The memory is host memory: the tests give AclBackend a host-memory view (host_backend.host_bytes)
+ * to make tensors of it.
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -17,8 +17,6 @@
 
 #include "stand_in_host_vm.h"
 #include "acl/acl_rt.h"
-
-__attribute__((visibility("default"))) const int expertweave_acl_stand_in = 1;
 
 struct handle {
     int fd;

@@ -14,8 +14,8 @@
  *
  * Reservations are PROT_NONE mmaps aligned to a 2 MiB granule and a physical handle is one memfd (both from
  * ../stand_in_host_vm.h, shared with the AscendCL stand-in); mapping is
- * mmap(MAP_FIXED | MAP_SHARED) of it with PROT_NONE, cuMemSetAccess mprotects it. The exported symbol
- * expertweave_cuda_stand_in tells CudaBackend the memory is host memory.
+ * mmap(MAP_FIXED | MAP_SHARED) of it with PROT_NONE, cuMemSetAccess mprotects it. The memory is host
+ * memory: the tests give CudaBackend a host-memory view (host_backend.host_bytes) to make tensors of it.
  */
 #define _GNU_SOURCE
 #include <string.h>
@@ -24,8 +24,6 @@
 #include "cuda.h"
 
 #define STAND_IN_DRIVER_VERSION CUDA_VERSION
-
-__attribute__((visibility("default"))) const int expertweave_cuda_stand_in = 1;
 
 struct handle {
     int fd;
