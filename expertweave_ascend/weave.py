@@ -137,7 +137,7 @@ class ExpertWeave:
         """Waits up to timeout seconds (None: forever) for the adapter's requests to finish."""
         with self._changing:
             with self._requests:
-                loaded = self._get(name)
+                loaded = self.adapter(name)
                 loaded.unloading = True
                 if not self._requests.wait_for(lambda: loaded.in_flight == 0, timeout):
                     loaded.unloading = False
@@ -151,7 +151,8 @@ class ExpertWeave:
             self.memory.release(name)
             self.tables.give_back_row(loaded.row)
 
-    def _get(self, name: str) -> LoadedAdapter:
+    def adapter(self, name: str) -> LoadedAdapter:
+        """The loaded adapter of this name; AdapterStateError naming the loaded ones if there is none."""
         if name not in self.adapters:
             known = ", ".join(sorted(self.adapters)) or "none"
             raise AdapterStateError(f"unknown adapter {name!r} (loaded: {known})")
@@ -163,7 +164,7 @@ class ExpertWeave:
         if name is None:
             return 0
         with self._requests:
-            loaded = self._get(name)
+            loaded = self.adapter(name)
             if loaded.unloading:
                 raise AdapterStateError(f"adapter {name!r} is being unloaded")
             loaded.in_flight += 1

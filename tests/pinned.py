@@ -75,34 +75,29 @@ def acl_include_dir() -> Path:
     return out
 
 
-def vllm_ascend_sources() -> Path:
-    """The pinned source release's root: its vllm_ascend package and its csrc."""
-    version = pin("vllm-ascend")
-    out = CACHE / f"vllm_ascend-{version}"
-    if not (out / "vllm_ascend").is_dir():
-        sdist = _fetch("vllm-ascend", f"vllm_ascend-{version}.tar.gz")
+def _sdist_tree(project: str, top: str, keep) -> Path:
+    """The pinned source release of project, unpacked once without its top directory, keeping the
+    files keep(path inside it) accepts; top is a directory whose presence says it is unpacked."""
+    version = pin(project)
+    out = CACHE / f"{project.replace('-', '_')}-{version}"
+    if not (out / top).is_dir():
+        sdist = _fetch(project, f"{project.replace('-', '_')}-{version}.tar.gz")
         with tarfile.open(sdist) as archive:
-            members = [m for m in archive.getmembers()
-                       if m.isfile() and m.name.split("/")[1:2] in (["vllm_ascend"], ["csrc"])]
+            members = [m for m in archive.getmembers() if m.isfile() and keep(m.name.split("/", 1)[-1])]
             for member in members:
                 member.name = member.name.split("/", 1)[1]
             archive.extractall(out, members=members, filter="data")
     return out
+
+
+def vllm_ascend_sources() -> Path:
+    """The pinned source release's root: its vllm_ascend package and its csrc."""
+    return _sdist_tree("vllm-ascend", "vllm_ascend", lambda path: path.split("/")[0] in ("vllm_ascend", "csrc"))
 
 
 def vllm_sources() -> Path:
     """The pinned vLLM source release's root (what vllm-ascend runs on): its vllm package, Python only."""
-    version = pin("vllm")
-    out = CACHE / f"vllm-{version}"
-    if not (out / "vllm").is_dir():
-        sdist = _fetch("vllm", f"vllm-{version}.tar.gz")
-        with tarfile.open(sdist) as archive:
-            members = [m for m in archive.getmembers()
-                       if m.isfile() and m.name.split("/")[1:2] == ["vllm"] and m.name.endswith(".py")]
-            for member in members:
-                member.name = member.name.split("/", 1)[1]
-            archive.extractall(out, members=members, filter="data")
-    return out
+    return _sdist_tree("vllm", "vllm", lambda path: path.startswith("vllm/") and path.endswith(".py"))
 
 
 def cuda_include_dir() -> Path:

@@ -1,7 +1,6 @@
 """Rank agreement (I7) in the real vLLM CPU engine with tensor parallelism 2: a load that fails on one
 rank is undone on the other and reported once; a load every rank agrees on serves."""
 
-import os
 import sys
 
 import pytest
@@ -41,18 +40,13 @@ def engine(tiny):
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the injected functions travel by value
     # vLLM binds each CPU worker to a NUMA node of its own unless told which cores to use (here is one
-    # node), and sends a function to the workers only when allowed to pickle it.
-    environment = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
-    llm = ExpertWeaveLLM(str(tiny / "base"), {}, max_adapters=2, adapter_slots=16, granularity=64 << 10, **ENGINE)
-    yield llm
-    llm.shutdown()
-    for key, value in saved.items():  # kept until then: the client reads them too
-        if value is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = value
+    # node), and sends a function to the workers only when allowed to pickle it; the client reads both too.
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        environment.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        llm = ExpertWeaveLLM(str(tiny / "base"), {}, max_adapters=2, adapter_slots=16, granularity=64 << 10, **ENGINE)
+        yield llm
+        llm.shutdown()
 
 
 def test_a_load_that_fails_on_rank_1_is_undone_on_rank_0(engine, tiny):

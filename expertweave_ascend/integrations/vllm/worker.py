@@ -22,14 +22,14 @@ logger = logging.getLogger("expertweave")
 class WorkerWeave:
     def __init__(self, model_runner, config: dict):
         self.api = compat.engine_api()
-        self.api.check_engine(model_runner, config.get("max_adapters") or WeaveConfig.max_adapters)
+        weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
+                                                             "granularity") if config.get(k) is not None})
+        self.api.check_engine(model_runner, weave_config.max_adapters)
         self.layers = {index: VllmMoELayer(runner, index, self.api)
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
         geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
-        weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
-                                                             "granularity") if config.get(k) is not None})
         device_args = self.api.weave_device(model_runner)
         self.backend = device_args.get("backend")  # given to the weave, so closed here
         self.weave = ExpertWeave(geometry, list(self.layers.values()), weave_config, **device_args)
@@ -63,13 +63,14 @@ class WorkerWeave:
                 self.weave.end_request(seen[0])
         for new in scheduler_output.scheduled_new_reqs:
             name = self.api.request_adapter(new.sampling_params)
-            if name is not None and name not in self.weave.adapters:
+            try:
+                row = self.weave.begin_request(name)
+            except AdapterStateError as e:
                 # admission.py refuses these where vLLM admits requests; only an engine client without
                 # an ExpertWeave front-end can send one, and serving it with the base would be wrong.
-                raise ExpertWeaveError(f"request {new.req_id} names adapter {name!r}, which this engine does not "
-                                       f"hold (loaded: {', '.join(sorted(self.weave.adapters)) or 'none'}); "
-                                       "send requests through ExpertWeaveLLM or expertweave serve")
-            self.requests[new.req_id] = (name, self.weave.begin_request(name))
+                raise ExpertWeaveError(f"request {new.req_id}: {e}; send requests through ExpertWeaveLLM or "
+                                       "expertweave serve") from None
+            self.requests[new.req_id] = (name, row)
 
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
@@ -85,9 +86,7 @@ class WorkerWeave:
     def unload_when_idle(self, name: str, live_request_ids) -> dict:
         """Unloads the adapter if none of its requests runs and none of the engine client's live requests
         is still queued (not yet scheduled here, so perhaps this adapter's); else says how many."""
-        loaded = self.weave.adapters.get(name)
-        if loaded is None:
-            raise AdapterStateError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(self.weave.adapters)) or 'none'})")
+        loaded = self.weave.adapter(name)
         queued = sum(1 for r in live_request_ids if r not in self.requests)
         if loaded.in_flight or queued:
             return {"unloaded": False, "running": loaded.in_flight, "queued": queued}
