@@ -8,7 +8,7 @@ rows. Default shapes: DeepSeek-V2-Lite (hidden 2048, expert intermediate 1408, 6
 The share is reroute / (MoE layer + reroute), per token count.
 
 Needs torch_npu, an NPU and the built kernels library (ascendc_kernels/README.md). Every torch_npu
-name used here is listed in compat_ascend.TORCH_NPU_OPS and checked against the pinned torch-npu.
+name used here is listed in tests/vllm_ascend_facts.py TORCH_NPU_OPS and checked against the pinned torch-npu.
 """
 
 import argparse

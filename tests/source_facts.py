@@ -3,10 +3,65 @@ parameters, and what a function's body calls, reads, writes or returns (tests/pi
 
 import ast
 import zipfile
+from dataclasses import dataclass
 from functools import cache
 
 import pinned
-from expertweave_ascend.integrations.vllm.compat_ascend import Fact, Hook
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A vllm-ascend callable or class ExpertWeave wraps, calls or looks up: `target` is
+    "module:qualname" where the plugin finds it, `source` the file defining it, `params` its leading
+    parameter names in order (for a class, its __init__'s)."""
+    target: str
+    params: tuple[str, ...]
+    source: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.target.split(":")[0]
+
+    @property
+    def qualname(self) -> str:
+        return self.target.split(":")[1]
+
+    @property
+    def file(self) -> str:
+        return self.source or self.module.replace(".", "/") + ".py"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """What ExpertWeave assumes of a vllm-ascend function's or class's body: it `calls` a (dotted)
+    name (with these keywords), `reads` or `writes` an attribute chain (writes: with this value, in
+    source form), or `returns` these names."""
+    file: str
+    qualname: str
+    kind: str
+    name: str
+    keywords: tuple[str, ...] = ()
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class VllmName:
+    """A vLLM 0.23 name ExpertWeave imports, with the vllm-ascend file that imports it the same way."""
+    module: str
+    name: str
+    evidence: str
+
+
+@dataclass(frozen=True)
+class NpuOp:
+    """A torch_npu name, as its path under torch_npu ("npu_swiglu", "npu.synchronize"): `params` the
+    parameter names its callers pass, in the signature's order (callers pass most by keyword);
+    `schema` says where torch-npu declares it: "meta" (op_plugin/meta/_meta_registrations.py),
+    "native" (csrc/aten/npu_native_functions.yaml) or "python:<file in the wheel>"."""
+    name: str
+    params: tuple[str, ...]
+    schema: str
+    used_by: str
 
 
 DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)

@@ -238,9 +238,9 @@ def test_largest_table_fits_and_one_more_entry_is_refused_by_the_plan_and_by_the
 
 @pytest.mark.parametrize("k", [1, 2, 6, 8])
 def test_the_engine_refuses_tables_by_the_kernels_own_limit(kernels, k):
-    from expertweave_ascend.integrations.vllm import compat_ascend
+    from expertweave_ascend.integrations.vllm.platforms import ascend
 
-    assert compat_ascend.max_table_entries(k) == kernels.max_table_entries(k)
+    assert ascend.max_table_entries(k) == kernels.max_table_entries(k)
 
 
 def round_up_8(tokens: int) -> int:

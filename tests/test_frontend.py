@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from expertweave_ascend.integrations.vllm.compat_ascend import Fact
-from source_facts import fact_holds, find, parameters, pinned_tree
+from source_facts import Fact, fact_holds, find, parameters, pinned_tree
 
 vllm = pytest.importorskip("vllm")
 

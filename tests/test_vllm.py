@@ -89,14 +89,14 @@ def test_what_captured_graphs_read_stays_in_place(engine, tiny):
     theirs through steps, loads and unloads, and change only in content."""
     import torch
 
-    from expertweave_ascend.integrations.vllm import compat, worker
+    from expertweave_ascend.integrations.vllm import worker
 
     active = worker._ACTIVE
 
     def addresses():
         return (active.token_adapter.data_ptr(), active.weave.tables.tensor.data_ptr(),
-                [(h.table.data_ptr(), compat.expert_module(h.runner).w13_weight.data_ptr(),
-                  compat.expert_module(h.runner).w2_weight.data_ptr()) for h in active.layers.values()])
+                [(h.table.data_ptr(), active.api.expert_module(h.runner).w13_weight.data_ptr(),
+                  active.api.expert_module(h.runner).w2_weight.data_ptr()) for h in active.layers.values()])
 
     before = addresses()
     tables = active.weave.tables.tensor.clone()

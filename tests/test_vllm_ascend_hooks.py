@@ -1,7 +1,7 @@
 """The Ascend path of the vLLM plugin, without an NPU.
 
 Every vllm-ascend and torch_npu name the plugin (and scripts/reroute_share.py) hooks, calls or relies on
-comes from compat_ascend's tables; each is checked here against the pinned releases' sources, parsed
+comes from the tables of tests/vllm_ascend_facts.py; each is checked here against the pinned releases' sources, parsed
 with ast and never imported: vllm-ascend 0.23.0.post1's source release and the torch-npu 2.10.0.post4
 wheel (tests/pinned.py). The pure-Python parts of the path (expert packing, token layout) run on CPU
 tensors against values worked out by hand.
@@ -16,12 +16,15 @@ import pytest
 import torch
 
 import pinned
-from source_facts import dotted, fact_holds, find, hook_problem, imports, parameters, pinned_tree, torch_npu_text
+import vllm_ascend_facts
+from source_facts import (Fact, Hook, NpuOp, dotted, fact_holds, find, hook_problem, imports, parameters, pinned_tree,
+                          torch_npu_text)
+from vllm_ascend_facts import FACTS, HOOKS, MOE_APPLY, TORCH_NPU_OPS, VLLM_NAMES
 from expertweave_ascend.errors import ExpertWeaveError
-from expertweave_ascend.integrations.vllm import compat, compat_ascend
-from expertweave_ascend.integrations.vllm.compat_ascend import (FACTS, HOOKS, TORCH_NPU_OPS, VLLM_NAMES, Fact, Hook,
-                                                               MoETokenLayout, NpuOp, assemble_rows, rank_rows,
-                                                               shard_transposed)
+from expertweave_ascend.integrations.vllm.patching import replace_method
+from expertweave_ascend.integrations.vllm.platforms import ascend
+from expertweave_ascend.integrations.vllm.platforms.ascend import (MoETokenLayout, VllmAscend, assemble_rows,
+                                                                   check_options, rank_rows, shard_transposed)
 from expertweave_ascend.routing import reroute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +68,17 @@ def test_each_hook_exists_with_its_parameters(hook):
     assert hook_problem(hook) is None, hook_problem(hook)
 
 
+def test_every_name_the_platform_class_looks_up_is_a_checked_hook():
+    """VllmAscend's targets ("module:qualname") and runner method names are all in HOOKS."""
+    checked = {hook.target for hook in HOOKS}
+    targets = {value for name, value in vars(VllmAscend).items()
+               if name.isupper() and isinstance(value, str) and ":" in value}
+    methods = {f"{VllmAscend.MODEL_RUNNER}.{getattr(VllmAscend, name)}"
+               for name in ("LOAD_MODEL", "EXECUTE_MODEL", "PREPARE_INPUTS", "GET_MODEL")}
+    assert len(targets) >= 7 and (targets - {VllmAscend.MODEL_RUNNER}) | methods <= checked
+    assert VllmAscend.MODEL_RUNNER in {hook.target.rsplit(".", 1)[0] for hook in HOOKS}
+
+
 @pytest.mark.parametrize("fact", FACTS, ids=lambda f: f"{f.qualname}-{f.kind}-{f.name}")
 def test_each_assumption_about_vllm_ascend_holds(fact):
     assert fact_holds(fact), f"{fact.file}: {fact.qualname} no longer {fact.kind} {fact.name} {fact.keywords or ''}"
@@ -86,7 +100,7 @@ def test_each_torch_npu_name_exists_with_its_parameters(op):
 def torch_npu_references() -> dict[str, set[str]]:
     """Every torch_npu name the plugin and the scripts use, as a path under torch_npu, by file."""
     found: dict[str, set[str]] = {}
-    for path in [Path(compat_ascend.__file__), *sorted((ROOT / "scripts").glob("*.py"))]:
+    for path in [Path(ascend.__file__), *sorted((ROOT / "scripts").glob("*.py"))]:
         tree = ast.parse(path.read_text())
         found[path.name] = {dotted(n.func).removeprefix("torch_npu.") for n in ast.walk(tree)
                             if isinstance(n, ast.Call) and (dotted(n.func) or "").startswith("torch_npu.")}
@@ -98,19 +112,18 @@ def torch_npu_references() -> dict[str, set[str]]:
 def test_every_torch_npu_name_the_plugin_and_scripts_use_is_in_the_table():
     listed = {op.name for op in TORCH_NPU_OPS}
     references = torch_npu_references()
-    assert references["compat_ascend.py"] and references["reroute_share.py"] and references["profile_msprof.sh"]
+    assert references["ascend.py"] and references["reroute_share.py"] and references["profile_msprof.sh"]
     for file, names in references.items():
         unlisted = {n for n in names if n not in listed and not any(op.startswith(n + ".") for op in listed)}
-        assert not unlisted, f"{file} uses torch_npu names missing from compat_ascend.TORCH_NPU_OPS: {unlisted}"
+        assert not unlisted, f"{file} uses torch_npu names missing from vllm_ascend_facts.TORCH_NPU_OPS: {unlisted}"
 
 
 def test_the_checks_catch_a_changed_signature_and_a_missing_name():
-    swapped = Hook(compat_ascend.RUNNER, "NPUModelRunner._prepare_inputs",
-                   ("self", "num_scheduled_tokens", "scheduler_output"))
+    swapped = Hook(f"{VllmAscend.MODEL_RUNNER}._prepare_inputs", ("self", "num_scheduled_tokens", "scheduler_output"))
     assert "does not start with" in hook_problem(swapped)
-    misspelt = Hook(compat_ascend.RUNNER, "NPUModelRunner._prepare_input", ("self",))
+    misspelt = Hook(f"{VllmAscend.MODEL_RUNNER}._prepare_input", ("self",))
     assert "no NPUModelRunner._prepare_input" in hook_problem(misspelt)
-    assert not fact_holds(Fact(compat_ascend._DISPATCH, "TokenDispatcherWithAllGather.token_dispatch", "calls",
+    assert not fact_holds(Fact(vllm_ascend_facts._DISPATCH, "TokenDispatcherWithAllGather.token_dispatch", "calls",
                                "DeviceOperator.npu_moe_init_routing", ("expert_count",)))
     routing = next(op for op in TORCH_NPU_OPS if op.name == "npu_moe_init_routing_v2")
     assert not in_order(("expert_num", "expert_idx"), npu_op_signature(routing))
@@ -119,7 +132,7 @@ def test_the_checks_catch_a_changed_signature_and_a_missing_name():
 
 def test_rerouting_comes_before_the_eplb_map_and_dispatch():
     """apply selects, then hands the ids to the comm method, which applies log2phy before dispatching."""
-    apply = find(pinned_tree(compat_ascend.MOE_APPLY.file), compat_ascend.MOE_APPLY.qualname)
+    apply = find(pinned_tree(MOE_APPLY.file), MOE_APPLY.qualname)
     calls = {dotted(n.func): n.lineno for n in ast.walk(apply) if isinstance(n, ast.Call)}
     assert calls["select_experts"] < calls["moe_comm_method.fused_experts"]
     fused = find(pinned_tree("vllm_ascend/ops/fused_moe/moe_comm_method.py"), "MoECommMethod.fused_experts")
@@ -130,7 +143,7 @@ def test_rerouting_comes_before_the_eplb_map_and_dispatch():
 
 
 def test_vllm_023_takes_the_moe_layer_from_its_legacy_module():
-    tree = pinned_tree(compat_ascend.MOE_APPLY.file)
+    tree = pinned_tree(MOE_APPLY.file)
     branches = [ast.Module(body=n.body, type_ignores=[]) for n in ast.walk(tree)
                 if isinstance(n, ast.If) and ast.unparse(n.test) == "vllm_version_is('0.23.0')"]
     assert any(imports(b, "vllm_ascend.ops.fused_moe.fused_moe_0_23_0", "AscendFusedMoE") for b in branches)
@@ -138,37 +151,13 @@ def test_vllm_023_takes_the_moe_layer_from_its_legacy_module():
 
 def test_constants_match_the_headers_and_sources():
     header = (pinned.acl_include_dir() / "acl" / "acl_base_rt.h").read_text()
-    assert re.search(rf"\bACL_FORMAT_ND = {compat_ascend.ACL_FORMAT_ND},", header)
+    assert re.search(rf"\bACL_FORMAT_ND = {ascend.ACL_FORMAT_ND},", header)
     utils = pinned_tree("vllm_ascend/utils.py")
     nz = next(n for n in utils.body if isinstance(n, ast.Assign) and dotted(n.targets[0]) == "ACL_FORMAT_FRACTAL_NZ")
     assert re.search(rf"\bACL_FORMAT_FRACTAL_NZ = {ast.literal_eval(nz.value)},", header)
     platform = find(pinned_tree("vllm_ascend/platform.py"), "NPUPlatform")
     device_type = next(n for n in platform.body if isinstance(n, ast.AnnAssign) and dotted(n.target) == "device_type")
-    assert ast.literal_eval(device_type.value) == compat_ascend.DEVICE_TYPE
-
-
-def api_attributes(tree: ast.Module) -> set[str]:
-    """Names looked up on an engine api: `self.api.X`, `api.X` or `compat.engine_api().X`."""
-    names = set()
-    for n in ast.walk(tree):
-        if not isinstance(n, ast.Attribute):
-            continue
-        if dotted(n.value) in ("self.api", "api") or (isinstance(n.value, ast.Call)
-                                                      and dotted(n.value.func) == "compat.engine_api"):
-            names.add(n.attr)
-    return names
-
-
-def test_both_compat_modules_offer_every_function_the_integration_calls():
-    """worker.py, layer.py and plugin.py call these on whichever module compat.engine_api() returns."""
-    used = set()
-    for file in ("worker.py", "layer.py", "plugin.py"):
-        used |= api_attributes(ast.parse((Path(compat.__file__).parent / file).read_text()))
-    assert {"check_engine", "iter_moe_layers", "loaded_model", "weave_device", "weave_installed", "moe_token_rows", "batch_layout",
-            "request_adapter", "expert_module", "replace_expert_weight", "reroute_topk", "pack_expert",
-            "patch_model_runner"} <= used
-    for module in (compat, compat_ascend):
-        assert not [name for name in used if not callable(getattr(module, name, None))], module.__name__
+    assert ast.literal_eval(device_type.value) == VllmAscend.DEVICE_TYPE
 
 
 # -- expert packing: one TP rank's transposed shard ---------------------------------------------------
@@ -242,17 +231,18 @@ def test_gathered_rows_reroute_every_token_to_its_own_adapters_slots():
 
 
 # -- the select_experts rebinding ----------------------------------------------------------------------
-def test_rebound_select_experts_reroutes_only_inside_a_woven_layer(monkeypatch):
+def test_rebound_select_experts_reroutes_only_inside_a_woven_layer():
     def select_experts(hidden_states, router_logits, top_k):
         return router_logits.topk(top_k).values, router_logits.topk(top_k).indices.to(torch.int32)
 
     holder = type("Module", (), {"select_experts": staticmethod(select_experts)})
-    compat_ascend.replace_method(holder, "select_experts", compat_ascend._rerouted_select)
-    compat_ascend.replace_method(holder, "select_experts", compat_ascend._rerouted_select)
+    platform = VllmAscend()
+    replace_method(holder, "select_experts", platform.rerouted_select)
+    replace_method(holder, "select_experts", platform.rerouted_select)
     assert holder.select_experts.__wrapped__ is select_experts  # wrapped once, however often installed
     logits = torch.tensor([[0.1, 0.9, 0.5, 0.2]])
     assert holder.select_experts(None, logits, 2)[1].tolist() == [[1, 2]]
-    monkeypatch.setattr(compat_ascend, "_rerouting", lambda ids: ids + 4)
+    platform.rerouting = lambda ids: ids + 4
     weights, ids = holder.select_experts(None, logits, 2)
     assert ids.tolist() == [[5, 6]] and torch.allclose(weights, torch.tensor([[0.9, 0.5]]))
 
@@ -269,8 +259,8 @@ def engine_options(return_routed=False, mix=False, prefetch=False, moe_ratios=No
 
 
 def test_the_default_options_are_accepted_up_to_the_largest_routing_table():
-    compat_ascend.check_options(*engine_options(), max_adapters=761)  # 762 x 64 = 48,768 entries at top-6
-    compat_ascend.check_options(*engine_options(prefetch=True, moe_ratios={"gate_up": 0.0}), max_adapters=8)
+    check_options(*engine_options(), max_adapters=761)  # 762 x 64 = 48,768 entries at top-6
+    check_options(*engine_options(prefetch=True, moe_ratios={"gate_up": 0.0}), max_adapters=8)
 
 
 @pytest.mark.parametrize("options, max_adapters, problem", [
@@ -282,13 +272,13 @@ def test_the_default_options_are_accepted_up_to_the_largest_routing_table():
 ])
 def test_options_that_break_the_slot_layout_are_refused_in_one_line(options, max_adapters, problem):
     with pytest.raises(ExpertWeaveError) as excinfo:
-        compat_ascend.check_options(*engine_options(**options), max_adapters=max_adapters)
+        check_options(*engine_options(**options), max_adapters=max_adapters)
     assert problem in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
 def test_more_slots_than_npu_moe_init_routing_takes_are_refused():
     layer = torch.nn.Module()
     with pytest.raises(ExpertWeaveError, match="5121 expert slots per MoE layer, but npu_moe_init_routing takes at most 5120"):
-        compat_ascend.replace_expert_weight(layer, "w13_weight", torch.empty(5121, 1))
-    compat_ascend.replace_expert_weight(layer, "w13_weight", torch.empty(5120, 1))
+        VllmAscend().replace_expert_weight(layer, "w13_weight", torch.empty(5121, 1))
+    VllmAscend().replace_expert_weight(layer, "w13_weight", torch.empty(5120, 1))
     assert layer.w13_weight.shape[0] == 5120

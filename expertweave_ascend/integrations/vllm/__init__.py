@@ -1,4 +1,6 @@
-"""vLLM integration: a general plugin, a MoE layer handle, a worker extension and an offline wrapper.
+"""vLLM integration: a general plugin, a MoE layer handle, a worker extension, an offline wrapper and
+the HTTP front-end.
 
-Every detail that differs between vLLM versions lives in compat.py.
+Everything that differs between vLLM lines and devices lives in one platform class (platforms/), behind
+the engine interface of engine.py.
 """

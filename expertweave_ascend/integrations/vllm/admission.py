@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from . import compat
+from .engine import request_adapter
 
 ADMISSION = f"{__name__}:AdapterAdmission"  # what the engine's logits_processors gets (module:class)
 
@@ -31,7 +31,7 @@ def set_gate(gate: Callable[[str], str | None] | None) -> None:
 class AdapterAdmission(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        name = compat.request_adapter(sampling_params)
+        name = request_adapter(sampling_params)
         problem = None if name is None or _gate is None else _gate(name)
         if problem is not None:
             raise ValueError(problem)

@@ -3,13 +3,13 @@
 import torch
 
 from ...memory import WeightSpec
-from . import compat
+from .engine import EnginePlatform
 
 
 class VllmMoELayer:
-    """api: the compat module of this engine (compat, or compat_ascend on vllm-ascend)."""
+    """runner: the engine's MoE layer module; api: this engine's platform."""
 
-    def __init__(self, runner: torch.nn.Module, layer: int, api=compat):
+    def __init__(self, runner: torch.nn.Module, layer: int, api: EnginePlatform):
         self.runner = runner
         self.layer = layer
         self.api = api

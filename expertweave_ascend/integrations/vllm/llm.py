@@ -9,7 +9,8 @@ from ...adapters import validate_adapter
 from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...weave import slots_needed
-from . import admission, agreement, compat, lifetime
+from . import admission, agreement, lifetime, platforms
+from .engine import ADAPTER_ARG, shutdown_llm
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -46,10 +47,10 @@ class ExpertWeaveLLM:
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
         additional["expertweave"] = engine_config(self.geometry, adapters or {}, max_adapters, adapter_slots,
                                                   adapter_memory_bytes, granularity)
-        for key, value in compat.engine_defaults().items():
+        for key, value in platforms.current().engine_defaults().items():
             llm_kwargs.setdefault(key, value)
         llm_kwargs["logits_processors"] = admission.with_admission(llm_kwargs.get("logits_processors"))
-        for key, value in compat.engine_environment().items():
+        for key, value in platforms.current().engine_environment().items():
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
@@ -77,7 +78,7 @@ class ExpertWeaveLLM:
         for prompt, name, sp in zip(prompts, names, params):
             sp = (sp or SamplingParams()).clone()
             if name is not None:
-                sp.extra_args = {**(sp.extra_args or {}), compat.ADAPTER_ARG: name}
+                sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name}
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
             if name is not None:
                 prompt["cache_salt"] = f"expertweave:{name}"  # adapters never share prefix-cache blocks
@@ -145,4 +146,4 @@ class ExpertWeaveLLM:
         process's address space, so this matters when one process starts several engines)."""
         self._rpc("expertweave_close")
         admission.set_gate(None)
-        compat.shutdown_llm(self.llm)
+        shutdown_llm(self.llm)

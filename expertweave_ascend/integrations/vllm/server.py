@@ -25,7 +25,8 @@ from pathlib import Path
 from ...adapters import validate_adapter
 from ...errors import AdapterBusyError, ExpertWeaveError
 from ...geometry import BaseGeometry
-from . import admission, agreement, compat, lifetime
+from . import admission, agreement, lifetime, platforms
+from .engine import ADAPTER_ARG
 from .llm import WORKER_EXTENSION, engine_config
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -80,11 +81,11 @@ class AdapterModelMiddleware:
         name = body.get("model") if isinstance(body, dict) else None
         if isinstance(body, dict):
             xargs = dict(body.get("vllm_xargs") or {})
-            xargs.pop(compat.ADAPTER_ARG, None)  # only the model name selects an adapter
+            xargs.pop(ADAPTER_ARG, None)  # only the model name selects an adapter
             if name in registry.paths:
                 if name in registry.unloading:
                     return await _error(409, f"adapter {name!r} is being unloaded", "ConflictError")(scope, receive, send)
-                xargs[compat.ADAPTER_ARG] = name
+                xargs[ADAPTER_ARG] = name
                 body["cache_salt"] = f"expertweave:{name}"
                 body["model"] = registry.base_name
             else:
@@ -265,7 +266,7 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
     """The API server's command line (python -m this module) for ExpertWeave."""
     config = {"expertweave": engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters, adapter_slots)}
     defaults = []
-    for key, value in compat.engine_defaults().items():
+    for key, value in platforms.current().engine_defaults().items():
         flag = "--" + key.replace("_", "-")
         if not any(arg == flag or arg.startswith(flag + "=") for arg in vllm_args):
             defaults += [flag, str(value)]
@@ -282,7 +283,7 @@ def serve_environment(environ: dict[str, str]) -> dict[str, str]:
     allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     if "VLLM_PLUGINS" in env and GENERAL_PLUGIN not in allowed:
         env["VLLM_PLUGINS"] = ",".join(allowed + [GENERAL_PLUGIN])
-    for key, value in compat.engine_environment().items():
+    for key, value in platforms.current().engine_environment().items():
         env.setdefault(key, value)
     return env
 

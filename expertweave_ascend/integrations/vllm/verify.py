@@ -17,7 +17,7 @@ from pathlib import Path
 from ...adapters import validate_adapter
 from ...adapters.merge import write_merged_checkpoint
 from ...geometry import BaseGeometry
-from . import compat
+from .engine import shutdown_llm
 from .llm import ExpertWeaveLLM
 
 
@@ -78,7 +78,7 @@ def _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tok
             try:
                 want, want_logprobs, _ = _run(oracle, batch_prompts, params)[i]
             finally:
-                compat.shutdown_llm(oracle)
+                shutdown_llm(oracle)
             tokens, logprobs, text = served[i]
             same = next((k for k, (a, b) in enumerate(zip(tokens, want)) if a != b), len(want))
             row = {"prompt": batch_prompts[i], "tokens_equal": tokens == want, "output": text,

@@ -13,7 +13,8 @@ import torch
 from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...weave import ExpertWeave, WeaveConfig
-from . import compat
+from . import platforms
+from .engine import expertweave_config, request_adapter
 from .layer import VllmMoELayer
 
 logger = logging.getLogger("expertweave")
@@ -21,7 +22,7 @@ logger = logging.getLogger("expertweave")
 
 class WorkerWeave:
     def __init__(self, model_runner, config: dict):
-        self.api = compat.engine_api()
+        self.api = platforms.current()
         weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
                                                              "granularity") if config.get(k) is not None})
         self.api.check_engine(model_runner, weave_config.max_adapters)
@@ -62,7 +63,7 @@ class WorkerWeave:
             if seen is not None:
                 self.weave.end_request(seen[0])
         for new in scheduler_output.scheduled_new_reqs:
-            name = self.api.request_adapter(new.sampling_params)
+            name = request_adapter(new.sampling_params)
             try:
                 row = self.weave.begin_request(name)
             except AdapterStateError as e:
@@ -115,7 +116,7 @@ def _(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
 
 def on_load(runner) -> None:
     global _ACTIVE
-    config = compat.expertweave_config(runner)
+    config = expertweave_config(runner)
     if config is not None:
         _ACTIVE = WorkerWeave(runner, config)
         logger.info("ExpertWeave: %d MoE layers, %d adapter slots per layer, adapters %s",

@@ -1,0 +1,109 @@
+"""What an engine platform provides ExpertWeave, and the conventions every vLLM line shares.
+
+One class per platform implements EnginePlatform (platforms/: vLLM 0.32 on the CPU and on CUDA,
+vllm-ascend 0.23 on the NPU); platforms.current() picks it once per process. The worker, the MoE layer
+handle and the plugin call only what this protocol names, so everything that differs between vLLM lines
+and devices lives in one platform class.
+"""
+
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ...errors import ExpertWeaveError
+
+ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a request's adapter
+
+OnLoad = Callable[[object], None]  # (model runner) after the model is loaded, before warm-up
+OnSchedule = Callable[[object, object], None]  # (model runner, scheduler output) as a step starts
+OnStep = Callable[[object], None]  # (model runner) once the step's batch is laid out
+
+
+@runtime_checkable
+class EnginePlatform(Protocol):
+    name: str
+
+    # -- the front-end process, before an engine starts --------------------------------------------
+    def engine_defaults(self) -> dict:
+        """Engine arguments ExpertWeave needs unless the user set them."""
+
+    def engine_environment(self) -> dict:
+        """Environment the engine processes need unless the user set it."""
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def patch_model_runner(self, on_load: OnLoad, on_schedule: OnSchedule, on_step: OnStep) -> None:
+        """Installs the three hooks on this platform's model runner, once however often it is called."""
+
+    def check_engine(self, runner, max_adapters: int) -> None:
+        """Refuses, in one line and before anything is mapped, engine options that break the slot layout."""
+
+    def loaded_model(self, runner) -> torch.nn.Module:
+        """The model the runner loaded, out of any graph wrapper."""
+
+    def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+        """(decoder layer index, MoE layer) for every MoE layer; refuses layers this platform cannot serve."""
+
+    def weave_device(self, runner) -> dict:
+        """ExpertWeave's `backend` and `device` arguments (empty: host memory, CPU tables)."""
+
+    def weave_installed(self, runner, weave) -> None:
+        """KV-cache accounting once the base experts moved into virtual memory."""
+
+    def expert_module(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The module that owns the layer's w13_weight / w2_weight."""
+
+    def replace_expert_weight(self, layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """Makes the layer's expert weight `name` the (enlarged) virtual expert tensor."""
+
+    def reroute_topk(self, layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Makes every top-k selection of the layer pass its expert ids through reroute."""
+
+    def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert ([2I, H] gate rows first, [H, I]) in the layout the engine gave the layer's experts."""
+
+    def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
+        """This step's requests in batch order and how many tokens each has in the flattened batch."""
+
+    def moe_token_rows(self, token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
+        """The adapter row of each token a MoE layer selects experts for, from the step's per-token rows."""
+
+
+def request_adapter(sampling_params) -> str | None:
+    """The adapter a request names (None: the base) in its SamplingParams (None for pooling requests)."""
+    extra = (sampling_params.extra_args if sampling_params is not None else None) or {}
+    return extra.get(ADAPTER_ARG)
+
+
+def expertweave_config(runner) -> dict | None:
+    """The engine's `additional_config["expertweave"]` (None: ExpertWeave is off in this engine)."""
+    return (runner.vllm_config.additional_config or {}).get("expertweave")
+
+
+def runner_batch_layout(runner) -> tuple[list[str], np.ndarray]:
+    """The V1 model runner's batch once `_prepare_inputs` laid it out (NPUModelRunner keeps the same
+    input_batch and query_start_loc): request ids in batch order, tokens per request."""
+    n = runner.input_batch.num_reqs
+    return list(runner.input_batch.req_ids[:n]), np.diff(runner.query_start_loc.np[: n + 1])
+
+
+def shutdown_llm(llm) -> None:
+    """Stops a vllm.LLM's engine processes now rather than at garbage collection."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+def shard_expert(w13: torch.Tensor, w2: torch.Tensor, tp_rank: int, tp_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert (w13 [2I, H], gate rows then up; w2 [H, I]) as TP rank tp_rank of tp_size holds it, as
+    vLLM's FusedMoE weight loader splits it on both lines: its rows of gate then of up [2I/tp, H], its
+    columns of down [H, I/tp]."""
+    inter = w2.shape[1]
+    if w13.shape[0] != 2 * inter or inter % tp_size:
+        raise ExpertWeaveError(f"expert of shapes {tuple(w13.shape)} / {tuple(w2.shape)} cannot be split "
+                               f"over {tp_size} tensor-parallel ranks")
+    if tp_size == 1:
+        return w13, w2
+    size = inter // tp_size
+    rows = slice(tp_rank * size, (tp_rank + 1) * size)
+    return torch.cat([w13[:inter][rows], w13[inter:][rows]]), w2[:, rows]

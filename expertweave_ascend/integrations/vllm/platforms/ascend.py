@@ -1,0 +1,328 @@
+"""Every vllm-ascend 0.23.0.post1 (on vLLM 0.23) detail ExpertWeave's NPU path relies on, and nothing else.
+
+VllmAscend implements the engine interface (engine.py) on vllm-ascend's NPU platform; platforms.current()
+picks it there. Written against the pinned source release (requirements-ascend.txt, fetched by
+tests/pinned.py) and NOT YET RUN ON ASCEND HARDWARE: tests/test_vllm_ascend_hooks.py checks every name
+this class looks up (and tests/vllm_ascend_facts.py: every assumption about the bodies behind them)
+against those sources and runs the pure parts (packing, token layout) on CPU tensors;
+scripts/validate_atlas.sh runs the rest on an Atlas server. File paths in the table are relative to the
+vllm_ascend package.
+
+| what                   | vllm-ascend 0.23.0.post1 file: function (vLLM 0.23)                  | ExpertWeave        |
+| ---------------------- | -------------------------------------------------------------------- | ------------------ |
+| MoE layer module       | ops/fused_moe/fused_moe_0_23_0.py: AscendFusedMoE (1)                 | iter_moe_layers    |
+| where top-k ids appear | ops/fused_moe/fused_moe.py: AscendUnquantizedFusedMoEMethod.apply -> select_experts (2) | reroute_topk |
+| EPLB id map            | ops/fused_moe/moe_comm_method.py: MoECommMethod.fused_experts, log2phy[topk_ids] | after rerouting |
+| expert weights         | ops/fused_moe/fused_moe.py: process_weights_after_loading (3)         | pack_expert        |
+| TP shard of an expert  | vLLM FusedMoE weight loader, moe_config.tp_rank / tp_size (4)         | shard_transposed   |
+| expert count dispatch sees | ops/fused_moe/token_dispatcher.py: TokenDispatcherWithAllGather.num_experts_local (5) | reroute_topk |
+| EP expert maps         | eplb/core/eplb_utils.py: init_eplb_config (6)                         | EP refused         |
+| tokens at select_experts | ops/fused_moe/prepare_finalize.py: PrepareAndFinalizeWithAllGather.prepare (7) | moe_token_rows |
+| process-wide patches   | __init__.py: _ensure_global_patch, as vllm-ascend's own plugins call it | patch_model_runner |
+| model loaded           | worker/model_runner_v1.py: NPUModelRunner.load_model, get_model       | patch_model_runner |
+| KV-cache sizing        | worker/worker.py: NPUWorker.determine_available_memory, model_memory_usage | weave_installed |
+| per-step token layout  | worker/model_runner_v1.py: NPUModelRunner._prepare_inputs (8)         | patch_model_runner |
+| request scheduled/finished | worker/model_runner_v1.py: NPUModelRunner.execute_model: scheduled_new_reqs, finished_req_ids | patch_model_runner |
+| per-request data       | SamplingParams.extra_args, runner.requests[id].sampling_params        | engine.py          |
+| expert memory          | ours: AscendCL VMM (expertweave_ascend/memory/acl_backend.py)         | weave_device       |
+
+(1) Imported into ops/fused_moe/fused_moe.py when vLLM is 0.23.0; at `model.layers[i].mlp.experts`.
+(2) `apply` calls its module's `select_experts` (from ops/fused_moe/experts_selector.py) on the
+    tokens `prepare` laid out; ExpertWeave wraps `apply` to know the layer and rebinds that module's
+    `select_experts` to reroute the ids it returns, so rerouting comes before EPLB and dispatch.
+(3) w13 [E, H, 2I/tp] (gate then up) and w2 [E, I/tp, H], transposed after loading; ND unless
+    weight_nz_mode=2 or enable_fused_mc2 casts them to NZ. ExpertWeave keeps them ND and refuses NZ.
+(4) TP rank r holds rows [r*I/tp, (r+1)*I/tp) of gate and of up and those columns of down; without
+    EP the TP group spans DP too (flattened rank).
+(5) Without EP it is both `expert_num` and the end of `active_expert_range` of npu_moe_init_routing
+    (torch_npu.npu_moe_init_routing_v2 on A5, vllm-ascend's npu_moe_init_routing_custom on A2/A3).
+    One dispatcher serves every layer (`_MoECommMethods`, ops/fused_moe/moe_comm_method.py), so it is
+    set to the layer's M + S slots only while a woven layer runs `apply`.
+(6) None without EP. With EP rank r owns global ids [r*E/ep, (r+1)*E/ep), and MC2 / all-to-all send
+    id to rank id // (E/ep).
+(7) Without SP each DP rank's tokens are padded to `max_tokens_across_dp` and all-gathered over DP
+    (`_prepare_with_dp_group`); with SP (flashcomm1) `maybe_all_gather_and_maybe_unpad`
+    (ops/register_custom_ops.py) gathers them and, with DP, cuts rank i's `padded_length` block to
+    `num_tokens_across_dp_cpu[i]`. Each token's adapter row takes the same padding and DP all-gather
+    (MoETokenLayout).
+(8) Writes `query_start_loc.np`, inside `execute_model`'s `synchronize_input_prep()`, which also
+    guards ExpertWeave's pinned host rows until their non-blocking copy to the NPU is done.
+
+Refused with one clear error when the engine loads, before anything is mapped: expert parallelism
+(dispatch needs each rank's experts to be one contiguous block of global ids, so an adapter's copy of
+expert j must sit in a block of the EP rank owning j, laid out [r*(E/ep + S), (r+1)*(E/ep + S)); the
+core numbers a layer's adapter slots M..M+S-1 for the whole layer), prefill context parallelism
+(tokens are also gathered over PCP), quantized MoE layers (their `apply` selects experts elsewhere),
+NZ expert weights, and enable_sp_by_pass with DP (its gather keeps the padding).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ....errors import ExpertWeaveError
+from ..engine import OnLoad, OnSchedule, OnStep, runner_batch_layout, shard_expert
+from ..patching import lookup, replace_method, resolve, wrap_after, wrap_before
+
+ACL_FORMAT_ND = 2  # aclFormat in acl/acl_base_rt.h
+# npu_moe_init_routing_custom takes expert ids up to 10240, 5120 in its key-value count mode
+# (csrc/moe/moe_init_routing_custom/op_host/moe_init_routing_custom_tiling.cpp: KV_MODE_EXPERT_IDX_MAX):
+# the smaller bounds a layer's M + S slots, whichever mode the dispatcher picks.
+ROUTING_MAX_EXPERTS = 5120
+# ascendc_kernels/reroute_tiling.h MaxTableEntries: a vector core's 192 KiB unified buffer less the
+# smallest tile (8 tokens of top-k ids, eight buffers of them), in int32 table entries.
+REROUTE_UB_BYTES = 192 * 1024
+REROUTE_ATTR = "_expertweave_reroute"  # set on a woven AscendFusedMoE: its ids -> slot ids
+
+_MOE = "vllm_ascend.ops.fused_moe.fused_moe"
+
+
+class VllmAscend:
+    """Every vllm-ascend name this class looks up is one of these "module:qualname" targets."""
+    name = "vllm-ascend"
+    DEVICE_TYPE = "npu"  # vllm-ascend's NPUPlatform.device_type, which platforms.current() looks for
+    MODEL_RUNNER = "vllm_ascend.worker.model_runner_v1:NPUModelRunner"
+    LOAD_MODEL, EXECUTE_MODEL, PREPARE_INPUTS, GET_MODEL = "load_model", "execute_model", "_prepare_inputs", "get_model"
+    MOE_LAYER = f"{_MOE}:AscendFusedMoE"
+    MOE_METHOD = f"{_MOE}:AscendUnquantizedFusedMoEMethod"
+    MOE_APPLY = f"{MOE_METHOD}.apply"
+    SELECT_EXPERTS = f"{_MOE}:select_experts"
+    ENABLE_SP = "vllm_ascend.utils:enable_sp"
+    GET_ASCEND_CONFIG = "vllm_ascend.ascend_config:get_ascend_config"
+    GLOBAL_PATCH = "vllm_ascend:_ensure_global_patch"
+
+    def __init__(self):
+        self.rerouting: Callable[[torch.Tensor], torch.Tensor] | None = None  # the woven layer now in apply
+
+    def engine_defaults(self) -> dict:
+        return {}
+
+    def engine_environment(self) -> dict:
+        """None: vllm-ascend's NPUWorker always builds the V1 runner on vLLM 0.23."""
+        return {}
+
+    # -- the model runner -----------------------------------------------------------------------------
+    def patch_model_runner(self, on_load: OnLoad, on_schedule: OnSchedule, on_step: OnStep) -> None:
+        """On NPUModelRunner, which overrides all three methods.
+
+        vllm-ascend's own general plugins apply its process-wide patches of vLLM before anything imports
+        its model runner; this plugin may load first, so it applies them the same way before the import."""
+        lookup(self.GLOBAL_PATCH)()
+        runner = lookup(self.MODEL_RUNNER)
+        wrap_after(runner, self.LOAD_MODEL, lambda self, *a, **k: on_load(self))
+        wrap_before(runner, self.EXECUTE_MODEL,
+                    lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
+        wrap_after(runner, self.PREPARE_INPUTS, lambda self, *a, **k: on_step(self))
+
+    def loaded_model(self, runner) -> torch.nn.Module:
+        """The model itself, out of the ACL graph wrapper."""
+        return getattr(runner, self.GET_MODEL)()
+
+    def weave_device(self, runner) -> dict:
+        """AscendCL virtual memory on the runner's NPU, tables there too; the NPU reroute kernel is
+        loaded first."""
+        from ....memory.acl_backend import AclBackend
+        from ...ascend.kernels import load_kernels
+
+        load_kernels()
+        return {"backend": AclBackend(runner.device.index), "device": runner.device}
+
+    def weave_installed(self, runner, weave) -> None:
+        """The base experts moved from torch's allocator into AscendCL virtual memory: give their old
+        blocks back to the device and take them out of the weights the KV-cache sizing subtracts
+        (NPUWorker.determine_available_memory counts model_memory_usage and, apart, non-torch memory,
+        where the virtual expert tensors now are)."""
+        import torch_npu
+
+        torch_npu.npu.empty_cache()
+        runner.model_memory_usage -= weave.memory.base_expert_bytes
+
+    def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
+        return runner_batch_layout(runner)
+
+    # -- engine options and MoE layers ----------------------------------------------------------------
+    def check_engine(self, runner, max_adapters: int) -> None:
+        check_options(runner.vllm_config, lookup(self.GET_ASCEND_CONFIG)(), max_adapters)
+
+    def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+        layer_cls = lookup(self.MOE_LAYER)
+        for index, layer in enumerate(model.model.layers):
+            experts = getattr(getattr(layer, "mlp", None), "experts", None)
+            if isinstance(experts, layer_cls):
+                self.check_layer(index, experts)
+                yield index, experts
+
+    def check_layer(self, index: int, layer: torch.nn.Module) -> None:
+        import torch_npu
+
+        where = f"ExpertWeave on vllm-ascend, MoE layer {index}"
+        moe = layer.moe_config
+        if layer.mix_placement:
+            raise ExpertWeaveError(f"{where}: mix_placement puts the shared experts in the rows the adapter slots "
+                                   "take")
+        if moe.ep_size > 1:
+            raise ExpertWeaveError(f"{where}: expert parallelism (EP {moe.ep_size}) is not supported: its dispatch "
+                                   "needs every adapter expert on the EP rank of its base expert; serve with TP/DP "
+                                   "only")
+        if moe.pcp_size > 1:
+            raise ExpertWeaveError(f"{where}: prefill context parallelism (PCP {moe.pcp_size}) is not supported")
+        if moe.dp_size > 1 and lookup(self.GET_ASCEND_CONFIG)().enable_sp_by_pass:
+            raise ExpertWeaveError(f"{where}: enable_sp_by_pass with data parallelism is not supported")
+        if type(layer.quant_method) is not lookup(self.MOE_METHOD):
+            raise ExpertWeaveError(f"{where}: only unquantized MoE layers are supported, "
+                                   f"this one uses {type(layer.quant_method).__name__}")
+        for name in ("w13_weight", "w2_weight"):
+            fmt = torch_npu.get_npu_format(getattr(layer, name))
+            if fmt != ACL_FORMAT_ND:
+                raise ExpertWeaveError(f"{where}: {name} is in NPU format {fmt}, not ND (2); ExpertWeave keeps "
+                                       "expert weights ND: leave weight_nz_mode below 2 and enable_fused_mc2 off")
+
+    def expert_module(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """AscendFusedMoE owns w13_weight / w2_weight itself."""
+        return layer
+
+    def replace_expert_weight(self, layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """As process_weights_after_loading installs its transposed weights: a new frozen Parameter."""
+        if tensor.shape[0] > ROUTING_MAX_EXPERTS:
+            raise ExpertWeaveError(f"ExpertWeave on vllm-ascend: {tensor.shape[0]} expert slots per MoE layer, "
+                                   f"but npu_moe_init_routing takes at most {ROUTING_MAX_EXPERTS}; lower "
+                                   "--max-adapters or --adapter-slots")
+        setattr(layer, name, torch.nn.Parameter(tensor, requires_grad=False))
+
+    def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        moe = layer.moe_config
+        w13, w2 = shard_transposed(w13, w2, moe.tp_rank, moe.tp_size)
+        return w13.to(layer.w13_weight.dtype), w2.to(layer.w2_weight.dtype)
+
+    # -- rerouting --------------------------------------------------------------------------------------
+    def reroute_topk(self, layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Also makes the layer's dispatch count every slot of its (enlarged) expert tensors."""
+        replace_method(*resolve(self.MOE_APPLY), self.woven_apply)
+        replace_method(*resolve(self.SELECT_EXPERTS), self.rerouted_select)
+        setattr(layer, REROUTE_ATTR, reroute)
+
+    def woven_apply(self, original: Callable) -> Callable:
+        platform = self
+
+        def apply(self, layer, *args, **kwargs):
+            reroute = getattr(layer, REROUTE_ATTR, None)
+            if reroute is None:
+                return original(self, layer, *args, **kwargs)
+            from vllm.forward_context import get_forward_context
+
+            dispatcher = get_forward_context().moe_comm_method.token_dispatcher
+            count = dispatcher.num_experts_local
+            dispatcher.num_experts_local = layer.w13_weight.shape[0]
+            platform.rerouting = reroute
+            try:
+                return original(self, layer, *args, **kwargs)
+            finally:
+                platform.rerouting = None
+                dispatcher.num_experts_local = count
+        return apply
+
+    def rerouted_select(self, original: Callable) -> Callable:
+        def select_experts(*args, **kwargs):
+            weights, ids = original(*args, **kwargs)
+            if self.rerouting is None:
+                return weights, ids
+            return weights, self.rerouting(ids)
+        return select_experts
+
+    def moe_token_rows(self, token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
+        """From this rank's per-token rows (the runner's token order, zero beyond the step's tokens), laid
+        out as AllGather's prepare lays out the tokens."""
+        layout = self.token_layout(num_selected)
+        rows = rank_rows(token_adapter, layout)
+        if layout.dp_size > 1:
+            from vllm.distributed import get_dp_group
+
+            rows = get_dp_group().all_gather(rows, 0)
+        rows = assemble_rows(rows, layout)
+        if rows.shape[0] != num_selected:
+            raise ExpertWeaveError(f"ExpertWeave on vllm-ascend: the MoE layer selected experts for {num_selected} "
+                                   f"tokens, the token layout {layout} gives {rows.shape[0]}")
+        return rows
+
+    def token_layout(self, num_selected: int) -> "MoETokenLayout":
+        """The layout AllGather's prepare gives the tokens of the current forward (no EP, no PCP)."""
+        from vllm.distributed import get_dp_group
+        from vllm.forward_context import get_forward_context
+
+        dp_size = get_dp_group().world_size
+        if dp_size == 1:
+            return MoETokenLayout(num_selected)
+        context = get_forward_context()
+        if lookup(self.ENABLE_SP)():
+            if not context.flash_comm_v1_enabled:
+                return MoETokenLayout(num_selected)
+            counts = tuple(int(n) for n in context.dp_metadata.num_tokens_across_dp_cpu)
+            return MoETokenLayout(int(context.padded_length), dp_size, counts)
+        return MoETokenLayout(int(context.max_tokens_across_dp), dp_size)
+
+
+def max_table_entries(top_k: int) -> int:
+    """The largest [rows, M] table the Ascend C reroute kernel stages (reroute_tiling.h MaxTableEntries)."""
+    return (REROUTE_UB_BYTES - 8 * 32 * top_k) // 4
+
+
+def check_options(vllm_config, ascend_config, max_adapters: int) -> None:
+    """Engine options that break the slot layout on vllm-ascend."""
+    where = "ExpertWeave on vllm-ascend"
+    if vllm_config.model_config.enable_return_routed_experts:
+        raise ExpertWeaveError(f"{where}: enable_return_routed_experts would return expert slots, not expert ids "
+                               "(rerouting rewrites them before the capture); start without it")
+    if getattr(ascend_config, "mix_placement", False):
+        raise ExpertWeaveError(f"{where}: mix_placement puts the shared experts after the routed ones, in the rows "
+                               "the adapter slots take; start without it")
+    prefetch = ascend_config.weight_prefetch_config
+    moe_ratios = prefetch.prefetch_ratio.get("moe", {}) or {"gate_up": 0.8}  # vllm-ascend's default
+    if prefetch.enabled and any(ratio > 0 for ratio in moe_ratios.values()):
+        raise ExpertWeaveError(f"{where}: weight prefetch of MoE weights reads a share of the enlarged w13, adapter "
+                               "slots no adapter holds included; set weight_prefetch_config's moe ratios to 0 or "
+                               "disable it")
+    hf = vllm_config.model_config.hf_config
+    experts, top_k = hf.n_routed_experts, hf.num_experts_per_tok
+    rows = max_adapters + 1
+    if rows * experts > max_table_entries(top_k):
+        raise ExpertWeaveError(f"{where}: {max_adapters} adapters make a routing table of {rows} x {experts} "
+                               f"entries; the Ascend C reroute kernel stages at most {max_table_entries(top_k)} at "
+                               f"top-{top_k}: lower --max-adapters")
+
+
+def shard_transposed(w13: torch.Tensor, w2: torch.Tensor, tp_rank: int, tp_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert as TP rank tp_rank of tp_size holds it in vllm-ascend: vLLM's shard (shard_expert),
+    transposed, [H, 2I/tp] and [I/tp, H], both contiguous (ND)."""
+    w13, w2 = shard_expert(w13, w2, tp_rank, tp_size)
+    return w13.t().contiguous(), w2.t().contiguous()
+
+
+# -- each token's adapter row, laid out as the MoE layer's tokens are ----------------------------------
+@dataclass(frozen=True)
+class MoETokenLayout:
+    """How the tokens a MoE layer selects experts for come from the DP ranks' tokens: each rank
+    contributes its first pad_to tokens (zero-padded), the contributions are all-gathered over DP in
+    rank order, and then `kept[i]` tokens are kept from rank i's block (None: all of them)."""
+    pad_to: int
+    dp_size: int = 1
+    kept: tuple[int, ...] | None = None
+
+
+def rank_rows(rows: torch.Tensor, layout: MoETokenLayout) -> torch.Tensor:
+    """This rank's contribution: its per-token adapter rows, cut or zero-padded (row 0, the base) to pad_to."""
+    part = rows[: layout.pad_to]
+    if part.shape[0] == layout.pad_to:
+        return part
+    return torch.nn.functional.pad(part, (0, layout.pad_to - part.shape[0]))
+
+
+def assemble_rows(gathered: torch.Tensor, layout: MoETokenLayout) -> torch.Tensor:
+    """The MoE layer's token rows from the DP all-gather of every rank's contribution."""
+    if layout.kept is None:
+        return gathered
+    blocks = gathered.view(layout.dp_size, layout.pad_to)
+    return torch.cat([blocks[i, :count] for i, count in enumerate(layout.kept)])

