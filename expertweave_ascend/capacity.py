@@ -9,6 +9,7 @@ import torch
 
 from .geometry import BaseGeometry
 from .memory import ExpertMemory, HostBackend, WeightSpec
+from .reports import AdapterMemory, MemoryReport
 from .weave import slots_needed
 
 # DeepSeek-V2-Lite, the ESFT base (REFERENCE.md).
@@ -34,64 +35,22 @@ def model_nbytes_from_config(config: dict, itemsize: int = 2) -> int:
 
 
 def plan_memory(geometry: BaseGeometry, adapters: dict[str, dict[int, tuple[int, ...]]],
-                granularity: int, model_bytes: int | None = None) -> dict:
+                granularity: int, model_bytes: int | None = None) -> MemoryReport:
     """Loads every adapter's expert counts through ExpertMemory and reports the byte accounting."""
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[geometry.dtype]
     h, i = geometry.hidden_size, geometry.moe_intermediate_size
     specs = [WeightSpec("w13", (2 * i, h), dtype), WeightSpec("w2", (h, i), dtype)]
     backend = HostBackend(granularity)
-    memory = ExpertMemory(backend, {layer: specs for layer in geometry.moe_layers}, geometry.num_experts,
-                          slots_needed(adapters.values(), geometry.moe_layers))
+    slots = slots_needed(adapters.values(), geometry.moe_layers)
+    memory = ExpertMemory(backend, {layer: specs for layer in geometry.moe_layers}, geometry.num_experts, slots)
     try:
-        per_adapter = {}
+        planned = {}
         for name, experts in adapters.items():
+            counts = {layer: len(ids) for layer, ids in experts.items() if ids}
             before = memory.mapped_bytes
-            memory.allocate(name, {layer: len(ids) for layer, ids in experts.items() if ids})
-            per_adapter[name] = {
-                "experts": sum(map(len, experts.values())),
-                "max_per_layer": max(map(len, experts.values()), default=0),
-                "bytes": sum(len(ids) for ids in experts.values()) * geometry.expert_nbytes,
-                "added_mapped_bytes": memory.mapped_bytes - before,
-            }
-        adapter_bytes = sum(a["bytes"] for a in per_adapter.values())
-        adapter_mapped = memory.mapped_bytes - memory.base_mapped_bytes
-        padded = sum(a["max_per_layer"] for a in per_adapter.values()) * len(geometry.moe_layers) \
-            * geometry.expert_nbytes
-        return {
-            "granularity": granularity,
-            "moe_layers": len(geometry.moe_layers),
-            "expert_bytes": geometry.expert_nbytes,
-            "base_expert_bytes": memory.base_expert_bytes,
-            "base_mapped_bytes": memory.base_mapped_bytes,
-            "base_allocations": memory.base_allocations,  # physical allocations, one map call each
-            "adapter_expert_bytes": adapter_bytes,
-            "adapter_mapped_bytes": adapter_mapped,
-            "fragmentation": adapter_mapped / adapter_bytes if adapter_bytes else None,
-            "padded_bytes": padded,
-            "padded_fragmentation": padded / adapter_bytes if adapter_bytes else None,
-            "merged_bytes": None if model_bytes is None else model_bytes * len(adapters),
-            "adapters": per_adapter,
-        }
+            memory.allocate(name, counts)
+            planned[name] = AdapterMemory.of(memory, counts, added_mapped_bytes=memory.mapped_bytes - before)
+        return MemoryReport.of(memory, planned, slots, model_bytes)
     finally:
         memory.close()
         backend.close()
-
-
-def format_plan(plan: dict) -> str:
-    gb = 1e9
-    lines = [f"{'adapter':<12}{'experts':>8}{'max/layer':>10}{'expert GB':>11}{'+mapped GB':>12}"]
-    for name, a in plan["adapters"].items():
-        lines.append(f"{name:<12}{a['experts']:>8}{a['max_per_layer']:>10}{a['bytes'] / gb:>11.3f}"
-                     f"{a['added_mapped_bytes'] / gb:>12.3f}")
-    lines += [
-        f"base experts {plan['base_expert_bytes'] / gb:.3f} GB over {plan['moe_layers']} MoE layers "
-        f"(mapped {plan['base_mapped_bytes'] / gb:.3f} GB, granule {plan['granularity'] / 2**20:g} MiB, "
-        f"{plan['base_allocations']} physical allocations and map calls for "
-        f"{plan['base_mapped_bytes'] // plan['granularity']} granules)",
-        f"adapters: experts {plan['adapter_expert_bytes'] / gb:.3f} GB, mapped {plan['adapter_mapped_bytes'] / gb:.3f} GB"
-        f" -> fragmentation {plan['fragmentation']:.4f}",
-        f"padded to E_max: {plan['padded_bytes'] / gb:.3f} GB (fragmentation {plan['padded_fragmentation']:.3f})",
-    ]
-    if plan["merged_bytes"] is not None:
-        lines.append(f"merged copies: {plan['merged_bytes'] / gb:.3f} GB")
-    return "\n".join(lines)

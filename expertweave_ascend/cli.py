@@ -90,7 +90,8 @@ def cmd_adapter_extract(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import DEFAULT_PROMPTS, format_report, verify_hf
+    from .reports import format_verify
+    from .verify import DEFAULT_PROMPTS, verify_hf
 
     adapters = _named_paths(args.adapter, args.adapters_dir)
     if not adapters:
@@ -109,14 +110,15 @@ def cmd_verify(args) -> int:
         report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
                            dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity,
                            device=args.device)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0 if report["ok"] else 1
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_verify(report))
+    return 0 if report.ok else 1
 
 
 def cmd_memory_plan(args) -> int:
     from .adapters import read_expert_cfg
-    from .capacity import PRESETS, format_plan, model_nbytes_from_config, plan_memory
+    from .capacity import PRESETS, model_nbytes_from_config, plan_memory
     from .geometry import BaseGeometry, read_json
+    from .reports import format_plan
 
     cfgs = _named_paths(args.expert_cfg, None)
     if not cfgs:
@@ -133,7 +135,7 @@ def cmd_memory_plan(args) -> int:
     for name, experts in selections.items():
         check_selection(experts, geometry, cfgs[name])
     plan = plan_memory(geometry, selections, args.granularity, model_nbytes_from_config(config))
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -142,7 +144,8 @@ def cmd_demo(args) -> int:
 
     from .integrations.vllm.verify import verify_vllm
     from .tiny import make_tiny
-    from .verify import DEFAULT_PROMPTS, format_report
+    from .reports import format_verify
+    from .verify import DEFAULT_PROMPTS
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertweave" / f"tiny-seed{args.seed}"
     if not (cache / "adapters").is_dir() or len(list((cache / "adapters").iterdir())) != 3:
@@ -152,8 +155,8 @@ def cmd_demo(args) -> int:
     report = verify_vllm(cache / "base", adapters, DEFAULT_PROMPTS, args.max_new_tokens,
                          granularity=64 << 10, enforce_eager=args.enforce_eager, max_model_len=512,
                          kv_cache_memory_bytes=64 << 20)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0 if report["ok"] else 1
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_verify(report))
+    return 0 if report.ok else 1
 
 
 def cmd_serve(args) -> int:

@@ -6,6 +6,7 @@ import torch
 
 from .adapters import validate_adapter
 from .geometry import BaseGeometry
+from .reports import VerifyReport, VerifyRow
 from .weave import ExpertWeave, WeaveConfig, slots_needed
 
 DEFAULT_PROMPTS = [
@@ -30,7 +31,7 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int):
 def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens: int = 16,
               prompts: list[str] | None = None, dtype: torch.dtype = torch.float32,
               config: WeaveConfig | None = None, granularity: int | None = None,
-              device: str | torch.device = "cpu") -> dict:
+              device: str | torch.device = "cpu") -> VerifyReport:
     """config: the weave's; by default just enough slots for these adapters, granules of granularity.
     device: where the models run; on a GPU the expert tensors are CUDA virtual memory (the driver's
     granularity) and rerouting runs the CUDA kernel."""
@@ -73,53 +74,19 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
         weave.close()
         backend.close()
 
-    report = {"engine": "hf", "device": str(device), "base_model": str(base), "dtype": str(dtype).removeprefix("torch."),
-              "max_new_tokens": max_new_tokens, "adapters": {}}
+    rows = {}
     for i, name in enumerate(entries):
         oracle = reference if name is None else merge_adapter(reference, checked[name])
         with torch.no_grad():
             want_tokens, want_logits = _generate(oracle, tokenizer, [batch_prompts[i]], max_new_tokens)
+            base_tokens = want_tokens if name is None else _generate(reference, tokenizer, [batch_prompts[i]],
+                                                                     max_new_tokens)[0]
         equal = torch.equal(tokens[i], want_tokens[0])
         # Logits are comparable only while the two runs have seen the same tokens.
         same = int((tokens[i] != want_tokens[0]).nonzero()[0, 0]) + 1 if not equal else max_new_tokens
-        diff = (logits[i, :same] - want_logits[0, :same]).abs().max().item()
-        row = {"prompt": batch_prompts[i], "tokens_equal": equal, "max_abs_logit_diff": diff,
-               "output": tokenizer.decode(tokens[i], skip_special_tokens=True)}
-        if name is None:
-            report["base"] = row
-            continue
-        with torch.no_grad():
-            base_tokens, _ = _generate(reference, tokenizer, [batch_prompts[i]], max_new_tokens)
-        report["adapters"][name] = {**row, "differs_from_base": not torch.equal(base_tokens[0], want_tokens[0]),
-                                    "experts": memory["adapters"][name]["experts"],
-                                    "bytes": memory["adapters"][name]["bytes"]}
-    report["memory"] = memory
-    report["ok"] = report["base"]["tokens_equal"] and all(a["tokens_equal"] for a in report["adapters"].values())
-    return report
-
-
-def format_report(report: dict) -> str:
-    diff = "max_abs_logit_diff" if "max_abs_logit_diff" in report["base"] else "max_abs_logprob_diff"
-    lines = [f"ExpertWeave verify ({report['engine']}, {report['dtype']}, {report['max_new_tokens']} greedy tokens)",
-             f"{'model':<14}{'experts':>8}{'bytes':>12}  {'equal':<6}{'max|d' + diff.split('_')[2] + '|':>16}  output"]
-    rows = [("base", report["base"])] + list(report["adapters"].items())
-    for name, row in rows:
-        experts = row.get("experts", "-")
-        nbytes = row.get("bytes", "-")
-        lines.append(f"{name:<14}{experts:>8}{nbytes:>12}  {'yes' if row['tokens_equal'] else 'NO':<6}"
-                     f"{row[diff]:>16.2e}  {row['output'][:40]!r}")
-    m = report["memory"]
-    frag = "n/a" if m["fragmentation"] is None else f"{m['fragmentation']:.3f}"
-    lines += [
-        f"memory: base experts {_mib(m['base_expert_bytes'])} (mapped {_mib(m['base_mapped_bytes'])}), "
-        f"adapter experts {_mib(m['adapter_expert_bytes'])}, mapped {_mib(m['adapter_mapped_bytes'])} "
-        f"(fragmentation {frag}, granule {_mib(m['granularity'])})",
-        f"        padded to E_max {_mib(m['padded_bytes'])}, merged copies "
-        f"{_mib(m['merged_bytes']) if m['merged_bytes'] is not None else 'n/a'}",
-        "all outputs equal the merged models" if report["ok"] else "MISMATCH: some outputs differ",
-    ]
-    return "\n".join(lines)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+        rows[name] = VerifyRow(batch_prompts[i], tokenizer.decode(tokens[i], skip_special_tokens=True), equal,
+                               (logits[i, :same] - want_logits[0, :same]).abs().max().item(),
+                               None if name is None else not torch.equal(base_tokens[0], want_tokens[0]))
+    base_row = rows.pop(None)
+    return VerifyReport("hf", "logits", str(device), str(base), str(dtype).removeprefix("torch."), max_new_tokens,
+                        base_row, rows, memory)

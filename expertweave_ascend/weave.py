@@ -21,6 +21,7 @@ from .adapters import validate_adapter
 from .errors import AdapterStateError
 from .geometry import BaseGeometry
 from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
+from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
 
 
@@ -178,30 +179,13 @@ class ExpertWeave:
             self._requests.notify_all()
 
     # -- accounting -------------------------------------------------------------------------------
-    def memory_report(self, model_bytes: int | None = None) -> dict:
+    def memory_report(self, model_bytes: int | None = None) -> MemoryReport:
         """Byte accounting; model_bytes (all base weights) lets it price one merged copy per adapter."""
         with self._requests:
             adapters = list(self.adapters.values())
-        expert_nbytes = {layer: self.memory.expert_nbytes(layer) for layer in self.handles}
-        adapter_bytes = sum(a.nbytes for a in adapters)
-        adapter_mapped = self.memory.mapped_bytes - self.memory.base_mapped_bytes
-        padded = sum(max(map(len, a.experts.values()), default=0) * sum(expert_nbytes.values()) for a in adapters)
-        return {
-            "granularity": self.backend.granularity,
-            "moe_layers": len(self.handles),
-            "adapter_slots_per_layer": self.adapter_slots,
-            "base_expert_bytes": self.memory.base_expert_bytes,
-            "base_mapped_bytes": self.memory.base_mapped_bytes,
-            "adapter_expert_bytes": adapter_bytes,
-            "adapter_mapped_bytes": adapter_mapped,
-            "fragmentation": adapter_mapped / adapter_bytes if adapter_bytes else None,
-            "padded_bytes": padded,
-            "merged_bytes": None if model_bytes is None else model_bytes * len(adapters),
-            "budget_bytes": self.memory.pool.budget_bytes,
-            "adapters": {a.name: {"row": a.row, "experts": a.num_experts, "bytes": a.nbytes,
-                                  "experts_per_layer": {l: len(ids) for l, ids in a.experts.items()}}
-                         for a in adapters},
-        }
+        return MemoryReport.of(self.memory, {a.name: AdapterMemory(
+            {layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row) for a in adapters},
+            self.adapter_slots, model_bytes)
 
     def close(self) -> None:
         self.memory.close()

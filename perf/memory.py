@@ -49,11 +49,11 @@ def measure(adapter_counts: tuple[int, ...] = (1, 2, 3, 10, 20), granularity: in
     rows = []
     for n in adapter_counts:
         plan = plan_memory(geometry, adapter_geometries(n, geometry.moe_layers), granularity)
-        ideal, woven, padded = (plan["adapter_expert_bytes"], plan["adapter_mapped_bytes"], plan["padded_bytes"])
+        ideal, woven, padded = plan.adapter_expert_bytes, plan.adapter_mapped_bytes, plan.padded_bytes
         rows.append({
-            "adapters": n, "expert_count": sum(a["experts"] for a in plan["adapters"].values()),
+            "adapters": n, "expert_count": sum(a.experts for a in plan.adapters.values()),
             "ideal_adapter_bytes": ideal, "expertweave_adapter_bytes": woven, "padded_adapter_bytes": padded,
-            "fragmentation": plan["fragmentation"], "padded_fragmentation": plan["padded_fragmentation"],
+            "fragmentation": plan.fragmentation, "padded_fragmentation": plan.padded_fragmentation,
             "total_bytes": {"expertweave": model_bytes + woven, "padded": model_bytes + padded,
                             "ideal": model_bytes + ideal, "merged": model_bytes * n},
             "kv_tokens": {"expertweave": kv_tokens(device, model_bytes + woven, per_token),

@@ -127,7 +127,7 @@ import sys
 report = json.load(open(sys.argv[1]))
 rows = [("base", report["base"]), *report["adapters"].items()]
 for name, row in rows:
-    print(f"  {name:>16}: tokens equal {row['tokens_equal']}, max |logprob diff| {row['max_abs_logprob_diff']:.3g}")
+    print(f"  {name:>16}: tokens equal {row['tokens_equal']}, max |{report['compared']} diff| {row['max_abs_diff']:.3g}")
 memory = report["memory"]
 print(f"  adapter experts {memory['adapter_expert_bytes'] / 2**20:.1f} MiB, mapped "
       f"{memory['adapter_mapped_bytes'] / 2**20:.1f} MiB (granule {memory['granularity'] >> 20} MiB)")

@@ -30,21 +30,21 @@ def selections(esft_data) -> dict:
 def test_three_real_adapters_fragmentation(lite, selections):
     plan = plan_memory(lite, selections, granularity=2 << 20)
     experts = sum(len(ids) for experts in selections.values() for ids in experts.values())
-    assert lite.expert_nbytes == EXPERT_BYTES and plan["moe_layers"] == 26
-    assert plan["adapter_expert_bytes"] == experts * EXPERT_BYTES
-    assert plan["base_expert_bytes"] == 26 * 64 * EXPERT_BYTES
-    assert plan["fragmentation"] <= 1.02
+    assert lite.expert_nbytes == EXPERT_BYTES and plan.moe_layers == 26
+    assert plan.adapter_expert_bytes == experts * EXPERT_BYTES
+    assert plan.base_expert_bytes == 26 * 64 * EXPERT_BYTES
+    assert plan.fragmentation <= 1.02
     # Padding every adapter to its widest layer costs far more than the virtual tensor.
-    assert plan["padded_fragmentation"] > 1.3
-    assert plan["padded_bytes"] == sum(max(map(len, s.values())) for s in selections.values()) * 26 * EXPERT_BYTES
+    assert plan.padded_fragmentation > 1.3
+    assert plan.padded_bytes == sum(max(map(len, s.values())) for s in selections.values()) * 26 * EXPERT_BYTES
 
 
 def test_base_experts_take_one_allocation_and_one_map_call_per_tensor(lite, selections):
     """Each layer's w13 and w2 base experts are one contiguous run: 2 x 26 allocations, not one per granule
     (13,728 for DeepSeek-V2-Lite at 2 MiB: 64 experts x (5.5 + 2.75) granules x 26 layers)."""
     plan = plan_memory(lite, selections, granularity=2 << 20)
-    assert plan["base_allocations"] == 2 * 26
-    assert plan["base_mapped_bytes"] // (2 << 20) == 26 * (64 * 11 // 2 + 64 * 11 // 4) == 13728
+    assert plan.base_allocations == 2 * 26
+    assert plan.base_mapped_bytes // (2 << 20) == 26 * (64 * 11 // 2 + 64 * 11 // 4) == 13728
 
 
 def test_cli_memory_plan(esft_data, capsys):
@@ -53,6 +53,10 @@ def test_cli_memory_plan(esft_data, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert set(plan["adapters"]) == set(TASKS)
     assert plan["merged_bytes"] > 3 * 30e9  # three merged 15.7B-parameter models in bf16
+    assert plan["base_allocations"] == 52 and plan["fragmentation"] <= 1.02 and plan["padded_fragmentation"] > 1.3
+    assert sum(a["added_mapped_bytes"] for a in plan["adapters"].values()) == plan["adapter_mapped_bytes"]
+    for task, adapter in plan["adapters"].items():
+        assert adapter["row"] is None and adapter["experts"] == sum(adapter["experts_per_layer"].values()), task
 
 
 def test_real_geometry_churn_returns_to_base(lite, selections):

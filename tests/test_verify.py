@@ -49,24 +49,23 @@ def report(tiny):
 
 
 def test_mixed_batch_equals_merged_models(report):
-    assert report["ok"]
-    assert report["base"]["tokens_equal"] and report["base"]["max_abs_logit_diff"] < 1e-4
-    assert set(report["adapters"]) == {"law", "math", "code"}
-    for name, row in report["adapters"].items():
-        assert row["tokens_equal"], name
-        assert row["max_abs_logit_diff"] < 1e-4, name
-        assert row["differs_from_base"], f"{name}: greedy output equals the base's; adapter has no effect"
+    assert report.ok and report.compared == "logits"
+    assert report.base.tokens_equal and report.base.max_abs_diff < 1e-4
+    assert set(report.adapters) == {"law", "math", "code"}
+    for name, row in report.adapters.items():
+        assert row.tokens_equal, name
+        assert row.max_abs_diff < 1e-4, name
+        assert row.differs_from_base, f"{name}: greedy output equals the base's; adapter has no effect"
 
 
 def test_verify_memory_figures(report):
-    m = report["memory"]
-    for key in ("base_expert_bytes", "adapter_expert_bytes", "adapter_mapped_bytes", "fragmentation",
-                "padded_bytes", "merged_bytes"):
-        assert key in m
-    assert m["fragmentation"] == m["adapter_mapped_bytes"] / m["adapter_expert_bytes"]
-    assert 1.0 <= m["fragmentation"] < 1.1
-    assert m["padded_bytes"] > m["adapter_expert_bytes"]
-    assert m["merged_bytes"] > 3 * m["base_expert_bytes"]
+    m = report.memory
+    assert m.fragmentation == m.adapter_mapped_bytes / m.adapter_expert_bytes
+    assert 1.0 <= m.fragmentation < 1.1
+    assert m.padded_bytes > m.adapter_expert_bytes
+    assert m.merged_bytes > 3 * m.base_expert_bytes
+    assert m.adapter_expert_bytes == sum(a.bytes for a in m.adapters.values())
+    assert {name: a.row for name, a in m.adapters.items()} == {"law": 1, "math": 2, "code": 3}
 
 
 def test_verify_detects_a_wrong_expert_layout(tiny, monkeypatch):
@@ -76,18 +75,22 @@ def test_verify_detects_a_wrong_expert_layout(tiny, monkeypatch):
                                                       "w2": down.to(self.dtype)})
     result = verify_hf(tiny / "base", {"law": tiny / "adapters" / "law"}, max_new_tokens=16,
                        config=WeaveConfig(max_adapters=1, adapter_slots=8, granularity=64 << 10))
-    assert not result["ok"]
-    assert not result["adapters"]["law"]["tokens_equal"] or result["adapters"]["law"]["max_abs_logit_diff"] > 1e-3
-    assert result["base"]["tokens_equal"]
+    assert not result.ok
+    assert not result.adapters["law"].tokens_equal or result.adapters["law"].max_abs_diff > 1e-3
+    assert result.base.tokens_equal
 
 
 def test_cli_verify_json(tiny, capsys):
     code = main(["verify", "--engine", "hf", "--base", str(tiny / "base"), "--adapter",
                  f"law={tiny / 'adapters' / 'law'}", "--granularity", "64KiB", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert code == 0 and out["ok"]
-    assert out["adapters"]["law"]["tokens_equal"] is True
-    assert out["memory"]["granularity"] == 64 << 10
+    assert code == 0 and out["ok"] and out["engine"] == "hf" and out["compared"] == "logits"
+    assert out["adapters"]["law"]["tokens_equal"] is True and out["adapters"]["law"]["max_abs_diff"] < 1e-4
+    memory = out["memory"]
+    assert memory["granularity"] == 64 << 10
+    assert memory["fragmentation"] == memory["adapter_mapped_bytes"] / memory["adapter_expert_bytes"]
+    law = memory["adapters"]["law"]
+    assert law["row"] == 1 and law["experts"] == sum(law["experts_per_layer"].values())
 
 
 def test_cli_verify_bad_adapter_is_one_line_error(tiny, tmp_path):
@@ -122,7 +125,7 @@ def test_mixed_batch_equals_merged_models_on_the_gpu(tiny):
     """The base and three adapters in one batch on CUDA virtual memory, rerouted by the Triton kernel."""
     adapters = {name: tiny / "adapters" / name for name in ("law", "math", "code")}
     result = verify_hf(tiny / "base", adapters, max_new_tokens=16, device="cuda")
-    assert result["ok"], result
-    assert result["memory"]["granularity"] == 2 << 20
-    for row in [result["base"], *result["adapters"].values()]:
-        assert row["max_abs_logit_diff"] < 1e-3
+    assert result.ok, result
+    assert result.memory.granularity == 2 << 20
+    for row in [result.base, *result.adapters.values()]:
+        assert row.max_abs_diff < 1e-3

@@ -8,6 +8,7 @@ pytest.importorskip("vllm")
 from expertweave_ascend.adapters import EsftAdapter  # noqa: E402
 from expertweave_ascend.errors import AdapterError, AdapterStateError  # noqa: E402
 from expertweave_ascend.integrations.vllm.verify import verify_vllm  # noqa: E402
+from expertweave_ascend.reports import VerifyReport  # noqa: E402
 from expertweave_ascend.verify import DEFAULT_PROMPTS  # noqa: E402
 
 ENGINE = dict(max_model_len=512, kv_cache_memory_bytes=64 << 20)
@@ -19,25 +20,26 @@ def in_process_engine(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def verify(tiny, **kwargs) -> dict:
+def verify(tiny, **kwargs) -> VerifyReport:
     adapters = {name: tiny / "adapters" / name for name in ADAPTERS}
     return verify_vllm(tiny / "base", adapters, DEFAULT_PROMPTS, max_new_tokens=32, **ENGINE, **kwargs)
 
 
-def assert_all_equal(report: dict) -> None:
-    assert set(report["adapters"]) == set(ADAPTERS)
-    for name, row in [("base", report["base"]), *report["adapters"].items()]:
-        assert row["tokens_equal"], name
-        assert row["max_abs_logprob_diff"] == 0.0, name
-    assert report["ok"]
+def assert_all_equal(report: VerifyReport) -> None:
+    assert set(report.adapters) == set(ADAPTERS) and report.compared == "logprobs" and report.device == "cpu"
+    for name, row in [("base", report.base), *report.adapters.items()]:
+        assert row.tokens_equal, name
+        assert row.max_abs_diff == 0.0, name
+    assert report.ok
 
 
 def test_mixed_batch_equals_merged_models_eager(tiny):
     report = verify(tiny, enforce_eager=True, granularity=64 << 10)
     assert_all_equal(report)
-    memory = report["memory"]
-    assert memory["adapter_expert_bytes"] == sum(a["bytes"] for a in report["adapters"].values())
-    assert 1.0 <= memory["fragmentation"] <= 1.1
+    memory = report.memory
+    assert set(memory.adapters) == set(ADAPTERS)
+    assert memory.adapter_expert_bytes == sum(a.bytes for a in memory.adapters.values())
+    assert 1.0 <= memory.fragmentation <= 1.1
 
 
 def test_mixed_batch_equals_merged_models_compiled(tiny):
@@ -65,7 +67,7 @@ def greedy(llm, prompts, adapter):
 
 
 def test_runtime_load_serve_unload(engine, tiny):
-    base_mapped = engine.memory_report()["base_mapped_bytes"]
+    base_mapped = engine.memory_report().base_mapped_bytes
     prompts = ["the court held that a contract requires", "solve for x when two plus three"]
     before = greedy(engine, prompts, None)
     info = engine.load_adapter("law", tiny / "adapters" / "law")
@@ -75,12 +77,12 @@ def test_runtime_load_serve_unload(engine, tiny):
     assert served[1] == before[1]
     assert served[0] != before[0], "the adapter did not change the output"
     report = engine.memory_report()
-    assert report["adapter_expert_bytes"] > 0
-    assert report["adapter_mapped_bytes"] >= report["adapter_expert_bytes"]
+    assert report.adapter_expert_bytes > 0
+    assert report.adapter_mapped_bytes >= report.adapter_expert_bytes
     engine.unload_adapter("law")
     report = engine.memory_report()
-    assert report["adapters"] == {} and report["adapter_mapped_bytes"] == 0
-    assert report["base_mapped_bytes"] == base_mapped
+    assert report.adapters == {} and report.adapter_mapped_bytes == 0
+    assert report.base_mapped_bytes == base_mapped
     assert greedy(engine, prompts, None) == before
 
 

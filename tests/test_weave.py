@@ -85,15 +85,15 @@ def test_memory_report_counts_exact_bytes(make_weave, tiny):
     for name in ("law", "math", "code"):
         total += weave.load_adapter(name, tiny / "adapters" / name).num_experts
     report = weave.memory_report(model_bytes=1000)
-    assert report["adapter_expert_bytes"] == total * expert_bytes
-    assert report["base_expert_bytes"] == 3 * 16 * expert_bytes
-    assert report["adapter_mapped_bytes"] == weave.memory.mapped_bytes - weave.memory.base_mapped_bytes
-    assert report["adapter_mapped_bytes"] == memfd_mapped_bytes(weave) - report["base_mapped_bytes"]
+    assert report.adapter_expert_bytes == total * expert_bytes
+    assert report.base_expert_bytes == 3 * 16 * expert_bytes
+    assert report.adapter_mapped_bytes == weave.memory.mapped_bytes - weave.memory.base_mapped_bytes
+    assert report.adapter_mapped_bytes == memfd_mapped_bytes(weave) - report.base_mapped_bytes
     # Adapters are packed back to back after the base, so the only waste is the last granule of each tensor.
-    assert report["adapter_expert_bytes"] <= report["adapter_mapped_bytes"] < report["adapter_expert_bytes"] + 6 * GRANULE
-    assert report["padded_bytes"] == 3 * 8 * 3 * expert_bytes  # each adapter tunes 8 experts in its widest layer
-    assert report["merged_bytes"] == 3000
-    assert set(report["adapters"]) == {"law", "math", "code"}
+    assert report.adapter_expert_bytes <= report.adapter_mapped_bytes < report.adapter_expert_bytes + 6 * GRANULE
+    assert report.padded_bytes == 3 * 8 * 3 * expert_bytes  # each adapter tunes 8 experts in its widest layer
+    assert report.merged_bytes == 3000
+    assert set(report.adapters) == {"law", "math", "code"}
 
 
 def test_unload_restores_base_memory_and_tables(make_weave, tiny):

@@ -8,6 +8,7 @@ from typing import Sequence
 from ...adapters import validate_adapter
 from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
+from ...reports import MemoryReport
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
 from .engine import ADAPTER_ARG, shutdown_llm
@@ -138,8 +139,8 @@ class ExpertWeaveLLM:
     def list_adapters(self) -> dict:
         return self._rpc("expertweave_list_adapters")
 
-    def memory_report(self) -> dict:
-        return self._rpc("expertweave_memory_report")
+    def memory_report(self) -> MemoryReport:
+        return MemoryReport.from_json(self._rpc("expertweave_memory_report"))
 
     def shutdown(self) -> None:
         """Stops the engine and gives its expert memory back (an in-process engine keeps the

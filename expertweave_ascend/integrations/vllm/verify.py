@@ -17,6 +17,7 @@ from pathlib import Path
 from ...adapters import validate_adapter
 from ...adapters.merge import write_merged_checkpoint
 from ...geometry import BaseGeometry
+from ...reports import VerifyReport, VerifyRow
 from .engine import shutdown_llm
 from .llm import ExpertWeaveLLM
 
@@ -43,7 +44,7 @@ def _in_process_engines():
 
 
 def verify_vllm(base: str | Path, adapters: dict[str, str | Path], prompts: list[str],
-                max_new_tokens: int = 32, granularity: int | None = None, **engine_kwargs) -> dict:
+                max_new_tokens: int = 32, granularity: int | None = None, **engine_kwargs) -> VerifyReport:
     from vllm import SamplingParams
 
     geometry = BaseGeometry.from_checkpoint(base)
@@ -58,8 +59,9 @@ def verify_vllm(base: str | Path, adapters: dict[str, str | Path], prompts: list
 
 
 def _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tokens, granularity,
-            engine_kwargs) -> dict:
+            engine_kwargs) -> VerifyReport:
     from vllm import LLM
+    from vllm.platforms import current_platform
 
     weave = ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, max_adapters=max(1, len(adapters)),
                            granularity=granularity, **engine_kwargs)
@@ -69,8 +71,7 @@ def _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tok
     finally:
         weave.shutdown()
 
-    report = {"engine": "vllm", "base_model": str(base), "max_new_tokens": max_new_tokens,
-              "dtype": str(engine_kwargs.get("dtype", "auto")), "adapters": {}}
+    rows = {}
     with tempfile.TemporaryDirectory(prefix="expertweave-merged-") as tmp:
         for i, name in enumerate(entries):
             model = base if name is None else write_merged_checkpoint(base, checked[name], Path(tmp) / name)
@@ -81,13 +82,8 @@ def _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tok
                 shutdown_llm(oracle)
             tokens, logprobs, text = served[i]
             same = next((k for k, (a, b) in enumerate(zip(tokens, want)) if a != b), len(want))
-            row = {"prompt": batch_prompts[i], "tokens_equal": tokens == want, "output": text,
-                   "max_abs_logprob_diff": max((abs(a - b) for a, b in zip(logprobs[:same + 1], want_logprobs)),
-                                               default=0.0)}
-            if name is None:
-                report["base"] = row
-            else:
-                report["adapters"][name] = {**row, **{k: memory["adapters"][name][k] for k in ("experts", "bytes")}}
-    report["memory"] = memory
-    report["ok"] = report["base"]["tokens_equal"] and all(a["tokens_equal"] for a in report["adapters"].values())
-    return report
+            rows[name] = VerifyRow(batch_prompts[i], text, tokens == want,
+                                   max((abs(a - b) for a, b in zip(logprobs[:same + 1], want_logprobs)), default=0.0))
+    base_row = rows.pop(None)
+    return VerifyReport("vllm", "logprobs", current_platform.device_type, str(base), str(engine_kwargs.get("dtype", "auto")),
+                        max_new_tokens, base_row, rows, memory)

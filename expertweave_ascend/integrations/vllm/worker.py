@@ -168,9 +168,10 @@ class ExpertWeaveWorkerExtension:
             _ACTIVE = None
 
     def expertweave_memory_report(self) -> dict:
+        """MemoryReport.to_json() of this rank."""
         model = _active().api.loaded_model(self.model_runner)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return _active().weave.memory_report(model_bytes=model_bytes)
+        return _active().weave.memory_report(model_bytes=model_bytes).to_json()
 
 
 def _active() -> WorkerWeave:
