@@ -117,7 +117,8 @@ def cmd_verify(args) -> int:
 def cmd_memory_plan(args) -> int:
     from .adapters import read_expert_cfg
     from .capacity import PRESETS, model_nbytes_from_config, plan_memory
-    from .geometry import BaseGeometry, read_json
+    from .files import read_json
+    from .geometry import BaseGeometry
     from .reports import format_plan
 
     cfgs = _named_paths(args.expert_cfg, None)

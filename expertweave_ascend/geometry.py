@@ -1,10 +1,10 @@
 """What ExpertWeave needs to know about a base MoE model, read from its checkpoint directory."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AdapterError
+from .files import read_json
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,3 @@ class BaseGeometry:
 # Every dtype name the safetensors format defines, with its size in bytes.
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise AdapterError(path, "missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(path, f"not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(path, f"expected a JSON object, found {type(data).__name__}")
-    return data

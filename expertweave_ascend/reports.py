@@ -19,6 +19,7 @@ class AdapterMemory:
     bytes: int  # its experts in the engine's layout
     row: int | None = None  # its routing-table row, once loaded
     added_mapped_bytes: int | None = None  # granules its allocation mapped (the memory plan records it)
+    sha256: str | None = None  # its content identity, once loaded
 
     @classmethod
     def of(cls, memory: ExpertMemory, experts_per_layer: dict[int, int], **kwargs) -> "AdapterMemory":

@@ -61,6 +61,7 @@ class LoadedAdapter:
     experts: dict[int, tuple[int, ...]]
     slots: dict[int, list[int]]
     nbytes: int  # engine-layout bytes of its experts
+    sha256: str  # its identity: expert_cfg.json and expert tensors as read (AdapterReader)
     in_flight: int = 0
     unloading: bool = False
 
@@ -111,7 +112,7 @@ class ExpertWeave:
                 self.tables.give_back_row(row)
                 raise
             try:
-                self._write_experts(adapter, slots)
+                sha256 = self._write_experts(adapter, slots)
                 self.tables.write_row(row, {layer: dict(zip(adapter.experts[layer], slots[layer]))
                                             for layer in slots})
             except BaseException:
@@ -120,12 +121,13 @@ class ExpertWeave:
                 raise
             nbytes = sum(len(s) * self.memory.expert_nbytes(layer) for layer, s in slots.items())
             loaded = LoadedAdapter(name, adapter.path, row, {l: ids for l, ids in adapter.experts.items() if ids},
-                                   slots, nbytes)
+                                   slots, nbytes, sha256)
             with self._requests:
                 self.adapters[name] = loaded
             return loaded
 
-    def _write_experts(self, adapter, slots: dict[int, list[int]]) -> None:
+    def _write_experts(self, adapter, slots: dict[int, list[int]]) -> str:
+        """Writes every expert into its slot; returns the adapter's content hash."""
         with adapter.reading() as read:
             for layer, layer_slots in slots.items():
                 handle = self.handles[layer]
@@ -133,6 +135,7 @@ class ExpertWeave:
                 for expert, slot in zip(adapter.experts[layer], layer_slots):
                     for name, packed in handle.pack_expert(*read(layer, expert)).items():
                         views[name][slot].copy_(packed)
+            return read.sha256()
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Waits up to timeout seconds (None: forever) for the adapter's requests to finish."""
@@ -184,7 +187,8 @@ class ExpertWeave:
         with self._requests:
             adapters = list(self.adapters.values())
         return MemoryReport.of(self.memory, {a.name: AdapterMemory(
-            {layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row) for a in adapters},
+            {layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row, sha256=a.sha256)
+            for a in adapters},
             self.adapter_slots, model_bytes)
 
     def close(self) -> None:

@@ -24,9 +24,14 @@ def geometry(tiny) -> BaseGeometry:
 
 @pytest.fixture
 def adapter_copy(tiny, tmp_path):
-    """A writable copy of one tiny adapter, to damage in a test."""
+    """A writable copy of one tiny adapter, to damage in a test; a second copy of one adapter gets a
+    directory of its own (law, law-2, ...)."""
     def copy(name: str = "law") -> Path:
         dst = tmp_path / name
+        number = 1
+        while dst.exists():
+            number += 1
+            dst = tmp_path / f"{name}-{number}"
         shutil.copytree(tiny / "adapters" / name, dst)
         return dst
     return copy

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -215,7 +216,60 @@ def test_garbage_safetensors(capsys, adapter_copy, base, content):
     path = adapter_copy()
     weights_file(path).write_bytes(content)
     rc, _, err = validate_cli(capsys, path, base)
-    assert_one_error(rc, err, weights_file(path), "not a valid safetensors file")
+    assert_one_error(rc, err, weights_file(path), "not a valid safetensors file" if content else "is empty")
+
+
+# -- files an adapter directory must not make us read ---------------------------------------------------
+def test_a_fifo_is_refused_without_being_opened(capsys, adapter_copy, base):
+    path = adapter_copy()
+    weights_file(path).unlink()
+    os.mkfifo(weights_file(path))  # opening it would block until a writer came
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, weights_file(path), "is a FIFO, device or socket, not a regular file; it was not read")
+
+
+def test_a_device_or_proc_file_named_as_config_is_refused(capsys, adapter_copy, base):
+    path = adapter_copy()
+    (path / "expert_cfg.json").unlink()
+    (path / "expert_cfg.json").symlink_to("/dev/zero")
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, path / "expert_cfg.json", "is a FIFO, device or socket")
+    (path / "expert_cfg.json").unlink()
+    (path / "expert_cfg.json").symlink_to("/proc/self/status")
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, path / "expert_cfg.json", "is empty (or a /proc-like file that reports no size)")
+
+
+def test_an_oversized_or_deeply_nested_config_is_refused(capsys, adapter_copy, base):
+    path = adapter_copy()
+    (path / "expert_cfg.json").write_text(" " * (1 << 20) + "{}")
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, path / "expert_cfg.json", "more than the 1048576 this file may hold; it was not read")
+    (path / "expert_cfg.json").write_text("[" * 100_000 + "]" * 100_000)
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, path / "expert_cfg.json", "not valid JSON (nested too deeply)")
+
+
+def test_symlink_loops_and_overlong_paths_say_what_the_system_said(capsys, adapter_copy, base, tmp_path):
+    path = adapter_copy()
+    (path / "expert_cfg.json").unlink()
+    (path / "expert_cfg.json").symlink_to(path / "expert_cfg.json")
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, path / "expert_cfg.json", "cannot be read (Too many levels of symbolic links)")
+    long = tmp_path / ("x" * 300)
+    rc, _, err = validate_cli(capsys, long, base)
+    assert_one_error(rc, err, long, "cannot be listed (File name too long)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_directory_is_reported_as_such(capsys, adapter_copy, base):
+    path = adapter_copy()
+    path.chmod(0)
+    try:
+        rc, _, err = validate_cli(capsys, path, base)
+    finally:
+        path.chmod(0o755)
+    assert_one_error(rc, err, path, "(Permission denied)")
 
 
 def test_no_safetensors_file(capsys, adapter_copy, base):
@@ -573,9 +627,10 @@ def test_open_reads_headers_only(adapter_copy, geometry):
     adapter = validate_adapter(path, geometry)
     assert adapter.nbytes == adapter.num_experts * EXPERT_BYTES
     layer, ids = next((layer, ids) for layer, ids in adapter.experts.items() if ids)
-    with adapter.reading() as read:
-        gate, _, _ = read(layer, ids[0])
-    assert torch.isnan(gate.float()).all()
+    with adapter.reading() as read, pytest.raises(AdapterError) as excinfo:
+        read(layer, ids[0])
+    assert str(excinfo.value) == (f"{weights_file(path)}: tensor model.layers.{layer}.mlp.experts.{ids[0]}.gate_proj"
+                                  ".weight holds NaN or infinite values")
 
 
 class CountingHandle:

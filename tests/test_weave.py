@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from expertweave_ascend.adapters import EsftAdapter
 from expertweave_ascend.errors import AdapterError, AdapterStateError, CapacityError
@@ -199,6 +200,38 @@ def test_i5_invalid_adapter_changes_nothing(make_weave, tiny, adapter_copy):
     with pytest.raises(AdapterError, match="model.safetensors: not a valid safetensors file"):
         weave.load_adapter("law", bad)
     assert_unchanged(weave, before)
+
+
+def test_i5_non_finite_weights_are_refused_and_change_nothing(make_weave, tiny, adapter_copy):
+    weave = make_weave()
+    weave.load_adapter("math", tiny / "adapters" / "math")
+    bad = adapter_copy("law")
+    tensors = load_file(bad / "model.safetensors")
+    key = sorted(tensors)[-1]  # the last tensor read, so every other expert was already written
+    tensors[key][3, 5] = float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    before = snapshot(weave)
+    with pytest.raises(AdapterError) as excinfo:
+        weave.load_adapter("law", bad)
+    assert str(excinfo.value) == f"{bad / 'model.safetensors'}: tensor {key} holds NaN or infinite values"
+    assert_unchanged(weave, before)
+
+
+def test_identity_is_the_content_not_the_name_or_path(make_weave, tiny, adapter_copy):
+    weave = make_weave()
+    law = weave.load_adapter("law", tiny / "adapters" / "law")
+    same = weave.load_adapter("law-copy", adapter_copy("law"))
+    math = weave.load_adapter("math", tiny / "adapters" / "math")
+    assert len(law.sha256) == 64 and law.sha256 == same.sha256 != math.sha256
+    changed = adapter_copy("law")
+    tensors = load_file(changed / "model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] += 1
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    weave.unload_adapter("law")
+    assert weave.load_adapter("law", changed).sha256 not in (law.sha256, math.sha256)
+    report = weave.memory_report()
+    assert report.adapters["math"].sha256 == math.sha256 and report.adapters["law-copy"].sha256 == law.sha256
 
 
 def test_i5_failure_while_writing_rolls_back(make_weave, tiny, monkeypatch):

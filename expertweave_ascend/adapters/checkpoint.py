@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import AdapterError
+from ..files import directory, os_problem, regular_file
 
 # ESFT has written routed experts both with and without the leading "model." (REFERENCE.md).
 EXPERT_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -41,14 +42,13 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
         path = Path(path)
-        if not path.is_dir():
-            raise AdapterError(path, "not a directory")
-        files = sorted(path.glob("*.safetensors"))
+        files = [p for p in directory(path) if p.suffix == ".safetensors"]
         if not files:
             raise AdapterError(path, "no .safetensors files")
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for file in files:
+            regular_file(file)
             try:
                 with safe_open(file, framework="pt") as f:
                     metadata.update(f.metadata() or {})
@@ -60,7 +60,7 @@ class Checkpoint:
             except SafetensorError as e:
                 raise AdapterError(file, f"not a valid safetensors file ({e})") from None
             except OSError as e:
-                raise AdapterError(file, f"cannot be read ({e.strerror or e})") from None
+                raise AdapterError(file, f"cannot be read ({os_problem(e)})") from None
         return cls(path, tensors, metadata)
 
     def expert_keys(self) -> Iterator[tuple[int, int, str, str]]:

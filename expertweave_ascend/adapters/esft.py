@@ -1,15 +1,18 @@
 """The ESFT adapter format: expert_cfg.json plus safetensors holding only the tuned routed experts."""
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import AdapterError
-from ..geometry import DTYPE_SIZES, read_json
+from ..files import MAX_JSON_BYTES, directory, parse_json, read_bytes, read_json
+from ..geometry import DTYPE_SIZES
 from .checkpoint import EXPERT_KEY, PROJS, Checkpoint
 
 CFG_NAME = "expert_cfg.json"
@@ -26,6 +29,7 @@ class EsftAdapter:
     keys: dict[tuple[int, int, str], str]  # (layer, expert, proj) -> tensor name
     checkpoint: Checkpoint
     config: dict | None  # the adapter's own config.json, when it ships one
+    cfg_bytes: bytes  # expert_cfg.json as read, part of the adapter's identity
 
     @property
     def name(self) -> str:
@@ -52,10 +56,10 @@ class EsftAdapter:
     def open(cls, path: str | Path) -> "EsftAdapter":
         """Reads expert_cfg.json and the safetensors headers (no tensor data) and checks they agree."""
         path = Path(path)
-        if not path.is_dir():
-            raise AdapterError(path, "not a directory")
+        directory(path)
         cfg_path = path / CFG_NAME
-        experts, shared, non_expert = _parse_expert_cfg(read_json(cfg_path), cfg_path)
+        cfg_bytes = read_bytes(cfg_path, MAX_JSON_BYTES)
+        experts, shared, non_expert = _parse_expert_cfg(parse_json(cfg_path, cfg_bytes), cfg_path)
         checkpoint = Checkpoint.open(path)
         keys: dict[tuple[int, int, str], str] = {}
         for key, info in checkpoint.tensors.items():
@@ -78,19 +82,56 @@ class EsftAdapter:
                                        f"but has no {', '.join(missing)} tensor")
         config_path = path / "config.json"
         config = read_json(config_path) if config_path.exists() else None
-        return cls(path, experts, shared, non_expert, keys, checkpoint, config)
+        return cls(path, experts, shared, non_expert, keys, checkpoint, config, cfg_bytes)
 
-    def file_of(self, layer: int, expert: int, proj: str) -> Path:
-        return self.checkpoint.tensors[self.keys[layer, expert, proj]].file
+    def file_of(self, key: str) -> Path:
+        return self.checkpoint.tensors[key].file
 
     @contextmanager
-    def reading(self):
-        """Yields read(layer, expert) -> (gate, up, down); tensors are read one expert at a time."""
+    def reading(self) -> Iterator["AdapterReader"]:
+        """Yields an AdapterReader; tensors are read one expert at a time."""
         with self.checkpoint.reading() as read_key:
-            def read(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                return tuple(read_key(self.keys[layer, expert, p]) for p in PROJS)
+            yield AdapterReader(self, read_key)
 
-            yield read
+
+class AdapterReader:
+    """read(layer, expert) -> (gate, up, down), refusing non-finite weights, and hashing what it reads:
+    once every expert was read, sha256() is the adapter's identity, its expert_cfg.json and every expert
+    tensor (name, dtype, shape, bytes); the same bytes under any name or path give the same identity."""
+
+    def __init__(self, adapter: EsftAdapter, read_key):
+        self.adapter = adapter
+        self.read_key = read_key
+        self.digests: dict[str, bytes] = {}
+
+    def __call__(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.read_tensor(self.adapter.keys[layer, expert, proj]) for proj in PROJS)
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        tensor = self.read_key(key)
+        raw = tensor.contiguous().view(torch.uint8)
+        exponent = NON_FINITE_EXPONENT.get(tensor.dtype)
+        if exponent is not None:
+            mask, bits = exponent
+            if bool(((tensor.contiguous().view(bits) & mask) == mask).any()):
+                raise AdapterError(self.adapter.file_of(key), f"tensor {key} holds NaN or infinite values")
+        self.digests[key] = hashlib.sha256(raw.numpy()).digest()
+        return tensor
+
+    def sha256(self) -> str:
+        unread = set(self.adapter.keys.values()) - set(self.digests)
+        if unread:
+            raise RuntimeError(f"{self.adapter.path}: identity asked before {len(unread)} tensors were read")
+        identity = hashlib.sha256(self.adapter.cfg_bytes)
+        for key in sorted(self.digests):
+            info = self.adapter.checkpoint.tensors[key]
+            identity.update(f"\n{key} {info.dtype} {list(info.shape)} ".encode() + self.digests[key])
+        return identity.hexdigest()
+
+
+# A float is NaN or infinite when every bit of its exponent is set: (mask, integer view of the same width).
+NON_FINITE_EXPONENT = {torch.bfloat16: (0x7F80, torch.int16), torch.float16: (0x7C00, torch.int16),
+                       torch.float32: (0x7F800000, torch.int32)}
 
 
 def read_expert_cfg(path: str | Path) -> dict[int, tuple[int, ...]]:

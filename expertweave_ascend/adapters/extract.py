@@ -6,7 +6,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import AdapterError
-from ..geometry import BaseGeometry, read_json
+from ..files import read_json
+from ..geometry import BaseGeometry
 from .checkpoint import EXPERT_KEY, PROJS, TORCH_DTYPES, Checkpoint
 from .esft import save_adapter
 

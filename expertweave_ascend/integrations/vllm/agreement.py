@@ -1,6 +1,6 @@
 """Rank agreement (invariant I7): under tensor or data parallelism every rank loads an adapter on its
-own, so a load counts only if every rank loaded it into the same table row and the same slots; else it
-is taken back on every rank that has it and the caller gets one error.
+own, so a load counts only if every rank read the same bytes (the same content hash) into the same table
+row and the same slots; else it is taken back on every rank that has it and the caller gets one error.
 
 Each rank answers a load with its row and slots, or with the one-line error it met (worker.py); the
 front-ends (server.py, llm.py) send these answers here and, when told to, discard the adapter everywhere.
@@ -23,10 +23,14 @@ def check_load(name: str, answers: list[dict]) -> LoadOutcome:
         rank, error = failed[0]
         where = f" (rank {rank} of {len(answers)}; undone on the others)" if loaded else ""
         return LoadOutcome(None, f"{error}{where}", bool(loaded))
+    if len({a["sha256"] for a in loaded}) > 1:
+        read = "; ".join(f"rank {rank}: sha256 {a['sha256'][:12]}" for rank, a in enumerate(loaded))
+        return LoadOutcome(None, f"adapter {name!r}: the ranks read different bytes ({read}); was it changed while "
+                                 "loading? Undone on every rank", True)
     layouts = {(a["row"], tuple(sorted((layer, tuple(s)) for layer, s in a["slots"].items()))) for a in loaded}
     if len(layouts) > 1:
         placed = "; ".join(f"rank {rank}: row {a['row']}" for rank, a in enumerate(loaded))
         return LoadOutcome(None, f"adapter {name!r}: the ranks placed it differently ({placed}); undone on every "
                                  "rank", True)
     first = loaded[0]
-    return LoadOutcome({k: first[k] for k in ("row", "experts", "bytes")}, None, False)
+    return LoadOutcome({k: first[k] for k in ("row", "experts", "bytes", "sha256")}, None, False)

@@ -143,7 +143,7 @@ class ExpertWeaveWorkerExtension:
             loaded = _active().weave.load_adapter(name, path)
         except ExpertWeaveError as e:
             return {"error": str(e)}
-        return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes,
+        return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes, "sha256": loaded.sha256,
                 "slots": {str(layer): slots for layer, slots in loaded.slots.items()}}
 
     def expertweave_discard_adapter(self, name: str) -> None:
@@ -157,7 +157,8 @@ class ExpertWeaveWorkerExtension:
         return _active().unload_when_idle(name, live_request_ids)
 
     def expertweave_list_adapters(self) -> dict:
-        return {name: {"path": str(a.path), "experts": a.num_experts, "bytes": a.nbytes, "requests": a.in_flight}
+        return {name: {"path": str(a.path), "sha256": a.sha256, "experts": a.num_experts, "bytes": a.nbytes,
+                       "requests": a.in_flight}
                 for name, a in _active().weave.adapters.items()}
 
     def expertweave_close(self) -> None:
