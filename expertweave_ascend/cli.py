@@ -161,10 +161,15 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .integrations.vllm.server import serve
+    from .integrations.vllm.server import ServerOptions, serve
 
+    if args.adapter_root is not None and not args.allow_runtime_loading:
+        raise ExpertWeaveError("serve: --adapter-root confines runtime loading; give --allow-runtime-loading too")
+    options = ServerOptions(args.allow_runtime_loading,
+                            None if args.adapter_root is None else str(Path(args.adapter_root).resolve()))
     serve(args.base, _named_paths(args.adapter, args.adapters_dir), args.host, args.port, args.vllm_args,
-          max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name)
+          max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
+          options=options)
     return 0
 
 
@@ -230,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--base-name", help='the base model\'s "model" name (default: BASE\'s directory name)')
     sv.add_argument("--max-adapters", type=int, default=8, help="adapters loaded at once")
     sv.add_argument("--adapter-slots", type=int, help="expert slots per MoE layer for adapters")
+    sv.add_argument("--allow-runtime-loading", action="store_true",
+                    help="add POST /v1/load_esft_adapter and /v1/unload_esft_adapter (guarded by vLLM's --api-key)")
+    sv.add_argument("--adapter-root", metavar="DIR",
+                    help="runtime loads may read only inside DIR, and may name an adapter by its directory there")
     sv.set_defaults(func=cmd_serve, vllm_args=[])
 
     mp = sub.add_parser("memory-plan", help="bytes mapped for a set of adapter geometries, by the real allocator")

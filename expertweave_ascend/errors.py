@@ -28,5 +28,9 @@ class MemoryBackendError(ExpertWeaveError):
     """A virtual-memory call was refused by the backend (bad size, double map, ...)."""
 
 
+class ConfinementError(ExpertWeaveError):
+    """A path leads outside the directory the server may read adapters from; nothing was read."""
+
+
 class AdapterBusyError(AdapterStateError):
     """An adapter still has requests running or queued when its unload ran out of time; nothing was changed."""

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import AdapterError
+from .errors import AdapterError, ConfinementError
 
 MAX_JSON_BYTES = 1 << 20  # expert_cfg.json and config.json are a few KiB
 
@@ -43,6 +43,21 @@ def directory(path: Path) -> list[Path]:
         raise AdapterError(path, "not a directory (missing)") from None
     except OSError as e:
         raise AdapterError(path, f"cannot be listed ({os_problem(e)})") from None
+
+
+def confined(root: Path, path: str) -> Path:
+    """The adapter directory `path` (relative to root, or absolute) resolved, symlinks included, refusing
+    it, or any file in it, that leads outside root: ConfinementError names neither what is outside nor
+    whether it exists."""
+    root = root.resolve()
+    directory_path = (root / path).resolve()
+    if not directory_path.is_relative_to(root):
+        raise ConfinementError(f"adapter path {path!r} leads outside the adapter root; nothing was read")
+    if directory_path.is_dir():
+        for entry in directory(directory_path):
+            if not entry.resolve().is_relative_to(root):
+                raise ConfinementError(f"{entry.relative_to(root)} leads outside the adapter root; nothing was read")
+    return directory_path
 
 
 def read_bytes(path: Path, limit: int) -> bytes:

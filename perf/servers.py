@@ -42,7 +42,7 @@ def start_vllm(label: str, model: Path, args: list[str], log_dir: Path) -> Serve
 def start_expertweave(label: str, base: Path, max_adapters: int, args: list[str], log_dir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "expertweave_ascend.cli", "serve", str(base), "--base-name", "base",
-            "--max-adapters", str(max_adapters), "--host", "127.0.0.1", "--port", str(port), "--", *args]
+            "--max-adapters", str(max_adapters), "--allow-runtime-loading", "--host", "127.0.0.1", "--port", str(port), "--", *args]
     return _spawn(label, "base", argv, port, log_dir)
 
 

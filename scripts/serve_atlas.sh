@@ -26,6 +26,9 @@ Options:
   --base-name NAME      the base model's "model" name (default: BASE's directory name)
   --max-adapters N      adapters loaded at once (default: expertweave serve's, 8)
   --adapter-slots N     expert slots per MoE layer for adapters (default: expertweave serve's)
+  --allow-runtime-loading
+                        add the load and unload routes (guard them with -- --api-key KEY)
+  --adapter-root DIR    runtime loads read only inside DIR
   --log FILE            server log (default: expertweave-serve-PORT.log)
   --pid-file FILE       once it serves, write the server's process id there
   --timeout SECONDS     how long to wait for /health (default 1800)
@@ -53,8 +56,9 @@ vllm_args=()
 while (($#)); do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --adapter | --adapters-dir | --base-name | --max-adapters | --adapter-slots)
+        --adapter | --adapters-dir | --base-name | --max-adapters | --adapter-slots | --adapter-root)
             need_value "$@"; serve_args+=("$1" "$2"); shift 2 ;;
+        --allow-runtime-loading) serve_args+=("$1"); shift ;;
         --tp) need_value "$@"; tp=$2; shift 2 ;;
         --dp) need_value "$@"; dp=$2; shift 2 ;;
         --devices) need_value "$@"; devices=$2; shift 2 ;;

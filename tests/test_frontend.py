@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -116,8 +117,8 @@ def test_add_front_end_wraps_build_app_and_init_app_state(monkeypatch):
     seen = []
 
     class FrontEnd:
-        def attach(self, app):
-            seen.append(("attach", app))
+        def attach(self, app, options):
+            seen.append(("attach", app, options))
 
         async def init_state(self, engine_client, state, args):
             seen.append(("init", engine_client, state))
@@ -125,13 +126,15 @@ def test_add_front_end_wraps_build_app_and_init_app_state(monkeypatch):
     async def init_app_state(engine_client, state, args, supported_tasks):
         seen.append(("vllm init", supported_tasks))
 
-    monkeypatch.setattr(module, "build_app", lambda args, supported_tasks, model_config: f"app of {args}")
+    args = SimpleNamespace(additional_config={"expertweave": {"server": {"runtime_loading": True}}})
+    monkeypatch.setattr(module, "build_app", lambda args, supported_tasks, model_config: "app")
     monkeypatch.setattr(module, "init_app_state", init_app_state)
     server.add_front_end(module, FrontEnd())
-    assert module.build_app("args", ("generate",), None) == "app of args"
+    assert module.build_app(args, ("generate",), None) == "app"
     import asyncio
-    asyncio.run(module.init_app_state("client", "state", "args", ("generate",)))
-    assert seen == [("attach", "app of args"), ("vllm init", ("generate",)), ("init", "client", "state")]
+    asyncio.run(module.init_app_state("client", "state", args, ("generate",)))
+    assert seen == [("attach", "app", server.ServerOptions(runtime_loading=True)), ("vllm init", ("generate",)),
+                    ("init", "client", "state")]
 
 
 # -- plugin groups ------------------------------------------------------------------------------------

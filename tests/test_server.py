@@ -30,7 +30,7 @@ def server(tiny, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
     cmd = [sys.executable, "-m", "expertweave_ascend.cli", "serve", str(tiny / "base"),
            "--adapter", f"law={tiny / 'adapters' / 'law'}", "--adapter", f"math={tiny / 'adapters' / 'math'}",
-           "--port", str(port), "--max-adapters", "3",
+           "--port", str(port), "--max-adapters", "3", "--allow-runtime-loading",
            "--", "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
            "--kv-cache-memory-bytes", str(64 << 20)]
     with open(log, "w") as out:
@@ -78,9 +78,34 @@ def test_unknown_model_is_openai_404(server):
 
 
 def test_xargs_cannot_select_an_adapter(server):
-    plain = complete(server, "base").json()["choices"][0]["text"]
-    forced = complete(server, "base", vllm_xargs={"esft_adapter": "law"}).json()["choices"][0]["text"]
-    assert forced == plain
+    r = complete(server, "base", vllm_xargs={"esft_adapter": "law"})
+    assert r.status_code == 400 and "vllm_xargs.esft_adapter is set by the server" in r.json()["error"]["message"]
+
+
+def test_models_lists_each_adapter_with_its_content_hash(server, tiny):
+    cards = {m["id"]: m for m in requests.get(f"{server}/v1/models").json()["data"]}
+    listed = requests.get(f"{server}/v1/esft_adapters").json()["adapters"]
+    memory = requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]
+    for name in ("law", "math"):
+        assert cards[name]["parent"] == "base" and len(cards[name]["esft_sha256"]) == 64
+        assert cards[name]["esft_sha256"] == listed[name]["sha256"] == memory[name]["sha256"]
+    assert cards["law"]["esft_sha256"] != cards["math"]["esft_sha256"]
+    assert str(tiny) not in json.dumps([cards["law"], cards["math"]]), "adapter cards show no server path"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/responses", {"input": "hello"}),
+    ("/v1/chat/completions/batch", {"messages": [[{"role": "user", "content": "hi"}]]}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    ("/invocations", {"prompt": "hello", "max_tokens": 4}),
+    ("/v1/embeddings", {"input": "hello"}),
+    ("/tokenize", {"prompt": "hello"}),
+])
+def test_routes_without_adapter_support_refuse_adapter_names(server, path, body):
+    r = requests.post(f"{server}{path}", json={"model": "law", **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == (f"{path} serves the base model only; ESFT adapter 'law' is served on "
+                                            "/v1/completions and /v1/chat/completions")
 
 
 def test_chat_streaming_names_the_adapter(server):
@@ -137,6 +162,23 @@ def test_bad_adapter_loads_are_400_and_disturb_nothing(server, adapter_copy):
                    if line.startswith("data: ") and line != "data: [DONE]")
     assert text == before
     assert "code" not in requests.get(f"{server}/v1/esft_adapters").json()["adapters"]
+
+
+@pytest.mark.parametrize("route", ["load_esft_adapter", "unload_esft_adapter"])
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"law"', b"[" * 50_000 + b"]" * 50_000, b"{no"])
+def test_malformed_load_and_unload_bodies_are_400(server, route, body):
+    r = requests.post(f"{server}/v1/{route}", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "expected a JSON object" in r.json()["error"]["message"]
+
+
+def test_an_adapter_with_an_hf_style_name_is_served(server, tiny):
+    name = "deepseek-ai/ESFT-code@v1"
+    r = requests.post(f"{server}/v1/load_esft_adapter",
+                      json={"adapter_name": name, "adapter_path": str(tiny / "adapters" / "code")})
+    assert r.status_code == 200, r.text
+    assert complete(server, name).json()["model"] == name
+    r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": name, "timeout": 0})
+    assert r.status_code == 200, r.text
 
 
 def test_load_serve_unload_at_run_time(server, tiny):
@@ -216,6 +258,8 @@ def test_unload_during_a_stream_waits_and_the_stream_ends_with_the_adapters_toke
     thread.start()
     time.sleep(0.3)
     assert complete(server, "law").status_code == 409, "a new request was admitted while unloading"
+    second = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "law"}, timeout=60)
+    assert second.status_code == 409 and second.json()["error"]["message"] == "adapter 'law' is already being unloaded"
     text += [c["choices"][0]["text"] for c in received]
     ended = time.monotonic()
     thread.join(300)

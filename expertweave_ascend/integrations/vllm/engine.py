@@ -14,6 +14,12 @@ import torch
 from ...errors import ExpertWeaveError
 
 ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a request's adapter
+# vLLM's prefix cache keys blocks by the request's cache_salt: an adapter's requests carry a salt made
+# from its content hash, so adapters never share blocks unless their bytes are the same, and a client's
+# own salt (per-tenant isolation) is kept in front of it. Clients may not use the marker themselves.
+SALT_MARKER = "~esft:"
+SALT_HASH_CHARS = 32  # 128 bits of the adapter's sha256
+MAX_CACHE_SALT = 128  # vLLM's validate_cache_salt bound
 
 OnLoad = Callable[[object], None]  # (model runner) after the model is loaded, before warm-up
 OnSchedule = Callable[[object, object], None]  # (model runner, scheduler output) as a step starts
@@ -68,6 +74,26 @@ class EnginePlatform(Protocol):
 
     def moe_token_rows(self, token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
         """The adapter row of each token a MoE layer selects experts for, from the step's per-token rows."""
+
+
+def adapter_cache_salt(sha256: str, client_salt: str | None) -> str:
+    """The cache_salt of a request for the adapter whose content hash is sha256; raises ValueError for a
+    client salt that would forge an adapter's salt or not fit beside ours."""
+    problem = client_salt_problem(client_salt)
+    if problem is not None:
+        raise ValueError(problem)
+    return f"{client_salt or ''}{SALT_MARKER}{sha256[:SALT_HASH_CHARS]}"
+
+
+def client_salt_problem(client_salt) -> str | None:
+    if not isinstance(client_salt, str):
+        return None  # absent, or vLLM's own validation refuses it
+    if SALT_MARKER in client_salt:
+        return f"cache_salt may not contain {SALT_MARKER!r}: the server keeps it for adapters' prefix-cache isolation"
+    room = MAX_CACHE_SALT - len(SALT_MARKER) - SALT_HASH_CHARS
+    if len(client_salt) > room:
+        return f"cache_salt is {len(client_salt)} characters; with an ESFT adapter it may have at most {room}"
+    return None
 
 
 def request_adapter(sampling_params) -> str | None:

@@ -11,7 +11,7 @@ from ...geometry import BaseGeometry
 from ...reports import MemoryReport
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
-from .engine import ADAPTER_ARG, shutdown_llm
+from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, shutdown_llm
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -55,7 +55,8 @@ class ExpertWeaveLLM:
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
-        self._adapters = set(self._rpc("expertweave_list_adapters"))
+        # name -> content hash, of the adapters requests may name
+        self._adapters = {name: a["sha256"] for name, a in self._rpc("expertweave_list_adapters").items()}
         self._unloading: set[str] = set()
         self._lock = threading.Lock()
         admission.set_gate(self._refusal)
@@ -75,17 +76,27 @@ class ExpertWeaveLLM:
         if len(names) != len(prompts):
             raise ValueError(f"{len(names)} adapters given for {len(prompts)} prompts")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        self._check_admissible(names)
+        with self._lock:
+            hashes = {name: self._adapters.get(name) for name in set(names) - {None}}
+        for name, sha256 in hashes.items():
+            if sha256 is None:  # unloaded since the check
+                raise AdapterStateError(f"unknown adapter {name!r}")
         requests, per_request = [], []
         for prompt, name, sp in zip(prompts, names, params):
             sp = (sp or SamplingParams()).clone()
-            if name is not None:
-                sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name}
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            if name is not None:
-                prompt["cache_salt"] = f"expertweave:{name}"  # adapters never share prefix-cache blocks
+            if (sp.extra_args or {}).get(ADAPTER_ARG) is not None:
+                raise ValueError(f"extra_args[{ADAPTER_ARG!r}] is set by ExpertWeaveLLM: pass adapter= instead")
+            if name is None:
+                problem = client_salt_problem(prompt.get("cache_salt"))
+                if problem is not None:
+                    raise ValueError(problem)
+            else:
+                sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name}
+                prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
-        self._check_admissible(names)
         outputs = self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
         return outputs[0] if single else outputs
 
@@ -119,7 +130,7 @@ class ExpertWeaveLLM:
             raise ExpertWeaveError(outcome.error)
         info = outcome.info
         with self._lock:
-            self._adapters.add(name)
+            self._adapters[name] = info["sha256"]
         return info
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
@@ -131,7 +142,7 @@ class ExpertWeaveLLM:
         try:
             lifetime.unload_when_idle(self.llm, name, timeout)
             with self._lock:
-                self._adapters.discard(name)
+                del self._adapters[name]
         finally:
             with self._lock:
                 self._unloading.discard(name)

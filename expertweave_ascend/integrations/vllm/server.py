@@ -1,14 +1,14 @@
 """`expertweave serve`: vLLM's own OpenAI-compatible server with ESFT adapters as models.
 
 vLLM's API-server code builds the app and runs it; this module adds, to the app it builds,
-  POST /v1/load_esft_adapter   {"adapter_name", "adapter_path"}
-  POST /v1/unload_esft_adapter {"adapter_name", "timeout"?}   waits for the adapter's requests
   GET  /v1/esft_adapters
-and an ASGI middleware that turns `"model": "<adapter>"` in completions and chat completions into that
-request's adapter (SamplingParams.extra_args, plus a per-adapter prefix-cache salt) and names the adapter
-in the responses. It needs no endpoint plugin (vLLM 0.23 has no such plugin group) and leaves
-VLLM_PLUGINS as the user set it, so platform plugins (vllm-ascend's) and other general plugins load.
-Adapter names are registered as model names, so /v1/models lists them and unknown names get vLLM's 404.
+  POST /v1/load_esft_adapter   {"adapter_name", "adapter_path"}        with --allow-runtime-loading only
+  POST /v1/unload_esft_adapter {"adapter_name", "timeout"?}            (waits for the adapter's requests)
+and an ASGI middleware (AdapterModelMiddleware) that turns `"model": "<adapter>"` into that request's
+adapter on completions and chat completions, refuses it on every other route, and lists adapters in
+/v1/models. It needs no endpoint plugin (vLLM 0.23 has no such plugin group) and leaves VLLM_PLUGINS as
+the user set it, so platform plugins (vllm-ascend's) and other general plugins load. Adapter names are
+not vLLM model names: a route the middleware does not rewrite answers them with vLLM's own 404.
 
 Request lifetime belongs to the engine: the workers count each adapter's requests from the scheduler's
 output (worker.py); unload asks them until the adapter is idle (lifetime.py). This front-end keeps only
@@ -16,18 +16,27 @@ the set of adapters being unloaded, to refuse new requests for them, here (409) 
 each request (admission.py).
 """
 
+import asyncio
 import json
+import logging
 import os
 import sys
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
 from ...adapters import validate_adapter
-from ...errors import AdapterBusyError, ExpertWeaveError
+from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
+from ...files import confined
 from ...geometry import BaseGeometry
 from . import admission, agreement, lifetime, platforms
-from .engine import ADAPTER_ARG
+from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem
 from .llm import WORKER_EXTENSION, engine_config
+
+logger = logging.getLogger("expertweave")
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 GENERAL_PLUGIN = "expertweave"  # our entry point in vllm.general_plugins: must load in every engine process
@@ -39,25 +48,62 @@ API_SERVER = "vllm.entrypoints.openai.api_server"
 CLI_ARGS = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
 
 
-def _error(status: int, message: str, kind: str = "BadRequestError") -> "JSONResponse":
-    from fastapi.responses import JSONResponse
-
+def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
                         status_code=status)
 
 
+@dataclass(frozen=True)
+class AdapterEntry:
+    path: str
+    sha256: str
+
+
 class AdapterRegistry:
-    """The server's view of loaded adapters: names, paths, and those being unloaded."""
+    """The server's view of loaded adapters (name -> path and content hash) and those being unloaded."""
 
     def __init__(self, geometry: BaseGeometry, base_name: str):
         self.geometry = geometry
         self.base_name = base_name
-        self.paths: dict[str, str] = {}
+        self.adapters: dict[str, AdapterEntry] = {}
         self.unloading: set[str] = set()
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """`expertweave serve`'s own options, carried to the API server in additional_config."""
+    runtime_loading: bool = False  # the load and unload routes exist
+    adapter_root: str | None = None  # runtime loads read only inside this directory
+
+    @classmethod
+    def of(cls, args) -> "ServerOptions":
+        return cls(**((args.additional_config or {}).get("expertweave", {}).get("server") or {}))
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _json_object(raw: bytes):
+    """The request's JSON object, or None when the body is something else (vLLM answers it)."""
+    try:
+        body = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class AdapterModelMiddleware:
-    """ASGI middleware mapping `"model": adapter` to the adapter's extra_args, and back in responses."""
+    """ASGI middleware applying one rule to every POST route with a JSON body: `"model": "<adapter>"`
+    selects the adapter (its extra_args and a prefix-cache salt from its content hash, the client's own
+    salt kept in front) on the routes that generate with SamplingParams (GENERATE_PATHS) and is refused
+    with 400 on every other route; no route lets a client set the adapter argument or the salt marker
+    itself. Responses name the adapter, and GET /v1/models lists the adapters with their hashes."""
 
     def __init__(self, app, front_end: "ExpertWeaveFrontEnd"):
         self.app = app
@@ -65,59 +111,107 @@ class AdapterModelMiddleware:
 
     async def __call__(self, scope, receive, send):
         registry = self.front_end.registry
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATE_PATHS \
-                or registry is None:
+        if scope["type"] != "http" or registry is None:
             return await self.app(scope, receive, send)
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        try:
-            body = json.loads(b"".join(chunks) or b"{}")
-        except json.JSONDecodeError:
-            body = None
-        name = body.get("model") if isinstance(body, dict) else None
-        if isinstance(body, dict):
-            xargs = dict(body.get("vllm_xargs") or {})
-            xargs.pop(ADAPTER_ARG, None)  # only the model name selects an adapter
-            if name in registry.paths:
-                if name in registry.unloading:
-                    return await _error(409, f"adapter {name!r} is being unloaded", "ConflictError")(scope, receive, send)
-                xargs[ADAPTER_ARG] = name
-                body["cache_salt"] = f"expertweave:{name}"
+        if scope["method"] == "GET" and scope["path"] == "/v1/models":
+            return await self.app(scope, receive, self._listing_models(send, registry))
+        if scope["method"] != "POST" or not _is_json(scope):
+            return await self.app(scope, receive, send)
+        raw = await _read_body(receive)
+        body = _json_object(raw)
+        name = None
+        if body is not None:
+            name = body.get("model")
+            name = name if isinstance(name, str) and name in registry.adapters else None
+            refusal = self._refusal(scope["path"], body, name, registry)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+            if name is not None:
+                body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name}
+                body["cache_salt"] = adapter_cache_salt(registry.adapters[name].sha256, body.get("cache_salt"))
                 body["model"] = registry.base_name
-            else:
-                name = None
-            body["vllm_xargs"] = xargs or None
-            raw = json.dumps(body).encode()
-        else:
-            raw, name = b"".join(chunks), None
-
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
+                raw = json.dumps(body).encode()
+        replay = _replay(raw, receive)
         if name is None:
             return await self.app(scope, replay, send)
-        base = json.dumps(registry.base_name).encode()
-        adapter = json.dumps(name).encode()
+        return await self.app(scope, replay, _renaming(send, registry.base_name, name))
 
-        async def renaming_send(message):
+    @staticmethod
+    def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
+        xargs = body.get("vllm_xargs")
+        if isinstance(xargs, dict) and ADAPTER_ARG in xargs:
+            return _error(400, f"vllm_xargs.{ADAPTER_ARG} is set by the server: name the adapter in \"model\"")
+        problem = client_salt_problem(body.get("cache_salt"))
+        if problem is not None:
+            return _error(400, problem)
+        if name is None:
+            return None
+        if path not in GENERATE_PATHS:
+            return _error(400, f"{path} serves the base model only; ESFT adapter {name!r} is served on "
+                               f"{' and '.join(GENERATE_PATHS)}")
+        if name in registry.unloading:
+            return _error(409, f"adapter {name!r} is being unloaded", "ConflictError")
+        if xargs is not None and not isinstance(xargs, dict):
+            return _error(400, "vllm_xargs must be an object")
+        return None
+
+    @staticmethod
+    def _listing_models(send, registry: AdapterRegistry):
+        """send, with each loaded adapter added to a successful /v1/models answer as a card of its own."""
+        start, chunks = None, []
+
+        async def listing_send(message):
+            nonlocal start
             if message["type"] == "http.response.start":
-                message["headers"] = [(k, v) for k, v in message["headers"] if k.lower() != b"content-length"]
-            elif message["type"] == "http.response.body":
-                message["body"] = message.get("body", b"").replace(b'"model":' + base, b'"model":' + adapter) \
-                    .replace(b'"model": ' + base, b'"model": ' + adapter)
-            await send(message)
+                start = message
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            raw = b"".join(chunks)
+            listing = _json_object(raw) if start["status"] == 200 else None
+            if listing is not None and isinstance(listing.get("data"), list) and listing["data"]:
+                base = next((card for card in listing["data"] if card.get("id") == registry.base_name),
+                            listing["data"][0])
+                for name, entry in list(registry.adapters.items()):
+                    listing["data"].append({**base, "id": name, "root": name, "parent": base.get("id"),
+                                            "esft_sha256": entry.sha256})
+                raw = json.dumps(listing).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(raw)).encode())]})
+            await send({"type": "http.response.body", "body": raw, "more_body": False})
+        return listing_send
 
-        await self.app(scope, replay, renaming_send)
+
+def _is_json(scope) -> bool:
+    content_type = dict(scope.get("headers") or []).get(b"content-type", b"application/json")
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
+def _replay(raw: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+    return replay
+
+
+def _renaming(send, base_name: str, name: str):
+    """send, with the base model's name in the response bodies replaced by the adapter's."""
+    base, adapter = json.dumps(base_name).encode(), json.dumps(name).encode()
+
+    async def renaming_send(message):
+        if message["type"] == "http.response.start":
+            message["headers"] = [(k, v) for k, v in message["headers"] if k.lower() != b"content-length"]
+        elif message["type"] == "http.response.body":
+            message["body"] = message.get("body", b"").replace(b'"model":' + base, b'"model":' + adapter) \
+                .replace(b'"model": ' + base, b'"model": ' + adapter)
+        await send(message)
+    return renaming_send
 
 
 class ExpertWeaveFrontEnd:
@@ -126,83 +220,99 @@ class ExpertWeaveFrontEnd:
     def __init__(self):
         self.registry: AdapterRegistry | None = None
         self.engine = None
-        self.models = None
+        self.options = ServerOptions()
 
-    def attach(self, app) -> None:
-        from fastapi import Request
-
+    def attach(self, app, options: ServerOptions) -> None:
+        self.options = options
         if app.middleware_stack is None:
             app.add_middleware(AdapterModelMiddleware, front_end=self)
         else:  # vLLM 0.32's SageMaker bootstrap builds the stack in build_app: ours goes around it
             app.middleware_stack = AdapterModelMiddleware(app.middleware_stack, front_end=self)
+        app.add_api_route("/v1/esft_adapters", self.esft_adapters, methods=["GET"])
+        if options.runtime_loading:  # otherwise the routes do not exist (404), as vLLM's LoRA routes
+            app.add_api_route("/v1/load_esft_adapter", self.load_route, methods=["POST"])
+            app.add_api_route("/v1/unload_esft_adapter", self.unload_route, methods=["POST"])
 
-        @app.post("/v1/load_esft_adapter")
-        async def load_esft_adapter(request: Request):
-            body = await request.json()
-            name, path = body.get("adapter_name"), body.get("adapter_path")
-            if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-                return _error(400, 'expected {"adapter_name": str, "adapter_path": str}')
-            return await self.load(name, path)
+    async def esft_adapters(self):
+        adapters = (await self.engine.collective_rpc("expertweave_list_adapters"))[0]
+        memory = (await self.engine.collective_rpc("expertweave_memory_report"))[0]
+        return {"base_model": self.registry.base_name, "adapters": adapters, "memory": memory}
 
-        @app.post("/v1/unload_esft_adapter")
-        async def unload_esft_adapter(request: Request):
-            body = await request.json()
-            name = body.get("adapter_name")
-            if name not in self.registry.paths:
-                return _error(404, f"adapter {name!r} is not loaded", "NotFoundError")
-            try:
-                timeout = float(body.get("timeout", 600))
-            except (TypeError, ValueError):
-                return _error(400, f"timeout {body.get('timeout')!r}: expected a number of seconds")
-            return await self.unload(name, timeout)
+    async def load_route(self, request: Request):
+        body = _json_object(await request.body())
+        if body is None:
+            return _error(400, 'expected a JSON object {"adapter_name": str, "adapter_path": str}')
+        name, path = body.get("adapter_name"), body.get("adapter_path")
+        if path is None and self.options.adapter_root is not None:
+            path = name  # under --adapter-root, an adapter may be named by its directory alone
+        if not isinstance(name, str) or not isinstance(path, str) or not path:
+            return _error(400, 'expected {"adapter_name": str, "adapter_path": str}')
+        return await self.load(name, path)
 
-        @app.get("/v1/esft_adapters")
-        async def esft_adapters():
-            adapters = (await self.engine.collective_rpc("expertweave_list_adapters"))[0]
-            memory = (await self.engine.collective_rpc("expertweave_memory_report"))[0]
-            return {"base_model": self.registry.base_name, "adapters": adapters, "memory": memory}
+    async def unload_route(self, request: Request):
+        body = _json_object(await request.body())
+        if body is None:
+            return _error(400, 'expected a JSON object {"adapter_name": str, "timeout": seconds}')
+        name = body.get("adapter_name")
+        if not isinstance(name, str) or name not in self.registry.adapters:
+            return _error(404, f"adapter {name!r} is not loaded", "NotFoundError")
+        if name in self.registry.unloading:
+            return _error(409, f"adapter {name!r} is already being unloaded", "ConflictError")
+        timeout = body.get("timeout", 600)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
+            return _error(400, f"timeout {timeout!r}: expected a number of seconds")
+        return await self.unload(name, float(timeout))
 
     async def init_state(self, engine_client, state, args) -> None:
         self.engine = engine_client
-        self.models = state.openai_serving_models
-        base_name = self.models.base_model_paths[0].name
-        self.registry = AdapterRegistry(BaseGeometry.from_checkpoint(args.model), base_name)
+        models = state.openai_serving_models
+        self.registry = AdapterRegistry(BaseGeometry.from_checkpoint(args.model), models.base_model_paths[0].name)
         admission.set_gate(self._refusal)
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
-            self._publish(name, info["path"])
+            self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"])
 
     def _refusal(self, name: str) -> str | None:
         """Why a request for this adapter may not start now (vLLM asks as it admits the request), or None."""
-        if name not in self.registry.paths:
+        if name not in self.registry.adapters:
             return f"adapter {name!r} is not loaded"
         if name in self.registry.unloading:
             return f"adapter {name!r} is being unloaded"
         return None
 
-    def _publish(self, name: str, path: str) -> None:
-        base_path = type(self.models.base_model_paths[0])
-        self.registry.paths[name] = path
-        self.models.base_model_paths.append(base_path(name=name, model_path=path))
-
     async def load(self, name: str, path: str):
         registry = self.registry
-        if name in registry.paths or name == registry.base_name:
-            return _error(400, f"adapter name {name!r} is already in use")
+        problem = adapter_name_problem(name)
+        if problem is None and (name in registry.adapters or name == registry.base_name):
+            problem = f"adapter name {name!r} is already in use"
+        if problem is not None:
+            return _error(400, problem)
+        root = self.options.adapter_root
         try:
-            validate_adapter(path, registry.geometry)
-            outcome = agreement.check_load(name, await self.engine.collective_rpc("expertweave_load_adapter",
-                                                                                  args=(name, path)))
+            # Reading files may block (a slow disk, a network mount): never on the event loop.
+            resolved = await asyncio.to_thread(self._checked_path, path)
+            outcome = agreement.check_load(name, await self.engine.collective_rpc(
+                "expertweave_load_adapter", args=(name, str(resolved))))
             if outcome.roll_back:
                 await self.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
             if outcome.error is not None:
-                return _error(400, outcome.error)
-            info = outcome.info
+                return _error(400, _within(root, outcome.error))
+        except ConfinementError as e:
+            return _error(403, str(e), "PermissionDeniedError")
         except ExpertWeaveError as e:
-            return _error(400, str(e))
+            return _error(400, _within(root, str(e)))
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
-            return _error(400, lifetime.worker_message(e))
-        self._publish(name, path)
-        return {"adapter_name": name, **info}
+            return _error(400, _within(root, lifetime.worker_message(e)))
+        registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"])
+        logger.info("ExpertWeave: loaded adapter %r from %s (sha256 %s, %d experts)", name, resolved,
+                    outcome.info["sha256"], outcome.info["experts"])
+        return {"adapter_name": name, **outcome.info}
+
+    def _checked_path(self, path: str) -> Path:
+        """The adapter directory to load: inside --adapter-root when one is set, and a valid adapter."""
+        root = self.options.adapter_root
+        resolved = confined(Path(root), path) if root is not None else Path(path)
+        validate_adapter(resolved, self.registry.geometry)
+        return resolved
 
     async def unload(self, name: str, timeout: float):
         registry = self.registry
@@ -213,9 +323,28 @@ class ExpertWeaveFrontEnd:
             return _error(409, str(e), "ConflictError")
         finally:
             registry.unloading.discard(name)
-        del registry.paths[name]
-        self.models.base_model_paths[:] = [p for p in self.models.base_model_paths if p.name != name]
+        entry = registry.adapters.pop(name)
+        logger.info("ExpertWeave: unloaded adapter %r (sha256 %s)", name, entry.sha256)
         return {"adapter_name": name, "unloaded": True}
+
+
+MAX_NAME = 128
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why the server could not serve an adapter under this name, or None."""
+    if not name or len(name) > MAX_NAME:
+        return f"adapter name {name[:MAX_NAME]!r}: expected 1 to {MAX_NAME} characters"
+    if not name.isprintable() or name != name.strip():
+        return f"adapter name {name!r}: control characters and surrounding spaces are not allowed"
+    return None
+
+
+def _within(root: str | None, message: str) -> str:
+    """An error message with the adapter root's path left out, so answers do not show the server's layout."""
+    if root is None:
+        return message
+    return message.replace(str(Path(root).resolve()) + "/", "").replace(str(Path(root)) + "/", "")
 
 
 def api_server_module():
@@ -233,7 +362,7 @@ def add_front_end(module, front_end: ExpertWeaveFrontEnd) -> None:
 
     def build_app_with_adapters(args, *rest, **kwargs):
         app = build_app(args, *rest, **kwargs)
-        front_end.attach(app)
+        front_end.attach(app, ServerOptions.of(args))
         return app
 
     async def init_app_state_with_adapters(engine_client, state, args, *rest, **kwargs):
@@ -254,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
 
     cli_args = importlib.import_module(next(m for m in CLI_ARGS if importlib.util.find_spec(m) is not None))
     cli_env_setup()
+    handler = logging.StreamHandler()  # loads and unloads, one line each: name, path, content hash
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s expertweave: %(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     args = cli_args.make_arg_parser(FlexibleArgumentParser(description="expertweave serve")).parse_args(argv)
     cli_args.validate_parsed_serve_args(args)
     module = api_server_module()
@@ -262,9 +395,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str],
-                  max_adapters: int, adapter_slots: int | None, base_name: str | None) -> list[str]:
+                  max_adapters: int, adapter_slots: int | None, base_name: str | None,
+                  options: ServerOptions = ServerOptions()) -> list[str]:
     """The API server's command line (python -m this module) for ExpertWeave."""
-    config = {"expertweave": engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters, adapter_slots)}
+    config = {"expertweave": {**engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters,
+                                              adapter_slots), "server": asdict(options)}}
     defaults = []
     for key, value in platforms.current().engine_defaults().items():
         flag = "--" + key.replace("_", "-")
@@ -289,8 +424,9 @@ def serve_environment(environ: dict[str, str]) -> dict[str, str]:
 
 
 def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str], max_adapters: int = 8,
-          adapter_slots: int | None = None, base_name: str | None = None) -> None:
-    argv = serve_command(base, adapters, host, port, vllm_args, max_adapters, adapter_slots, base_name)
+          adapter_slots: int | None = None, base_name: str | None = None,
+          options: ServerOptions = ServerOptions()) -> None:
+    argv = serve_command(base, adapters, host, port, vllm_args, max_adapters, adapter_slots, base_name, options)
     os.execve(sys.executable, argv, serve_environment(dict(os.environ)))
 
 

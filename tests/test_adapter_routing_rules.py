@@ -1,0 +1,148 @@
+"""The front-end's one rule for every HTTP route, through the real ASGI middleware: what reaches vLLM's
+app (here an ASGI app that records what it receives, standing in for the app vLLM builds) for each
+request, and what the client gets back. The real server runs the same middleware in test_server.py."""
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from expertweave_ascend.integrations.vllm.engine import SALT_MARKER, adapter_cache_salt  # noqa: E402
+from expertweave_ascend.integrations.vllm.server import (AdapterEntry, AdapterModelMiddleware,  # noqa: E402
+                                                         AdapterRegistry, adapter_name_problem)
+
+LAW = AdapterEntry("adapters/law", "1" * 64)
+LAW_RETRAINED = AdapterEntry("adapters/law-v2", "2" * 64)
+
+
+class RecordingApp:
+    """Answers every request with {"model": <the model it was asked for>} and records the request body."""
+
+    def __init__(self):
+        self.bodies = []
+
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        body = json.loads(message["body"] or b"{}")
+        self.bodies.append(body)
+        answer = json.dumps({"model": body.get("model"), "object": "text_completion"}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
+
+
+class FrontEnd:
+    def __init__(self, adapters):
+        self.registry = AdapterRegistry(None, "base")
+        self.registry.adapters.update(adapters)
+
+
+def post(adapters: dict, path: str, body) -> tuple[int, dict, list]:
+    app = RecordingApp()
+    middleware = AdapterModelMiddleware(app, FrontEnd(adapters))
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(middleware(scope, receive, send))
+    status = sent[0]["status"]
+    answer = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    return status, answer, app.bodies
+
+
+def test_an_adapter_request_reaches_vllm_as_the_base_with_the_adapter_and_its_salt():
+    status, answer, [seen] = post({"law": LAW}, "/v1/completions", {"model": "law", "prompt": "p"})
+    assert status == 200 and answer["model"] == "law"
+    assert seen["model"] == "base" and seen["vllm_xargs"] == {"esft_adapter": "law"}
+    assert seen["cache_salt"] == f"{SALT_MARKER}{'1' * 32}"
+
+
+def test_the_salt_follows_the_content_and_keeps_the_clients_salt():
+    _, _, [old] = post({"law": LAW}, "/v1/chat/completions", {"model": "law", "messages": []})
+    _, _, [new] = post({"law": LAW_RETRAINED}, "/v1/chat/completions", {"model": "law", "messages": []})
+    _, _, [same_bytes] = post({"law-copy": LAW}, "/v1/completions", {"model": "law-copy", "prompt": "p"})
+    assert old["cache_salt"] != new["cache_salt"], "different bytes under one name must not share KV"
+    assert same_bytes["cache_salt"] == old["cache_salt"]
+    _, _, [tenant_a] = post({"law": LAW}, "/v1/completions", {"model": "law", "prompt": "p", "cache_salt": "tenant-a"})
+    _, _, [tenant_b] = post({"law": LAW}, "/v1/completions", {"model": "law", "prompt": "p", "cache_salt": "tenant-b"})
+    assert tenant_a["cache_salt"] == "tenant-a" + old["cache_salt"] != tenant_b["cache_salt"]
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"model": "base", "cache_salt": f"{SALT_MARKER}{'1' * 32}"}, f"cache_salt may not contain {SALT_MARKER!r}"),
+    ({"model": "law", "cache_salt": "x" * 91}, "cache_salt is 91 characters; with an ESFT adapter it may have at most 90"),
+    ({"model": "base", "vllm_xargs": {"esft_adapter": "law"}}, "vllm_xargs.esft_adapter is set by the server"),
+    ({"model": "law", "vllm_xargs": "law"}, "vllm_xargs must be an object"),
+])
+def test_clients_cannot_forge_an_adapter_or_its_salt(body, problem):
+    status, answer, seen = post({"law": LAW}, "/v1/completions", {"prompt": "p", **body})
+    assert status == 400 and problem in answer["error"]["message"] and not seen
+
+
+def test_other_routes_refuse_adapter_names_and_pass_the_base_through():
+    status, answer, seen = post({"law": LAW}, "/v1/responses", {"model": "law", "input": "hi"})
+    assert status == 400 and not seen
+    assert answer["error"]["message"] == ("/v1/responses serves the base model only; ESFT adapter 'law' is served "
+                                          "on /v1/completions and /v1/chat/completions")
+    status, _, [seen] = post({"law": LAW}, "/v1/responses", {"model": "base", "input": "hi"})
+    assert status == 200 and "vllm_xargs" not in seen and "cache_salt" not in seen
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"law"', b"[" * 100_000 + b"]" * 100_000, b"{not json"])
+def test_bodies_that_are_not_json_objects_go_to_vllm_untouched(body):
+    seen = []
+
+    async def app_receiving_raw(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = AdapterModelMiddleware(app_receiving_raw, FrontEnd({"law": LAW}))
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        pass
+
+    asyncio.run(middleware({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    assert seen == [body]
+
+
+def test_a_request_for_an_adapter_being_unloaded_is_409():
+    front_end = FrontEnd({"law": LAW})
+    front_end.registry.unloading.add("law")
+    app = RecordingApp()
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps({"model": "law", "prompt": "p"}).encode()}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(AdapterModelMiddleware(app, front_end)(
+        {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    assert sent[0]["status"] == 409 and not app.bodies
+
+
+@pytest.mark.parametrize("name", ["law", "deepseek-ai/ESFT-law", "law@v2", "a\\b", "é" * 128])
+def test_names_the_server_can_serve(name):
+    assert adapter_name_problem(name) is None
+    assert len(adapter_cache_salt(LAW.sha256, None)) <= 128  # the salt never depends on the name
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("", "expected 1 to 128 characters"), ("x" * 129, "expected 1 to 128 characters"),
+    ("law\x00", "control characters"), ("law\n", "control characters"), (" law", "surrounding spaces"),
+])
+def test_names_the_server_could_not_serve_are_refused(name, problem):
+    assert problem in adapter_name_problem(name)

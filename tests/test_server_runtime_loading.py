@@ -1,0 +1,82 @@
+"""Runtime loading on a real server started with --allow-runtime-loading, --adapter-root and vLLM's
+--api-key: the routes are guarded by the key, and loads read only inside the adapter root."""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+requests = pytest.importorskip("requests")
+
+from serving import ENGINE_ARGS, running_server  # noqa: E402
+
+KEY = "sk-expertweave-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def root(tiny, tmp_path_factory):
+    """An adapter root holding law and math, a symlink out of it, and an adapter whose weights link out."""
+    root = tmp_path_factory.mktemp("adapter-root")
+    for name in ("law", "math"):
+        os.symlink(tiny / "adapters" / name, root / name)  # resolves outside root: must be refused
+    real = root / "code"
+    real.mkdir()
+    for file in (tiny / "adapters" / "code").iterdir():
+        (real / file.name).write_bytes(file.read_bytes())
+    leaky = root / "leaky"
+    leaky.mkdir()
+    (leaky / "expert_cfg.json").write_bytes((real / "expert_cfg.json").read_bytes())
+    os.symlink(tiny / "adapters" / "code" / "model.safetensors", leaky / "model.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny, root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    argv = ["serve", str(tiny / "base"), "--allow-runtime-loading", "--adapter-root", str(root),
+            "--", *ENGINE_ARGS, "--api-key", KEY]
+    with running_server(argv, log, AUTH) as url:
+        yield url
+
+
+def load(url, body, headers=AUTH):
+    return requests.post(f"{url}/v1/load_esft_adapter", json=body, headers=headers, timeout=120)
+
+
+def test_the_load_and_unload_routes_need_the_api_key(server):
+    assert load(server, {"adapter_name": "code"}, headers={}).status_code == 401
+    r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "code"}, timeout=60)
+    assert r.status_code == 401
+
+
+def test_an_adapter_is_named_by_its_directory_under_the_root(server, root):
+    r = load(server, {"adapter_name": "code"})
+    assert r.status_code == 200, r.text
+    r = requests.post(f"{server}/v1/completions", headers=AUTH, timeout=120,
+                      json={"model": "code", "prompt": "def add(a, b):", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["model"] == "code"
+    r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "code", "timeout": 0}, headers=AUTH,
+                      timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body, shown", [
+    ({"adapter_name": "x", "adapter_path": "../"}, "'../'"),
+    ({"adapter_name": "x", "adapter_path": "/etc"}, "'/etc'"),
+    ({"adapter_name": "law"}, "'law'"),
+    ({"adapter_name": "leaky"}, "leaky/model.safetensors"),
+])
+def test_paths_leading_out_of_the_root_are_403_and_read_nothing(server, tiny, body, shown):
+    r = load(server, body)
+    assert r.status_code == 403, r.text
+    message = r.json()["error"]["message"]
+    assert shown in message and "leads outside the adapter root; nothing was read" in message
+    assert str(tiny) not in message
+
+
+def test_errors_inside_the_root_do_not_show_the_servers_paths(server, root):
+    r = load(server, {"adapter_name": "nothing-here"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "nothing-here: not a directory (missing)"
+    assert str(root) not in r.text
