@@ -2,10 +2,30 @@
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ExpertWeaveError
+
+
+@contextmanager
+def _stdout_to_stderr(active: bool):
+    """While active, file descriptor 1 is stderr: vLLM's engines (in this process and the ones it starts)
+    log to stdout, and a --json command's stdout must be its one JSON document, printed afterwards."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _size(text: str) -> int:
@@ -91,27 +111,31 @@ def cmd_adapter_extract(args) -> int:
 
 def cmd_verify(args) -> int:
     from .reports import format_verify
-    from .verify import DEFAULT_PROMPTS, verify_hf
 
     adapters = _named_paths(args.adapter, args.adapters_dir)
     if not adapters:
         raise ExpertWeaveError("verify: give at least one --adapter NAME=PATH or --adapters-dir DIR")
-    if args.engine == "vllm":
-        if args.device != "cpu":
-            raise ExpertWeaveError("verify: --device is for --engine hf; vLLM runs on its platform's device")
-        from .integrations.vllm.verify import verify_vllm
-
-        report = verify_vllm(args.base, adapters, DEFAULT_PROMPTS, args.max_new_tokens, dtype=args.dtype or "auto",
-                             enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                             kv_cache_memory_bytes=args.kv_cache_memory, granularity=args.granularity)
-    else:
-        import torch
-
-        report = verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
-                           dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity,
-                           device=args.device)
+    if args.engine == "vllm" and args.device != "cpu":
+        raise ExpertWeaveError("verify: --device is for --engine hf; vLLM runs on its platform's device")
+    with _stdout_to_stderr(args.json):
+        report = _verify(args, adapters)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_verify(report))
     return 0 if report.ok else 1
+
+
+def _verify(args, adapters: dict[str, str]):
+    from .verify import DEFAULT_PROMPTS, verify_hf
+
+    if args.engine == "vllm":
+        from .integrations.vllm.verify import verify_vllm
+
+        return verify_vllm(args.base, adapters, DEFAULT_PROMPTS, args.max_new_tokens, dtype=args.dtype or "auto",
+                           enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+                           kv_cache_memory_bytes=args.kv_cache_memory, granularity=args.granularity)
+    import torch
+
+    return verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
+                     dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity, device=args.device)
 
 
 def cmd_memory_plan(args) -> int:
@@ -141,8 +165,6 @@ def cmd_memory_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import os
-
     from .integrations.vllm.verify import verify_vllm
     from .tiny import make_tiny
     from .reports import format_verify
@@ -153,9 +175,10 @@ def cmd_demo(args) -> int:
         print(f"building the tiny model and 3 adapters in {cache}", file=sys.stderr)
         make_tiny(cache, adapters=3, seed=args.seed)
     adapters = {p.name: str(p) for p in sorted((cache / "adapters").iterdir())}
-    report = verify_vllm(cache / "base", adapters, DEFAULT_PROMPTS, args.max_new_tokens,
-                         granularity=64 << 10, enforce_eager=args.enforce_eager, max_model_len=512,
-                         kv_cache_memory_bytes=64 << 20)
+    with _stdout_to_stderr(args.json):
+        report = verify_vllm(cache / "base", adapters, DEFAULT_PROMPTS, args.max_new_tokens,
+                             granularity=64 << 10, enforce_eager=args.enforce_eager, max_model_len=512,
+                             kv_cache_memory_bytes=64 << 20)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_verify(report))
     return 0 if report.ok else 1
 

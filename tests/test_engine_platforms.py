@@ -214,17 +214,25 @@ def tiny_base(tiny):
     return str(tiny / "base")
 
 
-def test_on_the_cpu_no_engine_argument_is_added(tiny_base):
-    assert VllmCpu().engine_defaults() == {}
+def test_on_the_cpu_serve_sizes_the_kv_cache_unless_told(tiny_base, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, [], 4, None, None)
-    assert "--moe-backend" not in argv
+    assert "--kv-cache-memory-bytes=1073741824" in argv and "--max-model-len=-1" in argv
+    assert "--moe-backend" not in " ".join(argv)
+    argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--max-model-len", "512"], 4, None, None)
+    assert "--kv-cache-memory-bytes=1073741824" in argv and "--max-model-len=-1" not in argv
+    for given in (["--kv-cache-memory-bytes", "1G"], ["--gpu-memory-utilization=0.5"], ["--kv_cache_memory_bytes=9"]):
+        assert not [a for a in serve_command(tiny_base, {}, "127.0.0.1", 8000, given, 4, None, None)
+                    if a.startswith(("--kv-cache-memory-bytes=", "--max-model-len="))], given
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    assert VllmCpu().engine_defaults(set()) == {}
 
 
 def test_on_cuda_serve_asks_for_the_triton_moe_kernel_unless_told_otherwise(tiny_base, monkeypatch):
     monkeypatch.setattr(platforms, "current", VllmCuda)
     argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--max-model-len", "512"], 4, None, None)
-    assert argv[argv.index("--moe-backend") + 1] == "triton"
-    assert argv.index("--moe-backend") < argv.index("--max-model-len"), "the user's own arguments come last"
+    assert "--moe-backend=triton" in argv
+    assert argv.index("--moe-backend=triton") < argv.index("--max-model-len"), "the user's own arguments come last"
     for given in (["--moe-backend", "triton"], ["--moe-backend=auto"]):
         argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, given, 4, None, None)
         assert argv.count("--moe-backend") + sum(a.startswith("--moe-backend=") for a in argv) == 1

@@ -168,3 +168,18 @@ def test_unload_waits_for_running_requests_and_times_out_changing_nothing(engine
     active.weave.end_request("code")
     engine.unload_adapter("code", timeout=5)
     assert engine.list_adapters() == {}
+
+
+def test_cli_json_is_one_document_on_stdout_and_the_engines_logs_go_to_stderr(tiny):
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "verify", "--engine", "vllm",
+                             "--base", str(tiny / "base"), "--adapter", f"law={tiny / 'adapters' / 'law'}",
+                             "--max-new-tokens", "4", "--max-model-len", "256", "--enforce-eager", "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ok"] and set(report["adapters"]) == {"law"}
+    assert "INFO" in result.stderr, "vLLM's engine logs went somewhere other than stderr"

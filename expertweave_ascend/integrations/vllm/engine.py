@@ -31,8 +31,8 @@ class EnginePlatform(Protocol):
     name: str
 
     # -- the front-end process, before an engine starts --------------------------------------------
-    def engine_defaults(self) -> dict:
-        """Engine arguments ExpertWeave needs unless the user set them."""
+    def engine_defaults(self, given: set[str]) -> dict:
+        """Engine arguments (EngineArgs names) to add to those the user gave (`given`), which win."""
 
     def engine_environment(self) -> dict:
         """Environment the engine processes need unless the user set it."""

@@ -48,7 +48,7 @@ class ExpertWeaveLLM:
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
         additional["expertweave"] = engine_config(self.geometry, adapters or {}, max_adapters, adapter_slots,
                                                   adapter_memory_bytes, granularity)
-        for key, value in platforms.current().engine_defaults().items():
+        for key, value in platforms.current().engine_defaults(set(llm_kwargs)).items():
             llm_kwargs.setdefault(key, value)
         llm_kwargs["logits_processors"] = admission.with_admission(llm_kwargs.get("logits_processors"))
         for key, value in platforms.current().engine_environment().items():

