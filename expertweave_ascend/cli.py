@@ -184,16 +184,17 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .integrations.vllm.server import ServerOptions, serve
+    from .integrations.vllm.launch import serve
+    from .integrations.vllm.server import ServerOptions
 
     if args.adapter_root is not None and not args.allow_runtime_loading:
         raise ExpertWeaveError("serve: --adapter-root confines runtime loading; give --allow-runtime-loading too")
     options = ServerOptions(args.allow_runtime_loading,
                             None if args.adapter_root is None else str(Path(args.adapter_root).resolve()))
-    serve(args.base, _named_paths(args.adapter, args.adapters_dir), args.host, args.port, args.vllm_args,
-          max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
-          options=options)
-    return 0
+    code = serve(args.base, _named_paths(args.adapter, args.adapters_dir), args.host, args.port, args.vllm_args,
+                 max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
+                 options=options, debug=args.debug)
+    return 1 if code > 0 else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--adapter-slots", type=int, help="expert slots per MoE layer for adapters")
     sv.add_argument("--allow-runtime-loading", action="store_true",
                     help="add POST /v1/load_esft_adapter and /v1/unload_esft_adapter (guarded by vLLM's --api-key)")
+    sv.add_argument("--debug", action="store_true", help="show the server's tracebacks as they happen")
     sv.add_argument("--adapter-root", metavar="DIR",
                     help="runtime loads may read only inside DIR, and may name an adapter by its directory there")
     sv.set_defaults(func=cmd_serve, vllm_args=[])

@@ -27,7 +27,7 @@ from expertweave_ascend.integrations.vllm.platforms.ascend import VllmAscend  # 
 from expertweave_ascend.integrations.vllm.platforms.cpu import VllmCpu  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.cuda import VllmCuda  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.vllm032 import refuse_model_runner_v2  # noqa: E402
-from expertweave_ascend.integrations.vllm.server import serve_command, serve_environment  # noqa: E402
+from expertweave_ascend.integrations.vllm.launch import serve_command, serve_environment  # noqa: E402
 
 PLATFORMS = (VllmCpu, VllmCuda, VllmAscend)
 PACKAGE = Path(expertweave_ascend.__file__).parent

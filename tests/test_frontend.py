@@ -23,7 +23,7 @@ from source_facts import Fact, fact_holds, find, parameters, pinned_tree
 
 vllm = pytest.importorskip("vllm")
 
-from expertweave_ascend.integrations.vllm import server  # noqa: E402
+from expertweave_ascend.integrations.vllm import launch, server  # noqa: E402
 
 INSTALLED = Path(vllm.__file__).parent.parent
 
@@ -162,7 +162,7 @@ def loaded_plugins(env: dict[str, str], tmp_path: Path) -> dict[str, list[str]]:
 
 def test_serve_leaves_the_platform_plugin_group_unfiltered(tmp_path):
     environ = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    env = server.serve_environment(environ)
+    env = launch.serve_environment(environ)
     assert "VLLM_PLUGINS" not in env
     loaded = loaded_plugins(env, tmp_path)
     assert "ascend" in loaded["vllm.platform_plugins"]
@@ -170,11 +170,11 @@ def test_serve_leaves_the_platform_plugin_group_unfiltered(tmp_path):
 
 
 def test_a_users_plugin_list_gets_ours_added_and_keeps_its_own(tmp_path):
-    env = server.serve_environment({**os.environ, "VLLM_PLUGINS": "ascend"})
+    env = launch.serve_environment({**os.environ, "VLLM_PLUGINS": "ascend"})
     assert env["VLLM_PLUGINS"] == "ascend,expertweave"
     loaded = loaded_plugins(env, tmp_path)
     assert loaded["vllm.platform_plugins"] == ["ascend"] and loaded["vllm.general_plugins"] == ["expertweave"]
-    assert server.serve_environment({"VLLM_PLUGINS": "expertweave,ascend"})["VLLM_PLUGINS"] == "expertweave,ascend"
+    assert launch.serve_environment({"VLLM_PLUGINS": "expertweave,ascend"})["VLLM_PLUGINS"] == "expertweave,ascend"
 
 
 def test_no_endpoint_plugin_is_registered():
@@ -184,7 +184,7 @@ def test_no_endpoint_plugin_is_registered():
 
 
 def test_serve_starts_this_projects_api_server_module(tiny):
-    argv = server.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
+    argv = launch.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
     assert argv[1:3] == ["-m", "expertweave_ascend.integrations.vllm.server"]
     assert argv[-3:] == ["--enforce-eager", "--logits-processors",
                          "expertweave_ascend.integrations.vllm.admission:AdapterAdmission"]

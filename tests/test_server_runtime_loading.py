@@ -32,8 +32,12 @@ def root(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny, root, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+def log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny, root, log):
     argv = ["serve", str(tiny / "base"), "--allow-runtime-loading", "--adapter-root", str(root),
             "--", *ENGINE_ARGS, "--api-key", KEY]
     with running_server(argv, log, AUTH) as url:
@@ -50,15 +54,19 @@ def test_the_load_and_unload_routes_need_the_api_key(server):
     assert r.status_code == 401
 
 
-def test_an_adapter_is_named_by_its_directory_under_the_root(server, root):
+def test_an_adapter_is_named_by_its_directory_under_the_root(server, root, log):
     r = load(server, {"adapter_name": "code"})
     assert r.status_code == 200, r.text
+    sha256 = r.json()["sha256"]
     r = requests.post(f"{server}/v1/completions", headers=AUTH, timeout=120,
                       json={"model": "code", "prompt": "def add(a, b):", "max_tokens": 4})
     assert r.status_code == 200 and r.json()["model"] == "code"
     r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "code", "timeout": 0}, headers=AUTH,
                       timeout=60)
     assert r.status_code == 200, r.text
+    audit = [line for line in log.read_text().splitlines() if " expertweave: " in line]
+    assert any(f"loaded adapter 'code' from {root / 'code'} (sha256 {sha256}" in line for line in audit), audit
+    assert any(f"unloaded adapter 'code' (sha256 {sha256})" in line for line in audit), audit
 
 
 @pytest.mark.parametrize("body, shown", [

@@ -19,10 +19,9 @@ each request (admission.py).
 import asyncio
 import json
 import logging
-import os
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Request
@@ -32,14 +31,12 @@ from ...adapters import validate_adapter
 from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
 from ...files import confined
 from ...geometry import BaseGeometry
-from . import admission, agreement, lifetime, platforms
+from . import admission, agreement, lifetime
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem
-from .llm import WORKER_EXTENSION, engine_config
 
 logger = logging.getLogger("expertweave")
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
-GENERAL_PLUGIN = "expertweave"  # our entry point in vllm.general_plugins: must load in every engine process
 # The vLLM details of the front-end, 0.32 and 0.23 alike. API_SERVER re-exports build_and_serve, which
 # calls build_app and init_app_state by their global names where it is defined (0.32: the module
 # vllm.entrypoints.launchers.api_server.entry; 0.23: API_SERVER itself). vLLM's own argument parser
@@ -392,39 +389,6 @@ def main(argv: list[str] | None = None) -> None:
     module = api_server_module()
     add_front_end(module, ExpertWeaveFrontEnd())
     uvloop.run(module.run_server(args))
-
-
-def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str],
-                  max_adapters: int, adapter_slots: int | None, base_name: str | None,
-                  options: ServerOptions = ServerOptions()) -> list[str]:
-    """The API server's command line (python -m this module) for ExpertWeave."""
-    config = {"expertweave": {**engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters,
-                                              adapter_slots), "server": asdict(options)}}
-    given = {arg[2:].split("=")[0].replace("-", "_") for arg in vllm_args if arg.startswith("--")}
-    defaults = [f"--{key.replace('_', '-')}={value}" for key, value in platforms.current().engine_defaults(given).items()]
-    return [sys.executable, "-m", __name__, "--model", base,
-            "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
-            "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *defaults,
-            *admission.with_admission_args(vllm_args)]
-
-
-def serve_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The server's environment: VLLM_PLUGINS is an allowlist of every plugin group, platform plugins
-    included, so it is left unset when unset; a list the user gave gets our general plugin added."""
-    env = dict(environ)
-    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
-    if "VLLM_PLUGINS" in env and GENERAL_PLUGIN not in allowed:
-        env["VLLM_PLUGINS"] = ",".join(allowed + [GENERAL_PLUGIN])
-    for key, value in platforms.current().engine_environment().items():
-        env.setdefault(key, value)
-    return env
-
-
-def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str], max_adapters: int = 8,
-          adapter_slots: int | None = None, base_name: str | None = None,
-          options: ServerOptions = ServerOptions()) -> None:
-    argv = serve_command(base, adapters, host, port, vllm_args, max_adapters, adapter_slots, base_name, options)
-    os.execve(sys.executable, argv, serve_environment(dict(os.environ)))
 
 
 if __name__ == "__main__":
