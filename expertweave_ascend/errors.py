@@ -8,12 +8,20 @@ class ExpertWeaveError(Exception):
 
 
 class AdapterError(ExpertWeaveError):
-    """An adapter (or base checkpoint) file is missing, malformed or does not fit the base model."""
+    """An adapter (or base checkpoint) file is missing, malformed or does not fit the base model.
 
-    def __init__(self, file: str | Path, problem: str):
+    `public` says the same without anything read from the file (tensor names, values): what a server
+    answers a remote client, who may have pointed it at a file that is not theirs."""
+
+    def __init__(self, file: str | Path, problem: str, public: str | None = None):
         self.file = str(file)
         self.problem = problem
+        self.public = public or problem
         super().__init__(f"{self.file}: {problem}")
+
+    @property
+    def public_message(self) -> str:
+        return f"{self.file}: {self.public}"
 
 
 class CapacityError(ExpertWeaveError):

@@ -36,7 +36,8 @@ class BaseGeometry:
             hidden = int(config["hidden_size"])
             inter = int(config["moe_intermediate_size"])
         except (KeyError, TypeError, ValueError) as e:
-            raise AdapterError(source, f"not a DeepSeek-V2 style MoE config ({e!r} missing or invalid)") from None
+            raise AdapterError(source, f"not a DeepSeek-V2 style MoE config ({e!r} missing or invalid)",
+                               "not a DeepSeek-V2 style MoE config") from None
         moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
         return cls(num_layers, moe_layers, num_experts, hidden, inter, dtype)
 

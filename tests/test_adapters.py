@@ -673,3 +673,19 @@ def test_reading_is_expert_by_expert(tiny, monkeypatch):
             read(layer, expert)
             assert len(calls) == 3 * n
             assert calls[-3:] == [expert_key(layer, expert, p) for p in PROJS]
+
+
+def test_errors_say_what_was_read_and_their_public_form_does_not(tmp_path, base):
+    path = tmp_path / "foreign"
+    path.mkdir()
+    (path / "expert_cfg.json").write_text('{"experts": {"1": [0]}, "shared_experts": "yes-secret"}')
+    save_file({"x": torch.zeros(1)}, weights_file(path))
+    with pytest.raises(AdapterError) as excinfo:
+        EsftAdapter.open(path)
+    assert "yes-secret" in str(excinfo.value)
+    assert excinfo.value.public_message == f"{path / 'expert_cfg.json'}: \"shared_experts\" must be true or false"
+    (path / "expert_cfg.json").write_text('{"experts": {"1": [0]}}')
+    save_file({"secret.tensor": torch.zeros(1)}, weights_file(path))
+    with pytest.raises(AdapterError) as excinfo:
+        EsftAdapter.open(path)
+    assert "secret.tensor" in str(excinfo.value) and "secret" not in excinfo.value.public_message

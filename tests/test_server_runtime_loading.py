@@ -4,6 +4,8 @@
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("vllm")
 requests = pytest.importorskip("requests")
@@ -28,6 +30,10 @@ def root(tiny, tmp_path_factory):
     leaky.mkdir()
     (leaky / "expert_cfg.json").write_bytes((real / "expert_cfg.json").read_bytes())
     os.symlink(tiny / "adapters" / "code" / "model.safetensors", leaky / "model.safetensors")
+    foreign = root / "foreign"  # a safetensors file that is not an adapter, with a tell-tale tensor name
+    foreign.mkdir()
+    (foreign / "expert_cfg.json").write_text('{"experts": {}}')
+    save_file({"payroll.secret_salary_table": torch.zeros(2)}, foreign / "model.safetensors")
     return root
 
 
@@ -81,6 +87,14 @@ def test_paths_leading_out_of_the_root_are_403_and_read_nothing(server, tiny, bo
     message = r.json()["error"]["message"]
     assert shown in message and "leads outside the adapter root; nothing was read" in message
     assert str(tiny) not in message
+
+
+def test_load_errors_do_not_echo_what_the_files_hold(server, log):
+    r = load(server, {"adapter_name": "foreign"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("foreign/model.safetensors: holds a tensor that is not a routed-expert "
+                                            "weight")
+    assert "payroll.secret_salary_table" in log.read_text(), "the server's own log keeps the full message"
 
 
 def test_errors_inside_the_root_do_not_show_the_servers_paths(server, root):

@@ -55,10 +55,11 @@ class Checkpoint:
                     for key in f.keys():
                         view = f.get_slice(key)
                         if key in tensors:
-                            raise AdapterError(file, f"tensor {key} also appears in {tensors[key].file.name}")
+                            raise AdapterError(file, f"tensor {key} also appears in {tensors[key].file.name}",
+                                               f"holds a tensor {tensors[key].file.name} holds too")
                         tensors[key] = TensorInfo(file, tuple(view.get_shape()), view.get_dtype())
             except SafetensorError as e:
-                raise AdapterError(file, f"not a valid safetensors file ({e})") from None
+                raise AdapterError(file, f"not a valid safetensors file ({e})", "not a valid safetensors file") from None
             except OSError as e:
                 raise AdapterError(file, f"cannot be read ({os_problem(e)})") from None
         return cls(path, tensors, metadata)
@@ -86,6 +87,6 @@ class Checkpoint:
                 try:
                     return handles[file].get_tensor(key)
                 except SafetensorError as e:
-                    raise AdapterError(file, f"cannot read tensor {key} ({e})") from None
+                    raise AdapterError(file, f"cannot read tensor {key} ({e})", "a tensor cannot be read") from None
 
             yield read

@@ -66,20 +66,23 @@ class EsftAdapter:
             m = EXPERT_KEY.match(key)
             if not m:
                 raise AdapterError(info.file, f"tensor {key} is not a routed-expert weight; "
-                                   "ESFT adapters served by ExpertWeave hold only routed experts")
+                                   "ESFT adapters served by ExpertWeave hold only routed experts",
+                                   "holds a tensor that is not a routed-expert weight")
             layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
             if expert not in experts.get(layer, ()):
                 raise AdapterError(info.file, f"tensor {key} is for layer {layer} expert {expert}, "
-                                   f"which {CFG_NAME} does not list")
+                                   f"which {CFG_NAME} does not list", f"holds an expert {CFG_NAME} does not list")
             if (layer, expert, proj) in keys:
-                raise AdapterError(info.file, f"tensor {key} duplicates {keys[layer, expert, proj]}")
+                raise AdapterError(info.file, f"tensor {key} duplicates {keys[layer, expert, proj]}",
+                                   "holds one expert weight twice")
             keys[layer, expert, proj] = key
         for layer, ids in experts.items():
             for expert in ids:
                 missing = [p for p in PROJS if (layer, expert, p) not in keys]
                 if missing:
                     raise AdapterError(path, f"layer {layer} expert {expert} is listed in {CFG_NAME} "
-                                       f"but has no {', '.join(missing)} tensor")
+                                       f"but has no {', '.join(missing)} tensor",
+                                       f"an expert {CFG_NAME} lists has no weights")
         config_path = path / "config.json"
         config = read_json(config_path) if config_path.exists() else None
         return cls(path, experts, shared, non_expert, keys, checkpoint, config, cfg_bytes)
@@ -114,7 +117,8 @@ class AdapterReader:
         if exponent is not None:
             mask, bits = exponent
             if bool(((tensor.contiguous().view(bits) & mask) == mask).any()):
-                raise AdapterError(self.adapter.file_of(key), f"tensor {key} holds NaN or infinite values")
+                raise AdapterError(self.adapter.file_of(key), f"tensor {key} holds NaN or infinite values",
+                                   "a tensor holds NaN or infinite values")
         self.digests[key] = hashlib.sha256(raw.numpy()).digest()
         return tensor
 
@@ -148,17 +152,21 @@ def _parse_expert_cfg(cfg: dict, cfg_path: Path) -> tuple[dict[int, tuple[int, .
         try:
             layer = int(layer_key)
         except ValueError:
-            raise AdapterError(cfg_path, f'layer key "{layer_key}" is not a layer index') from None
+            raise AdapterError(cfg_path, f'layer key "{layer_key}" is not a layer index',
+                               "a layer key is not a layer index") from None
         if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
-            raise AdapterError(cfg_path, f'layer "{layer_key}": expected a list of integer expert ids, got {ids!r}')
+            raise AdapterError(cfg_path, f'layer "{layer_key}": expected a list of integer expert ids, got {ids!r}',
+                               "a layer's experts are not a list of integer expert ids")
         if len(set(ids)) != len(ids):
-            raise AdapterError(cfg_path, f'layer "{layer_key}": expert ids repeat in {ids}')
+            raise AdapterError(cfg_path, f'layer "{layer_key}": expert ids repeat in {ids}',
+                               "a layer lists an expert twice")
         experts[layer] = tuple(ids)
     flags = []
     for flag in ("shared_experts", "non_expert_modules"):
         value = cfg.get(flag, False)
         if not isinstance(value, bool):
-            raise AdapterError(cfg_path, f'"{flag}" must be true or false, got {value!r}')
+            raise AdapterError(cfg_path, f'"{flag}" must be true or false, got {value!r}',
+                               f'"{flag}" must be true or false')
         flags.append(value)
     return dict(sorted(experts.items())), flags[0], flags[1]
 

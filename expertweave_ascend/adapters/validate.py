@@ -26,7 +26,8 @@ def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
             if field in adapter.config and adapter.config[field] != base_values[field]:
                 raise AdapterError(adapter.path / "config.json",
                                    f"{field} is {adapter.config[field]} but the base has {base_values[field]}: "
-                                   "the adapter was made for a different base model")
+                                   "the adapter was made for a different base model",
+                                   f"{field} differs from the base's: the adapter was made for a different base model")
     check_selection(adapter.experts, base, cfg_path)
     for (layer, expert, proj), key in adapter.keys.items():
         info = adapter.checkpoint.tensors[key]
@@ -34,9 +35,10 @@ def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
         if info.shape != expected:
             raise AdapterError(info.file, f"tensor {key} has shape {list(info.shape)}, expected {list(expected)} "
                                f"(base hidden_size {base.hidden_size}, moe_intermediate_size "
-                               f"{base.moe_intermediate_size})")
+                               f"{base.moe_intermediate_size})", "an expert tensor's shape does not fit the base")
         if info.dtype != base.dtype:
-            raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}")
+            raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}",
+                               f"an expert tensor's dtype is not the base experts' {base.dtype}")
     return adapter
 
 
@@ -44,14 +46,15 @@ def check_selection(experts: dict[int, tuple[int, ...]], base: BaseGeometry, cfg
     """Every listed layer exists and is MoE, every expert id is in range."""
     for layer, ids in experts.items():
         if not 0 <= layer < base.num_layers:
-            raise AdapterError(cfg_path, f"layer {layer} does not exist (the base has layers 0..{base.num_layers - 1})")
+            raise AdapterError(cfg_path, f"layer {layer} does not exist (the base has layers 0..{base.num_layers - 1})",
+                               "lists a layer the base does not have")
         if layer not in base.moe_layers and ids:
             raise AdapterError(cfg_path, f"layer {layer} is not a MoE layer (MoE layers are "
-                               f"{_ranges(base.moe_layers)})")
+                               f"{_ranges(base.moe_layers)})", "lists experts in a layer that is not a MoE layer")
         for expert in ids:
             if not 0 <= expert < base.num_experts:
                 raise AdapterError(cfg_path, f"layer {layer} lists expert {expert}, out of range: the base has "
-                                   f"experts 0..{base.num_experts - 1}")
+                                   f"experts 0..{base.num_experts - 1}", "lists an expert id the base does not have")
 
 
 def _ranges(values) -> str:

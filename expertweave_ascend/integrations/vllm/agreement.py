@@ -14,15 +14,17 @@ class LoadOutcome:
     info: dict | None  # what the load reports (rank 0's), when every rank agrees
     error: str | None  # the one line the caller gets, when not
     roll_back: bool  # some rank holds the adapter and must discard it
+    public_error: str | None = None  # error without anything read from the adapter's files (for HTTP)
 
 
 def check_load(name: str, answers: list[dict]) -> LoadOutcome:
-    failed = [(rank, a["error"]) for rank, a in enumerate(answers) if "error" in a]
+    failed = [(rank, a) for rank, a in enumerate(answers) if "error" in a]
     loaded = [a for a in answers if "error" not in a]
     if failed:
-        rank, error = failed[0]
+        rank, answer = failed[0]
         where = f" (rank {rank} of {len(answers)}; undone on the others)" if loaded else ""
-        return LoadOutcome(None, f"{error}{where}", bool(loaded))
+        return LoadOutcome(None, f"{answer['error']}{where}", bool(loaded),
+                           f"{answer.get('public_error', answer['error'])}{where}")
     if len({a["sha256"] for a in loaded}) > 1:
         read = "; ".join(f"rank {rank}: sha256 {a['sha256'][:12]}" for rank, a in enumerate(loaded))
         return LoadOutcome(None, f"adapter {name!r}: the ranks read different bytes ({read}); was it changed while "

@@ -292,11 +292,13 @@ class ExpertWeaveFrontEnd:
             if outcome.roll_back:
                 await self.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
             if outcome.error is not None:
-                return _error(400, _within(root, outcome.error))
+                logger.info("ExpertWeave: adapter %r not loaded: %s", name, outcome.error)
+                return _error(400, _within(root, outcome.public_error or outcome.error))
         except ConfinementError as e:
             return _error(403, str(e), "PermissionDeniedError")
         except ExpertWeaveError as e:
-            return _error(400, _within(root, str(e)))
+            logger.info("ExpertWeave: adapter %r not loaded: %s", name, e)
+            return _error(400, _within(root, getattr(e, "public_message", str(e))))
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
             return _error(400, _within(root, lifetime.worker_message(e)))
         registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"])

@@ -142,7 +142,7 @@ class ExpertWeaveWorkerExtension:
         try:
             loaded = _active().weave.load_adapter(name, path)
         except ExpertWeaveError as e:
-            return {"error": str(e)}
+            return {"error": str(e), "public_error": getattr(e, "public_message", str(e))}
         return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes, "sha256": loaded.sha256,
                 "slots": {str(layer): slots for layer, slots in loaded.slots.items()}}
 
