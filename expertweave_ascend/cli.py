@@ -56,7 +56,7 @@ def _named_paths(values: list[str] | None, adapters_dir: str | None) -> dict[str
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
-    paths = make_tiny(args.out, adapters=args.adapters, seed=args.seed)
+    paths = make_tiny(args.out, adapters=args.adapters, seed=args.seed, decisive=args.decisive)
     print(f"base model: {Path(args.out) / 'base'}")
     for name, path in paths.items():
         print(f"adapter {name}: {path}")
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("out")
     t.add_argument("--adapters", type=int, default=3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--decisive", action="store_true",
+                   help="the next token depends on the current one and the adapter only, with a wide top-1 lead: "
+                        "greedy outputs do not change with how requests are batched")
     t.set_defaults(func=cmd_make_tiny)
 
     a = sub.add_parser("adapter", help="inspect, validate or extract ESFT adapters")

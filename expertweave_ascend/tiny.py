@@ -104,17 +104,17 @@ def _adapter_layout(index: int, moe_layers: list[int], num_experts: int, rng: ra
     return layout
 
 
-def make_tiny(out: str | Path, adapters: int = 3, seed: int = 0) -> dict[str, Path]:
-    """Writes OUT/base and OUT/adapters/<name>; returns {name: adapter path}."""
+def make_tiny(out: str | Path, adapters: int = 3, seed: int = 0, decisive: bool = False) -> dict[str, Path]:
+    """Writes OUT/base and OUT/adapters/<name>; returns {name: adapter path}. decisive: see make_decisive."""
     names = [ADAPTER_NAMES[i] if i < len(ADAPTER_NAMES) else f"task{i}" for i in range(adapters)]
     config = tiny_config(0)
     moe_layers = list(range(config["first_k_dense_replace"], config["num_hidden_layers"]))
     layouts = {name: _adapter_layout(i, moe_layers, config["n_routed_experts"], random.Random(f"{seed}-{name}"))
                for i, name in enumerate(names)}
-    return make_model(out, layouts, seed=seed)
+    return make_model(out, layouts, seed=seed, decisive=decisive)
 
 
-def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: int = 0,
+def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: int = 0, decisive: bool = False,
                **config_overrides) -> dict[str, Path]:
     """A base checkpoint of tiny_config (with overrides) and one adapter per layout {layer: expert ids}."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -132,7 +132,7 @@ def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: 
 
     moe_layers = list(range(config_dict["first_k_dense_replace"], config_dict["num_hidden_layers"]))
     std = config_dict["initializer_range"]
-    paths = {}
+    paths, tuned = {}, {}
     for name, layout in layouts.items():
         noise = torch.Generator().manual_seed(random.Random(f"{seed}-{name}-weights").getrandbits(63))
         experts = {}
@@ -146,4 +146,65 @@ def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: 
                 experts[layer][e] = tuple((w + 4 * std * torch.randn(w.shape, generator=noise)).to(torch.bfloat16)
                                           for w in (gate, up, down))
         paths[name] = save_adapter(out / "adapters" / name, experts, config=config, listed_layers=moe_layers)
+        tuned[name] = experts
+    if decisive:
+        make_decisive(model, tuned)
+        model.save_pretrained(base_dir)
+        (base_dir / "generation_config.json").unlink(missing_ok=True)
     return paths
+
+
+# -- decisive logits -------------------------------------------------------------------------------------
+MARGIN = 1.0  # the perceptron's goal: the top-1 logit leads the runner-up by this many logit standard deviations
+
+
+@torch.no_grad()
+def make_decisive(model, tuned: dict[str, dict[int, dict[int, tuple]]], rounds: int = 1000) -> float:
+    """Makes greedy decoding independent of how a batch is composed. In a random model the top-1 and
+    top-2 logits drift and cross as a sequence goes on, and where they cross, the rounding of another
+    batch shape moves the switch by a token. Here attention's output projection is zeroed, so the next
+    token is a function of the current token and the adapter alone (the KV cache is still written and
+    read), and the output head is trained, a multiclass perceptron on the final hidden state of every
+    token under the base and every adapter, toward each state's own top-1 leading by MARGIN logit
+    standard deviations. Returns the smallest lead reached, in those units."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+    states = torch.cat([_token_states(model, experts) for experts in [{}, *tuned.values()]])
+    states = states[states.norm(dim=-1) > 0]  # the padding token's embedding is zero: it has no top-1
+    head = model.lm_head.weight.float()
+    labels = (states @ head.T).argmax(-1)
+    for _ in range(rounds):
+        lead, runner_up = _leads(states, head, labels)
+        short = lead < MARGIN
+        if not short.any():
+            break
+        step = 0.05 * states[short] / states[short].norm(dim=-1, keepdim=True)
+        head.index_add_(0, labels[short], step)
+        head.index_add_(0, runner_up[short], -step)
+    model.lm_head.weight.copy_(head.to(model.lm_head.weight.dtype))
+    return float(_leads(states, model.lm_head.weight.float(), labels)[0].min())
+
+
+def _leads(states: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each state's label leads the best other token, in logit standard deviations; and that token."""
+    logits = states @ head.T
+    scale = logits.std(-1)
+    rows = torch.arange(len(states))
+    own = logits[rows, labels]
+    logits[rows, labels] = float("-inf")
+    best_other = logits.max(-1)
+    return (own - best_other.values) / scale, best_other.indices
+
+
+def _token_states(model, experts: dict[int, dict[int, tuple]]) -> torch.Tensor:
+    """The final hidden state of every vocabulary token alone, with these experts swapped in (float32)."""
+    import copy
+
+    variant = copy.deepcopy(model).float()
+    for layer, ids in experts.items():
+        fused = variant.model.layers[layer].mlp.experts
+        for e, (gate, up, down) in ids.items():
+            fused.gate_up_proj[e] = torch.cat([gate, up]).float()
+            fused.down_proj[e] = down.float()
+    tokens = torch.arange(variant.config.vocab_size)[:, None]
+    return variant.model(input_ids=tokens).last_hidden_state[:, -1]

@@ -18,6 +18,16 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_decisive(tmp_path_factory) -> Path:
+    """The tiny model built with decisive logits (tiny.make_decisive) and 4 adapters (law, math, code,
+    intent): greedy outputs do not depend on batch composition, so concurrent serving can be compared
+    with serving alone, token for token."""
+    out = tmp_path_factory.mktemp("tiny-decisive")
+    make_tiny(out, adapters=4, seed=0, decisive=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def geometry(tiny) -> BaseGeometry:
     return BaseGeometry.from_checkpoint(tiny / "base")
 

@@ -120,10 +120,9 @@ def test_chat_streaming_names_the_adapter(server):
 
 
 def test_concurrent_requests_for_different_adapters(server):
-    # Output equality with merged models is proven offline with deterministic schedules (test_vllm.py).
-    # Over HTTP, batches form by arrival and batch size changes how dense matmuls round, which can flip
-    # greedy choices of this random tiny model; so this checks that concurrent mixed requests are all
-    # served, each under its own adapter's name.
+    # This random tiny model's greedy outputs change with how requests are batched (on plain vLLM too),
+    # so here only names and lengths are checked; test_server_concurrency.py compares tokens with each
+    # request served alone, on the tiny model with decisive logits.
     results, errors = {}, []
 
     def worker(i, model):
