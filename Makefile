@@ -1,9 +1,9 @@
 # `make demo` and `make test` build the environment from nothing, then run; `make bench` / `make bench-quick`
-# run perf/ (results under perf/results).
+# run perf/ (results under perf/results); `make soak` runs a server under random traffic for SOAK_S seconds.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: env demo test bench bench-quick clean
+.PHONY: env demo test bench bench-quick soak clean
 
 env: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ bench: env
 
 bench-quick: env
 	$(PY) -m perf.run --quick
+
+SOAK_S ?= 180
+soak: env
+	$(PY) -m perf.soak --seconds $(SOAK_S)
 
 clean:
 	rm -rf $(VENV) build

@@ -39,10 +39,12 @@ def start_vllm(label: str, model: Path, args: list[str], log_dir: Path) -> Serve
     return _spawn(label, label, argv, port, log_dir)
 
 
-def start_expertweave(label: str, base: Path, max_adapters: int, args: list[str], log_dir: Path) -> Server:
+def start_expertweave(label: str, base: Path, max_adapters: int, args: list[str], log_dir: Path,
+                      serve_args: tuple[str, ...] = ()) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "expertweave_ascend.cli", "serve", str(base), "--base-name", "base",
-            "--max-adapters", str(max_adapters), "--allow-runtime-loading", "--host", "127.0.0.1", "--port", str(port), "--", *args]
+            "--max-adapters", str(max_adapters), "--allow-runtime-loading", *serve_args, "--host", "127.0.0.1",
+            "--port", str(port), "--", *args]
     return _spawn(label, "base", argv, port, log_dir)
 
 

@@ -5,7 +5,6 @@ asked for, and nothing answers 5xx. The model is the tiny one with decisive logi
 --decisive), whose greedy outputs do not depend on how requests are batched; a random tiny model's
 do, on plain vLLM as well."""
 
-import json
 import random
 import threading
 
@@ -17,13 +16,8 @@ requests = pytest.importorskip("requests")
 
 from expertweave_ascend.integrations.hf import load_model  # noqa: E402
 from expertweave_ascend.tiny import MARGIN  # noqa: E402
+from perf.soak import MODELS, PROMPTS, ask  # noqa: E402
 from serving import ENGINE_ARGS, running_server  # noqa: E402
-
-MODELS = ("base", "law", "math", "code")
-PROMPTS = ("the court held that a contract requires", "solve for x when two plus three",
-           "define a function that returns the sum", "translate the sentence into french")
-TOKENS = 24
-
 
 @pytest.fixture(scope="module")
 def server(tiny_decisive, tmp_path_factory):
@@ -32,30 +26,6 @@ def server(tiny_decisive, tmp_path_factory):
             *[f"--adapter={name}={adapters / name}" for name in MODELS[1:]], "--", *ENGINE_ARGS]
     with running_server(argv, tmp_path_factory.mktemp("server") / "serve.log") as url:
         yield url
-
-
-def ask(url: str, model: str, prompt: str, chat: bool, stream: bool) -> tuple[int, set[str], str]:
-    """(status, the model names the response gave, the generated text)."""
-    body = {"model": model, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, "stream": stream}
-    if chat:
-        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
-    else:
-        path, body["prompt"] = "/v1/completions", prompt
-    response = requests.post(url + path, json=body, stream=stream, timeout=300)
-    if response.status_code != 200:
-        return response.status_code, set(), response.text
-    if not stream:
-        answer = response.json()
-        choice = answer["choices"][0]
-        return 200, {answer["model"]}, choice["message"]["content"] if chat else choice["text"]
-    names, text = set(), ""
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("data: ") and line != "data: [DONE]":
-            chunk = json.loads(line[6:])
-            names.add(chunk["model"])
-            for choice in chunk["choices"]:
-                text += (choice["delta"].get("content") or "") if chat else choice["text"]
-    return 200, names, text
 
 
 def test_the_decisive_model_leads_by_its_margin_and_ignores_context(tiny_decisive):

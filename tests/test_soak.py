@@ -1,0 +1,22 @@
+"""`make soak`'s runner, briefly: a real server under random mixed traffic, churn and bad loads, whose
+summary line must say PASS (the full run is `make soak SOAK_S=600`)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+def test_a_short_soak_passes_and_prints_its_summary_line():
+    result = subprocess.run([sys.executable, "-m", "perf.soak", "--seconds", "15", "--workers", "3"],
+                            capture_output=True, text=True, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    match = re.fullmatch(r"soak 15 s, 3 workers: requests (\d+) ok / 0 failed, (\d+) streams aborted, loads (\d+) / "
+                         r"unloads \3, (\d+) bad loads refused; server RSS [\d.]+ -> [\d.]+ GiB \(ok\), open fds "
+                         r"\d+ -> \d+ \(ok\), mapped ([\d.]+) MiB vs base \5 MiB \(ok\): PASS", summary)
+    assert match, summary
+    assert int(match[1]) > 0 and int(match[3]) > 0 and int(match[4]) > 0
