@@ -91,6 +91,22 @@ def test_each_assumption_holds_on_both_lines(fact):
         f"vLLM 0.32 {on_032.file}: {fact.qualname} no longer {fact.kind} {fact.name}"
 
 
+# The scheduler-output fields the workers count requests and sampled tokens from (worker.on_schedule).
+SCHEDULER_FIELDS = {"NewRequestData": ("req_id", "prompt_token_ids", "sampling_params", "num_computed_tokens"),
+                    "CachedRequestData": ("req_ids", "num_computed_tokens", "num_output_tokens"),
+                    "SchedulerOutput": ("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+                                        "finished_req_ids")}
+
+
+@pytest.mark.parametrize("line", ["0.23", "0.32"])
+def test_the_scheduler_output_fields_the_workers_read_exist_on_both_lines(line):
+    file = "vllm/v1/core/sched/output.py"
+    tree = pinned_tree(file) if line == "0.23" else installed_tree(file)
+    for cls, names in SCHEDULER_FIELDS.items():
+        fields = {n.target.id for n in find(tree, cls).body if isinstance(n, ast.AnnAssign)}
+        assert set(names) <= fields, f"vLLM {line} {cls} lacks {set(names) - fields}"
+
+
 def test_build_app_and_init_app_state_take_what_build_and_serve_passes_on_both_lines():
     for line, tree, app_file in (("0.23", pinned_tree(API_023), API_023),
                                  ("0.32", installed_tree(API_032), "vllm/entrypoints/launchers/app.py")):

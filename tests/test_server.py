@@ -301,3 +301,42 @@ def test_a_disconnected_stream_is_waited_for_and_nothing_leaks(server, tiny):
     assert after["memory"]["adapter_mapped_bytes"] == before["memory"]["adapter_mapped_bytes"]
     assert after["adapters"]["law"]["requests"] == 0
     assert complete(server, "law").json()["model"] == "law"
+
+
+# -- metrics ------------------------------------------------------------------------------------------------
+def metric(url: str, name: str, adapter: str | None = None) -> float:
+    """One sample of vLLM's /metrics (0 when absent)."""
+    import re
+
+    labels = "" if adapter is None else r'\{adapter="' + re.escape(adapter) + r'"\}'
+    match = re.search(rf"^{name}{labels} ([0-9.e+]+)$", requests.get(f"{url}/metrics").text, re.M)
+    return float(match[1]) if match else 0.0
+
+
+def test_metrics_count_requests_and_generated_tokens_per_adapter(server):
+    before = {m: (metric(server, "expertweave_requests_total", m), metric(server, "expertweave_generated_tokens_total", m))
+              for m in ("base", "law")}
+    assert complete(server, "law", max_tokens=16).status_code == 200
+    assert complete(server, "law", max_tokens=5).status_code == 200
+    assert complete(server, "base", max_tokens=7).status_code == 200
+    after = {m: (metric(server, "expertweave_requests_total", m), metric(server, "expertweave_generated_tokens_total", m))
+             for m in ("base", "law")}
+    assert after["law"][0] - before["law"][0] == 2 and after["law"][1] - before["law"][1] == 21
+    assert after["base"][0] - before["base"][0] == 1 and after["base"][1] - before["base"][1] == 7
+    memory = requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]
+    assert metric(server, "expertweave_adapter_resident_bytes", "law") == memory["law"]["bytes"]
+
+
+def test_metrics_count_loads_and_unloads_and_time_them(server, tiny):
+    loads, unloads = (metric(server, "expertweave_adapter_loads_total", "code"),
+                      metric(server, "expertweave_adapter_unloads_total", "code"))
+    timed = metric(server, "expertweave_adapter_load_seconds_count")
+    r = requests.post(f"{server}/v1/load_esft_adapter",
+                      json={"adapter_name": "code", "adapter_path": str(tiny / "adapters" / "code")})
+    assert r.status_code == 200, r.text
+    assert metric(server, "expertweave_adapter_resident_bytes", "code") == r.json()["bytes"]
+    assert requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "code"}).status_code == 200
+    assert metric(server, "expertweave_adapter_loads_total", "code") == loads + 1
+    assert metric(server, "expertweave_adapter_unloads_total", "code") == unloads + 1
+    assert metric(server, "expertweave_adapter_load_seconds_count") == timed + 1
+    assert metric(server, "expertweave_adapter_resident_bytes", "code") == 0

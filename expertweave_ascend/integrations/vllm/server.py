@@ -33,6 +33,7 @@ from ...files import confined
 from ...geometry import BaseGeometry
 from . import admission, agreement, lifetime
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem
+from .metrics import AdapterMetrics
 
 logger = logging.getLogger("expertweave")
 
@@ -112,6 +113,9 @@ class AdapterModelMiddleware:
             return await self.app(scope, receive, send)
         if scope["method"] == "GET" and scope["path"] == "/v1/models":
             return await self.app(scope, receive, self._listing_models(send, registry))
+        if scope["method"] == "GET" and scope["path"] == "/metrics":
+            await self.front_end.refresh_metrics()
+            return await self.app(scope, receive, send)
         if scope["method"] != "POST" or not _is_json(scope):
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
@@ -218,9 +222,11 @@ class ExpertWeaveFrontEnd:
         self.registry: AdapterRegistry | None = None
         self.engine = None
         self.options = ServerOptions()
+        self.metrics: AdapterMetrics | None = None
 
     def attach(self, app, options: ServerOptions) -> None:
         self.options = options
+        self.metrics = AdapterMetrics()
         if app.middleware_stack is None:
             app.add_middleware(AdapterModelMiddleware, front_end=self)
         else:  # vLLM 0.32's SageMaker bootstrap builds the stack in build_app: ours goes around it
@@ -268,6 +274,11 @@ class ExpertWeaveFrontEnd:
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
             self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"])
 
+    async def refresh_metrics(self) -> None:
+        served = (await self.engine.collective_rpc("expertweave_served"))[0]
+        memory = (await self.engine.collective_rpc("expertweave_memory_report"))[0]
+        self.metrics.update(served, memory, self.registry.base_name)
+
     def _refusal(self, name: str) -> str | None:
         """Why a request for this adapter may not start now (vLLM asks as it admits the request), or None."""
         if name not in self.registry.adapters:
@@ -287,8 +298,9 @@ class ExpertWeaveFrontEnd:
         try:
             # Reading files may block (a slow disk, a network mount): never on the event loop.
             resolved = await asyncio.to_thread(self._checked_path, path)
-            outcome = agreement.check_load(name, await self.engine.collective_rpc(
-                "expertweave_load_adapter", args=(name, str(resolved))))
+            with self.metrics.timed(self.metrics.load_seconds):
+                outcome = agreement.check_load(name, await self.engine.collective_rpc(
+                    "expertweave_load_adapter", args=(name, str(resolved))))
             if outcome.roll_back:
                 await self.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
             if outcome.error is not None:
@@ -302,6 +314,7 @@ class ExpertWeaveFrontEnd:
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
             return _error(400, _within(root, lifetime.worker_message(e)))
         registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"])
+        self.metrics.loads.labels(name).inc()
         logger.info("ExpertWeave: loaded adapter %r from %s (sha256 %s, %d experts)", name, resolved,
                     outcome.info["sha256"], outcome.info["experts"])
         return {"adapter_name": name, **outcome.info}
@@ -317,12 +330,14 @@ class ExpertWeaveFrontEnd:
         registry = self.registry
         registry.unloading.add(name)
         try:
-            await lifetime.unload_when_idle_async(self.engine, name, timeout)
+            with self.metrics.timed(self.metrics.unload_seconds):
+                await lifetime.unload_when_idle_async(self.engine, name, timeout)
         except AdapterBusyError as e:
             return _error(409, str(e), "ConflictError")
         finally:
             registry.unloading.discard(name)
         entry = registry.adapters.pop(name)
+        self.metrics.unloads.labels(name).inc()
         logger.info("ExpertWeave: unloaded adapter %r (sha256 %s)", name, entry.sha256)
         return {"adapter_name": name, "unloaded": True}
 

@@ -6,6 +6,7 @@ every forward and reads this process's current buffer and table.
 """
 
 import logging
+from collections import Counter
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ class WorkerWeave:
         self.moe_rows: torch.Tensor | None = None  # this forward's rows as its MoE layers see the tokens
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
         self.requests: dict[str, tuple[str | None, int]] = {}  # scheduled, not finished: id -> (adapter, row)
+        self.prompt_lens: dict[str, int] = {}
+        self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
+        self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
         for name, path in (config.get("adapters") or {}).items():
             self.weave.load_adapter(name, path)
 
@@ -60,6 +64,7 @@ class WorkerWeave:
         when reported finished (aborted ones too: the abort has then landed)."""
         for req_id in scheduler_output.finished_req_ids:
             seen = self.requests.pop(req_id, None)
+            self.prompt_lens.pop(req_id, None)
             if seen is not None:
                 self.weave.end_request(seen[0])
         for new in scheduler_output.scheduled_new_reqs:
@@ -72,6 +77,19 @@ class WorkerWeave:
                 raise ExpertWeaveError(f"request {new.req_id}: {e}; send requests through ExpertWeaveLLM or "
                                        "expertweave serve") from None
             self.requests[new.req_id] = (name, row)
+            self.prompt_lens[new.req_id] = len(new.prompt_token_ids or ())
+            self.started[name] += 1
+            self._count_sampled(new.req_id, new.num_computed_tokens, 0, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, computed, outputs in zip(cached.req_ids, cached.num_computed_tokens, cached.num_output_tokens):
+            self._count_sampled(req_id, computed, outputs, scheduler_output)
+
+    def _count_sampled(self, req_id: str, computed: int, outputs: int, scheduler_output) -> None:
+        """A request samples a token in a step that computes its whole sequence so far (prompt and outputs)."""
+        if req_id not in self.requests:
+            return
+        if computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) >= self.prompt_lens[req_id] + outputs:
+            self.generated[self.requests[req_id][0]] += 1
 
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
@@ -160,6 +178,12 @@ class ExpertWeaveWorkerExtension:
         return {name: {"path": str(a.path), "sha256": a.sha256, "experts": a.num_experts, "bytes": a.nbytes,
                        "requests": a.in_flight}
                 for name, a in _active().weave.adapters.items()}
+
+    def expertweave_served(self) -> dict:
+        """Requests begun and tokens sampled per adapter since the engine started ("" is the base)."""
+        active = _active()
+        return {"requests": {name or "": n for name, n in active.started.items()},
+                "generated_tokens": {name or "": n for name, n in active.generated.items()}}
 
     def expertweave_close(self) -> None:
         """Unmaps and releases all expert memory; the engine must not run the model afterwards."""
