@@ -4,8 +4,10 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,9 +27,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
+def log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny, log):
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
     cmd = [sys.executable, "-m", "expertweave_ascend.cli", "serve", str(tiny / "base"),
            "--adapter", f"law={tiny / 'adapters' / 'law'}", "--adapter", f"math={tiny / 'adapters' / 'math'}",
            "--port", str(port), "--max-adapters", "3", "--allow-runtime-loading",
@@ -80,6 +86,17 @@ def test_unknown_model_is_openai_404(server):
 def test_xargs_cannot_select_an_adapter(server):
     r = complete(server, "base", vllm_xargs={"esft_adapter": "law"})
     assert r.status_code == 400 and "vllm_xargs.esft_adapter is set by the server" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body", [b"{no", b"[1, 2]", b'{"model": "law", "prompt": 5}',
+                                  b'{"model": "law", "prompt": "x", "max_tokens": "lots"}',
+                                  b'{"model": "base", "prompt": "x", "temperature": -3}'])
+def test_malformed_completion_bodies_are_400_without_a_traceback(server, log, body):
+    r = requests.post(f"{server}/v1/completions", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text
+    port = server.rsplit(":", 1)[1]
+    kept = Path(tempfile.gettempdir()) / f"expertweave-serve-{port}-tracebacks.log"
+    assert "Traceback" not in log.read_text() and (not kept.exists() or "Traceback" not in kept.read_text())
 
 
 def test_models_lists_each_adapter_with_its_content_hash(server, tiny):
