@@ -34,6 +34,10 @@ def root(tiny, tmp_path_factory):
     foreign.mkdir()
     (foreign / "expert_cfg.json").write_text('{"experts": {}}')
     save_file({"payroll.secret_salary_table": torch.zeros(2)}, foreign / "model.safetensors")
+    fifo = root / "fifo"  # weights that would block whoever opened them until a writer came
+    fifo.mkdir()
+    (fifo / "expert_cfg.json").write_bytes((real / "expert_cfg.json").read_bytes())
+    os.mkfifo(fifo / "model.safetensors")
     return root
 
 
@@ -87,6 +91,14 @@ def test_paths_leading_out_of_the_root_are_403_and_read_nothing(server, tiny, bo
     message = r.json()["error"]["message"]
     assert shown in message and "leads outside the adapter root; nothing was read" in message
     assert str(tiny) not in message
+
+
+def test_a_fifo_is_refused_unread_and_the_server_keeps_answering(server):
+    r = load(server, {"adapter_name": "fifo"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("fifo/model.safetensors: is a FIFO, device or socket, not a regular file; "
+                                            "it was not read")
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200
 
 
 def test_load_errors_do_not_echo_what_the_files_hold(server, log):
