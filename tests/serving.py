@@ -1,6 +1,5 @@
 """Starting `expertweave serve` for a test module: a real server process on a loopback port."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -10,16 +9,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from perf.servers import free_port
+
 START_TIMEOUT_S = 300
 # What every test server is given after `--`: small enough for these CPU machines.
 ENGINE_ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory-bytes",
                str(64 << 20)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from expertweave_ascend.integrations.vllm.launch import TracebackFilter  # noqa: E402
-from serving import free_port  # noqa: E402
+from perf.servers import free_port  # noqa: E402
 
 FAILED_START = """\
 (APIServer pid=4100) INFO 11-30 15:02:20 [utils.py:1] vLLM API server version 0.32.0

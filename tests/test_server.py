@@ -1,9 +1,6 @@
 """`expertweave serve` end to end over loopback HTTP: the real vLLM OpenAI server with the plugin."""
 
 import json
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -15,15 +12,9 @@ pytest.importorskip("vllm")
 requests = pytest.importorskip("requests")
 
 from expertweave_ascend.adapters import EsftAdapter  # noqa: E402
+from serving import ENGINE_ARGS, running_server  # noqa: E402
 
-START_TIMEOUT_S = 300
 PROMPT = "define a function that returns the sum"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +24,11 @@ def log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny, log):
-    port = free_port()
-    cmd = [sys.executable, "-m", "expertweave_ascend.cli", "serve", str(tiny / "base"),
-           "--adapter", f"law={tiny / 'adapters' / 'law'}", "--adapter", f"math={tiny / 'adapters' / 'math'}",
-           "--port", str(port), "--max-adapters", "3", "--allow-runtime-loading",
-           "--", "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-           "--kv-cache-memory-bytes", str(64 << 20)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + START_TIMEOUT_S
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(1)
-        else:
-            proc.kill()
-            pytest.fail(f"server did not start in {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+    argv = ["serve", str(tiny / "base"), "--adapter", f"law={tiny / 'adapters' / 'law'}",
+            "--adapter", f"math={tiny / 'adapters' / 'math'}", "--max-adapters", "3", "--allow-runtime-loading",
+            "--", *ENGINE_ARGS]
+    with running_server(argv, log) as url:
         yield url
-        proc.terminate()
-        proc.wait(60)
 
 
 def complete(url, model, prompt="the court held that a contract requires", max_tokens=16, **extra):

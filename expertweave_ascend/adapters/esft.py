@@ -111,15 +111,14 @@ class AdapterReader:
         return tuple(self.read_tensor(self.adapter.keys[layer, expert, proj]) for proj in PROJS)
 
     def read_tensor(self, key: str) -> torch.Tensor:
-        tensor = self.read_key(key)
-        raw = tensor.contiguous().view(torch.uint8)
+        tensor = self.read_key(key).contiguous()
         exponent = NON_FINITE_EXPONENT.get(tensor.dtype)
         if exponent is not None:
             mask, bits = exponent
-            if bool(((tensor.contiguous().view(bits) & mask) == mask).any()):
+            if bool(((tensor.view(bits) & mask) == mask).any()):
                 raise AdapterError(self.adapter.file_of(key), f"tensor {key} holds NaN or infinite values",
                                    "a tensor holds NaN or infinite values")
-        self.digests[key] = hashlib.sha256(raw.numpy()).digest()
+        self.digests[key] = hashlib.sha256(tensor.view(torch.uint8).numpy()).digest()
         return tensor
 
     def sha256(self) -> str:

@@ -45,8 +45,8 @@ class WorkerWeave:
         self.first_layer = min(self.layers)
         self.moe_rows: torch.Tensor | None = None  # this forward's rows as its MoE layers see the tokens
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
-        self.requests: dict[str, tuple[str | None, int]] = {}  # scheduled, not finished: id -> (adapter, row)
-        self.prompt_lens: dict[str, int] = {}
+        # scheduled, not finished: request id -> (adapter, row, prompt length)
+        self.requests: dict[str, tuple[str | None, int, int]] = {}
         self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
         self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
         for name, path in (config.get("adapters") or {}).items():
@@ -64,7 +64,6 @@ class WorkerWeave:
         when reported finished (aborted ones too: the abort has then landed)."""
         for req_id in scheduler_output.finished_req_ids:
             seen = self.requests.pop(req_id, None)
-            self.prompt_lens.pop(req_id, None)
             if seen is not None:
                 self.weave.end_request(seen[0])
         for new in scheduler_output.scheduled_new_reqs:
@@ -76,8 +75,7 @@ class WorkerWeave:
                 # an ExpertWeave front-end can send one, and serving it with the base would be wrong.
                 raise ExpertWeaveError(f"request {new.req_id}: {e}; send requests through ExpertWeaveLLM or "
                                        "expertweave serve") from None
-            self.requests[new.req_id] = (name, row)
-            self.prompt_lens[new.req_id] = len(new.prompt_token_ids or ())
+            self.requests[new.req_id] = (name, row, len(new.prompt_token_ids or ()))
             self.started[name] += 1
             self._count_sampled(new.req_id, new.num_computed_tokens, 0, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -86,10 +84,12 @@ class WorkerWeave:
 
     def _count_sampled(self, req_id: str, computed: int, outputs: int, scheduler_output) -> None:
         """A request samples a token in a step that computes its whole sequence so far (prompt and outputs)."""
-        if req_id not in self.requests:
+        seen = self.requests.get(req_id)
+        if seen is None:
             return
-        if computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) >= self.prompt_lens[req_id] + outputs:
-            self.generated[self.requests[req_id][0]] += 1
+        name, _, prompt_len = seen
+        if computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) >= prompt_len + outputs:
+            self.generated[name] += 1
 
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
