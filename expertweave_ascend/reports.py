@@ -49,6 +49,7 @@ class MemoryReport:
     merged_bytes: int | None  # one merged model per adapter; None: the model's size was not given
     budget_bytes: int | None
     adapters: dict[str, AdapterMemory]
+    warm_bytes: int = 0  # mapped granules no slot occupies, kept for the next load (not in adapter_mapped_bytes)
 
     @classmethod
     def of(cls, memory: ExpertMemory, adapters: dict[str, AdapterMemory], adapter_slots: int,
@@ -62,11 +63,12 @@ class MemoryReport:
             base_mapped_bytes=memory.base_mapped_bytes,
             base_allocations=memory.base_allocations,
             adapter_expert_bytes=sum(a.bytes for a in adapters.values()),
-            adapter_mapped_bytes=memory.mapped_bytes - memory.base_mapped_bytes,
+            adapter_mapped_bytes=memory.mapped_bytes - memory.base_mapped_bytes - memory.warm_bytes,
             padded_bytes=sum(a.max_per_layer for a in adapters.values()) * all_layers_bytes,
             merged_bytes=None if model_bytes is None else model_bytes * len(adapters),
             budget_bytes=memory.pool.budget_bytes,
             adapters=adapters,
+            warm_bytes=memory.warm_bytes,
         )
 
     @property

@@ -736,6 +736,45 @@ def check_churn(make_backend):
     mem.close()
 
 
+def check_warm_granules_are_reused_without_new_mappings_and_bounded(make_backend):
+    """With a warm budget, freed granules stay mapped up to it; the next slots that touch them take them
+    without a physical allocation; warm granules are given back when a load needs the physical budget."""
+    backend = make_backend()
+    g = backend.granularity
+    layers = memory_layers(g, (1,))
+    mem = ExpertMemory(backend, layers, 4, 8, warm_bytes=4 * g)
+    try:
+        vts = list(mem.tensors[1].values())
+        base_mapped = mem.mapped_bytes
+        mem.allocate("a", {1: 3})
+        a_granules = {name: sorted(vt.handles) for name, vt in mem.tensors[1].items()}
+        a_bytes = mem.mapped_bytes - base_mapped
+        assert a_bytes > 4 * g, "the adapter must free more granules than the warm budget holds"
+        allocations = mem.pool.allocations
+        mem.release("a")
+        assert mem.warm_bytes == 4 * g, "freed granules kept warm up to the budget, no more"
+        assert mem.mapped_bytes == base_mapped + 4 * g
+        warm = {name: set(vt.warm) for name, vt in mem.tensors[1].items()}
+        assert all(warm[n] <= set(a_granules[n]) for n in warm)
+        mem.allocate("b", {1: 3})  # the same slots again: warm granules first, new ones for the rest
+        assert mem.warm_bytes == 0 and all(not vt.warm for vt in vts)
+        assert mem.pool.allocations - allocations == a_bytes // g - 4
+        for vt in vts:
+            assert_exact_mapping(vt, [*range(4), *mem.slots_of("b")[1]])
+        for name, vt in mem.tensors[1].items():  # warm memory is the slots' own: writes and reads work
+            data = pattern(vt.slot_nbytes * 3, 5, backend.device).view(DTYPE).view(3, *vt.tensor.shape[1:])
+            vt.tensor[4:7].copy_(data)
+            assert torch.equal(vt.tensor[4:7].view(torch.uint8), data.view(torch.uint8))
+        mem.release("b")
+        mem.pool.budget_bytes = mem.pool.used_bytes - mem.warm_bytes + a_bytes  # room for "c" only without warm
+        mem.allocate("c", {1: 3})
+        assert mem.pool.used_bytes <= mem.pool.budget_bytes
+        mem.release("c")
+    finally:
+        mem.close()
+    assert mem.pool.used_bytes == 0 and mem.pool.warm_bytes == 0
+
+
 CHECKS = [
     check_reserve_is_granule_aligned,
     check_map_write_read,
@@ -755,4 +794,5 @@ CHECKS = [
     check_slot_refusal_changes_nothing,
     check_allocate_is_all_or_nothing_when_the_backend_fails,
     check_churn,
+    check_warm_granules_are_reused_without_new_mappings_and_bounded,
 ]

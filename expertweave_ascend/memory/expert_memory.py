@@ -20,10 +20,10 @@ class WeightSpec:
 
 class ExpertMemory:
     def __init__(self, backend: MemoryBackend, layers: dict[int, list[WeightSpec]], num_base: int,
-                 num_adapter_slots: int, adapter_budget_bytes: int | None = None):
+                 num_adapter_slots: int, adapter_budget_bytes: int | None = None, warm_bytes: int = 0):
         self.backend = backend
         self.num_base = num_base
-        self.pool = PhysicalPool(backend)
+        self.pool = PhysicalPool(backend, warm_budget_bytes=warm_bytes)
         self.tensors: dict[int, dict[str, VirtualExpertTensor]] = {}
         self.slots: dict[int, SlotAllocator] = {}
         try:
@@ -54,6 +54,11 @@ class ExpertMemory:
         return sum(vt.mapped_bytes for layer in self.tensors.values() for vt in layer.values())
 
     @property
+    def warm_bytes(self) -> int:
+        """Mapped granules no slot occupies (kept warm for the next load, up to the pool's warm budget)."""
+        return self.pool.warm_bytes
+
+    @property
     def base_expert_bytes(self) -> int:
         return sum(self.num_base * self.expert_nbytes(layer) for layer in self.tensors)
 
@@ -61,8 +66,10 @@ class ExpertMemory:
         """Takes and maps counts[layer] slots per layer for owner; all or nothing."""
         chosen = {layer: self.slots[layer].choose(n, f"layer {layer}") for layer, n in counts.items() if n}
         extra = sum(vt.new_granules(slots) for layer, slots in chosen.items()
-                    for vt in self.tensors[layer].values())
-        self.pool.check(extra * self.backend.granularity, f"adapter {owner}")
+                    for vt in self.tensors[layer].values()) * self.backend.granularity
+        if self.pool.available_bytes is not None and extra > self.pool.available_bytes:
+            self._cool(extra - self.pool.available_bytes)
+        self.pool.check(extra, f"adapter {owner}")
         done: list[int] = []
         try:
             for layer, slots in chosen.items():
@@ -90,6 +97,14 @@ class ExpertMemory:
             slots = alloc.release(owner)
             for vt in self.tensors[layer].values():
                 vt.unmap_slots(slots)
+
+    def _cool(self, nbytes: int) -> None:
+        """Gives back warm granules (nbytes, or all there are) so a load fits the physical budget."""
+        for layer in self.tensors.values():
+            for vt in layer.values():
+                nbytes -= vt.cool(nbytes)
+                if nbytes <= 0:
+                    return
 
     def slots_of(self, owner: str) -> dict[int, list[int]]:
         return {layer: s for layer, alloc in self.slots.items() if (s := alloc.slots_of(owner))}

@@ -1,4 +1,8 @@
-"""Physical memory handed out in whole granules, under a byte budget, counting the allocations made."""
+"""Physical memory handed out in whole granules, under a byte budget, counting the allocations made.
+
+Warm granules (virtual_tensor.py) are allocated and mapped but hold no slot: they count as used, and
+warm_budget_bytes bounds them (0, the default: every freed granule is unmapped at once, invariant I3).
+"""
 
 from typing import Any
 
@@ -7,10 +11,12 @@ from .backend import MemoryBackend
 
 
 class PhysicalPool:
-    def __init__(self, backend: MemoryBackend, budget_bytes: int | None = None):
+    def __init__(self, backend: MemoryBackend, budget_bytes: int | None = None, warm_budget_bytes: int = 0):
         self.backend = backend
         self.granularity = backend.granularity
         self.budget_bytes = budget_bytes
+        self.warm_budget_bytes = warm_budget_bytes
+        self.warm_bytes = 0
         self.used_bytes = 0
         self.allocations = 0  # physical allocations made (each is mapped once)
 
@@ -24,6 +30,13 @@ class PhysicalPool:
             raise CapacityError(f"{what} needs {nbytes / 2**20:.1f} MiB more physical memory, "
                                 f"{self.available_bytes / 2**20:.1f} MiB of the "
                                 f"{self.budget_bytes / 2**20:.1f} MiB budget is free")
+
+    def keep_warm(self) -> bool:
+        """Whether a granule whose last slot was freed may stay mapped; counts it if so."""
+        if self.warm_bytes + self.granularity > self.warm_budget_bytes:
+            return False
+        self.warm_bytes += self.granularity
+        return True
 
     def allocate(self, granules: int = 1) -> Any:
         """One physical allocation of this many granules."""

@@ -4,6 +4,10 @@ Each granule counts the occupied slots that touch it: it is mapped when the coun
 unmapped when it returns to 0, so two neighbouring experts of different owners share the granule
 between them and memory follows occupancy exactly. The base experts, which stay until the tensor is
 closed, are mapped as one run: one physical allocation and one map call, instead of one per granule.
+
+A granule whose last slot is freed may stay mapped, warm, while the pool's warm budget allows: the next
+adapter whose slots touch it is written into memory that is already mapped and touched, which on the
+host backend saves a page fault per 4 KiB page (most of a hot load's time) and on devices the map calls.
 """
 
 import torch
@@ -25,6 +29,7 @@ class VirtualExpertTensor:
         self.address = backend.reserve(self.size)
         self.refs = [0] * (self.size // g)
         self.handles: dict[int, object] = {}  # granule index -> physical handle of that one granule
+        self.warm: set[int] = set()  # granules in handles that no slot occupies (kept under pool.warm_budget)
         self.fixed_granules = 0  # granules 0.. mapped as one run for the first slots (map_fixed)
         self.fixed_handle = None
         self.tensor = backend.tensor(self.address, (num_slots, *slot_shape), dtype)
@@ -34,9 +39,9 @@ class VirtualExpertTensor:
         return range(start // self.granularity, -(-(start + self.slot_nbytes) // self.granularity))
 
     def new_granules(self, slots: list[int]) -> int:
-        """How many granules mapping these slots would add."""
+        """How many granules mapping these slots would add (warm ones are already mapped)."""
         touched = {gi for s in slots for gi in self.granules(s)}
-        return sum(1 for gi in touched if self.refs[gi] == 0)
+        return sum(1 for gi in touched if self.refs[gi] == 0 and gi not in self.warm)
 
     def map_fixed(self, count: int) -> None:
         """Maps slots 0..count-1, which stay until close, with one allocation and one map call."""
@@ -59,7 +64,8 @@ class VirtualExpertTensor:
 
     def map_slots(self, slots: list[int]) -> None:
         """Maps every granule under these slots; all or nothing."""
-        fresh = sorted({gi for s in slots for gi in self.granules(s) if self.refs[gi] == 0})
+        touched = {gi for s in slots for gi in self.granules(s) if self.refs[gi] == 0}
+        fresh = sorted(touched - self.warm)
         mapped: list[int] = []
         try:
             for gi in fresh:
@@ -76,6 +82,9 @@ class VirtualExpertTensor:
                 self.backend.unmap(self.address + gi * self.granularity, self.granularity)
                 self.pool.free(self.handles.pop(gi))
             raise
+        for gi in touched & self.warm:
+            self.warm.discard(gi)
+            self.pool.warm_bytes -= self.granularity
         for slot in slots:
             for gi in self.granules(slot):
                 self.refs[gi] += 1
@@ -89,18 +98,34 @@ class VirtualExpertTensor:
         self.refs[gi] -= 1
         assert self.refs[gi] or gi >= self.fixed_granules, f"granule {gi} of the fixed run lost its last slot"
         if self.refs[gi] == 0:
-            handle = self.handles.pop(gi)
-            self.backend.unmap(self.address + gi * self.granularity, self.granularity)
-            self.pool.free(handle)
+            if self.pool.keep_warm():
+                self.warm.add(gi)
+            else:
+                self._unmap(gi)
+
+    def _unmap(self, gi: int) -> None:
+        handle = self.handles.pop(gi)
+        self.backend.unmap(self.address + gi * self.granularity, self.granularity)
+        self.pool.free(handle)
+
+    def cool(self, nbytes: int) -> int:
+        """Unmaps warm granules until nbytes are freed or none is left; returns the bytes freed."""
+        freed = 0
+        while self.warm and freed < nbytes:
+            self._unmap(self.warm.pop())
+            self.pool.warm_bytes -= self.granularity
+            freed += self.granularity
+        return freed
 
     @property
     def mapped_bytes(self) -> int:
         return (len(self.handles) + self.fixed_granules) * self.granularity
 
     def close(self) -> None:
+        self.pool.warm_bytes -= len(self.warm) * self.granularity
+        self.warm.clear()
         for gi in list(self.handles):
-            self.refs[gi] = 1
-            self._drop(gi)
+            self._unmap(gi)
         if self.fixed_granules:
             self.backend.unmap(self.address, self.fixed_granules * self.granularity)
             self.pool.free(self.fixed_handle, self.fixed_granules)
