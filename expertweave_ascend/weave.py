@@ -21,6 +21,7 @@ from .adapters import validate_adapter
 from .errors import AdapterStateError
 from .geometry import BaseGeometry
 from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
+from .packed import PackedAdapter, file_identities
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
 
@@ -51,6 +52,7 @@ class WeaveConfig:
     adapter_slots: int | None = None  # per MoE layer; default max_adapters * M / 4
     adapter_memory_bytes: int | None = None  # physical budget for adapter experts; None: unbounded
     granularity: int = DEFAULT_GRANULARITY
+    warm_bytes: int = 0  # freed granules kept mapped for the next load (ExpertMemory); 0: unmapped at once
 
 
 @dataclass
@@ -68,6 +70,15 @@ class LoadedAdapter:
     @property
     def num_experts(self) -> int:
         return sum(len(ids) for ids in self.experts.values())
+
+
+@dataclass
+class PendingLoad:
+    """A load whose row and slots are taken and whose experts are copied in, not yet published."""
+    name: str
+    packed: PackedAdapter
+    row: int
+    slots: dict[int, list[int]]
 
 
 @dataclass
@@ -89,69 +100,130 @@ class ExpertWeave:
         self.adapter_slots = slots
         self.handles = {h.layer: h for h in self.layers}
         self.memory = ExpertMemory(self.backend, {h.layer: h.weight_specs() for h in self.layers}, m, slots,
-                                   self.config.adapter_memory_bytes)
+                                   self.config.adapter_memory_bytes, self.config.warm_bytes)
         self.tables = RoutingTables(list(self.handles), m, self.config.max_adapters, self.device)
         for layer, handle in self.handles.items():
             handle.install(self.memory.views(layer), self.tables.layer(layer))
         self.adapters: dict[str, LoadedAdapter] = {}
-        self._changing = threading.Lock()  # one load or unload at a time
+        self._changing = threading.Lock()  # guards rows and slots while they are taken or given back
+        self._pending: set[str] = set()  # names of loads prepared or being prepared, not yet published
         self._requests = threading.Condition()  # guards adapters' in_flight / unloading and self.adapters
 
     # -- adapters ---------------------------------------------------------------------------------
+    # A load is pack (read, check and pack the files on the host), prepare (take a row and slots, copy
+    # the packed experts in) and publish (write the row, then the name). Pack and the copy may run on
+    # another thread while the engine steps: nothing reads the row or slots of a load not yet published.
     def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
-        with self._changing:
-            with self._requests:
-                if name in self.adapters:
-                    raise AdapterStateError(f"adapter {name!r} is already loaded (from {self.adapters[name].path})")
-            adapter = validate_adapter(path, self.base)
-            counts = {layer: len(ids) for layer, ids in adapter.experts.items() if ids}
-            row = self.tables.take_row(f"adapter {name}")
-            try:
-                slots = self.memory.allocate(name, counts)
-            except BaseException:
-                self.tables.give_back_row(row)
-                raise
-            try:
-                sha256 = self._write_experts(adapter, slots)
-                self.tables.write_row(row, {layer: dict(zip(adapter.experts[layer], slots[layer]))
-                                            for layer in slots})
-            except BaseException:
-                self.tables.give_back_row(row)
-                self.memory.release(name)
-                raise
-            nbytes = sum(len(s) * self.memory.expert_nbytes(layer) for layer, s in slots.items())
-            loaded = LoadedAdapter(name, adapter.path, row, {l: ids for l, ids in adapter.experts.items() if ids},
-                                   slots, nbytes, sha256)
-            with self._requests:
-                self.adapters[name] = loaded
-            return loaded
+        self.check_new_name(name)
+        return self.publish(self.prepare(name, self.pack(path)))
 
-    def _write_experts(self, adapter, slots: dict[int, list[int]]) -> str:
-        """Writes every expert into its slot; returns the adapter's content hash."""
+    def pack(self, path: str | Path) -> PackedAdapter:
+        """Reads and checks the adapter's files (validate_adapter) and packs its experts on the host,
+        in pinned memory when the weave's device is not the CPU."""
+        adapter = validate_adapter(path, self.base)
+        pin = torch.device(self.device).type != "cpu"
+        weights = {}
         with adapter.reading() as read:
-            for layer, layer_slots in slots.items():
+            for layer, ids in adapter.experts.items():
+                if not ids:
+                    continue
                 handle = self.handles[layer]
-                views = self.memory.views(layer)
-                for expert, slot in zip(adapter.experts[layer], layer_slots):
-                    for name, packed in handle.pack_expert(*read(layer, expert)).items():
-                        views[name][slot].copy_(packed)
-            return read.sha256()
+                packed = {spec.name: torch.empty((len(ids), *spec.slot_shape), dtype=spec.dtype, pin_memory=pin)
+                          for spec in handle.weight_specs()}
+                for i, expert in enumerate(ids):
+                    for weight, value in handle.pack_expert(*read(layer, expert)).items():
+                        packed[weight][i].copy_(value)
+                weights[layer] = packed
+            sha256 = read.sha256()
+        return PackedAdapter(adapter.path.resolve(), {l: ids for l, ids in adapter.experts.items() if ids}, weights,
+                             sha256, file_identities(adapter))
+
+    def prepare(self, name: str, packed: PackedAdapter) -> "PendingLoad":
+        """Takes a row and slots for the adapter and copies its experts in; publish() or abandon() it."""
+        self.check_new_name(name)
+        with self._requests:
+            self._pending.add(name)
+        try:
+            with self._changing:
+                row = self.tables.take_row(f"adapter {name}")
+                try:
+                    slots = self.memory.allocate(name, {layer: len(ids) for layer, ids in packed.experts.items()})
+                except BaseException:
+                    self.tables.give_back_row(row)
+                    raise
+            pending = PendingLoad(name, packed, row, slots)
+            try:
+                self._copy_experts(packed, slots)
+            except BaseException:
+                self._give_back(pending)
+                raise
+        except BaseException:
+            with self._requests:
+                self._pending.discard(name)
+            raise
+        return pending
+
+    def _copy_experts(self, packed: PackedAdapter, slots: dict[int, list[int]]) -> None:
+        """One copy per run of consecutive slots (allocate() hands out the lowest free slots, in order)."""
+        for layer, layer_slots in slots.items():
+            views = self.memory.views(layer)
+            start = 0
+            for end in range(1, len(layer_slots) + 1):
+                if end == len(layer_slots) or layer_slots[end] != layer_slots[end - 1] + 1:
+                    first = layer_slots[start]
+                    for weight, values in packed.weights[layer].items():
+                        views[weight][first:first + end - start].copy_(values[start:end])
+                    start = end
+
+    def publish(self, pending: "PendingLoad") -> LoadedAdapter:
+        """Writes the adapter's row once its experts are on the device (I1), then makes its name known."""
+        packed = pending.packed
+        self.backend.synchronize()
+        self.tables.write_row(pending.row, {layer: dict(zip(packed.experts[layer], pending.slots[layer]))
+                                            for layer in pending.slots})
+        nbytes = sum(len(s) * self.memory.expert_nbytes(layer) for layer, s in pending.slots.items())
+        loaded = LoadedAdapter(pending.name, packed.path, pending.row, dict(packed.experts), pending.slots, nbytes,
+                               packed.sha256)
+        with self._requests:
+            self._pending.discard(pending.name)
+            self.adapters[pending.name] = loaded
+        return loaded
+
+    def abandon(self, pending: "PendingLoad") -> None:
+        """Gives back the row and slots of a load that will not be published."""
+        self._give_back(pending)
+        with self._requests:
+            self._pending.discard(pending.name)
+
+    def _give_back(self, pending: "PendingLoad") -> None:
+        with self._changing:
+            self.tables.give_back_row(pending.row)
+            self.memory.release(pending.name)
+
+    def check_new_name(self, name: str) -> None:
+        with self._requests:
+            if name in self.adapters:
+                raise AdapterStateError(f"adapter {name!r} is already loaded (from {self.adapters[name].path})")
+            if name in self._pending:
+                raise AdapterStateError(f"adapter {name!r} is already being loaded")
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Waits up to timeout seconds (None: forever) for the adapter's requests to finish."""
+        with self._requests:
+            loaded = self.adapter(name)
+            if loaded.unloading:
+                raise AdapterStateError(f"adapter {name!r} is already being unloaded")
+            loaded.unloading = True
+            if not self._requests.wait_for(lambda: loaded.in_flight == 0, timeout):
+                loaded.unloading = False
+                raise AdapterStateError(f"adapter {name!r} still has {loaded.in_flight} request(s) in flight "
+                                        f"after {timeout} s; not unloaded")
+            del self.adapters[name]
+        self.tables.clear_row(loaded.row)
+        # I6: a step queued before the row was cleared may still read the slots (vLLM schedules
+        # asynchronously); unmap only once the device has finished it.
+        self.backend.synchronize()
         with self._changing:
-            with self._requests:
-                loaded = self.adapter(name)
-                loaded.unloading = True
-                if not self._requests.wait_for(lambda: loaded.in_flight == 0, timeout):
-                    loaded.unloading = False
-                    raise AdapterStateError(f"adapter {name!r} still has {loaded.in_flight} request(s) in flight "
-                                            f"after {timeout} s; not unloaded")
-                del self.adapters[name]
-            self.tables.clear_row(loaded.row)
-            # I6: a step queued before the row was cleared may still read the slots (vLLM schedules
-            # asynchronously); unmap only once the device has finished it.
-            self.backend.synchronize()
             self.memory.release(name)
             self.tables.give_back_row(loaded.row)
 

@@ -54,11 +54,11 @@ class HfMoELayer:
         self.adapter_rows = adapter_rows
         experts = decoder_layer.mlp.experts
         self.dtype = experts.gate_up_proj.dtype
+        self.specs = [WeightSpec("w13", tuple(experts.gate_up_proj.shape[1:]), self.dtype),
+                      WeightSpec("w2", tuple(experts.down_proj.shape[1:]), self.dtype)]
 
     def weight_specs(self) -> list[WeightSpec]:
-        experts = self.decoder_layer.mlp.experts
-        return [WeightSpec("w13", tuple(experts.gate_up_proj.shape[1:]), self.dtype),
-                WeightSpec("w2", tuple(experts.down_proj.shape[1:]), self.dtype)]
+        return self.specs
 
     def install(self, views: dict[str, torch.Tensor], table: torch.Tensor) -> None:
         moe = self.decoder_layer.mlp

@@ -1,0 +1,216 @@
+"""The tiering core without an engine: the catalogue, residency and its eviction policies, the host
+tier, and loads on the loader thread over the transformers reference integration (real files, real
+virtual memory): what a background load publishes equals a load on the caller's thread."""
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from expertweave_ascend.catalogue import AdapterCatalogue
+from expertweave_ascend.errors import AdapterStateError, ConfinementError
+from expertweave_ascend.host_tier import HostTier
+from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
+from expertweave_ascend.loader import BackgroundLoader
+from expertweave_ascend.residency import Residency
+from expertweave_ascend.weave import ExpertWeave, WeaveConfig
+
+GRANULE = 64 << 10
+
+
+# -- catalogue --------------------------------------------------------------------------------------
+def test_the_catalogue_names_every_adapter_directory_and_the_named_entries(tiny, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny / "adapters", root)
+    (root / "notes").mkdir()  # no expert_cfg.json: not an adapter
+    (root / ".hidden").mkdir()
+    shutil.copy(root / "law" / "expert_cfg.json", root / ".hidden")
+    catalogue = AdapterCatalogue(root, {"legal": tiny / "adapters" / "law"})
+    assert catalogue.names() == ["code", "law", "legal", "math"]
+    assert catalogue.path("law") == (root / "law").resolve()
+    assert catalogue.path("legal") == tiny / "adapters" / "law"
+    for name in ("notes", ".hidden", "../root/law", "law/..", "", "missing"):
+        assert catalogue.path(name) is None, name
+
+
+def test_a_catalogued_directory_leading_outside_the_root_is_refused(tiny, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(tiny / "adapters" / "law", root / "law")
+    with pytest.raises(ConfinementError, match="outside the adapter root"):
+        AdapterCatalogue(root).path("law")
+
+
+# -- residency --------------------------------------------------------------------------------------
+def test_lru_evicts_the_least_recently_used_idle_adapter_and_never_one_in_use():
+    residency = Residency(3, "lru")
+    residency.resident |= {"a", "b", "c"}
+    for t, name in enumerate(["a", "b", "c"]):
+        residency.lease(name, now=float(t))
+        residency.release(name)
+    assert not residency.has_room()
+    assert residency.victim(now=10.0) == "a"
+    residency.lease("a", now=11.0)  # a request in flight or queued: never evicted (I2)
+    assert residency.victim(now=12.0) == "b"
+    residency.use("b").waiting = 1
+    residency.use("c").pinned = True
+    assert residency.victim(now=12.0) is None
+    residency.use("b").waiting = 0
+    residency.evicting.add("b")
+    assert residency.victim(now=12.0) is None and not residency.serving("b")
+
+
+def test_demand_keeps_the_often_used_adapter_that_lru_would_evict():
+    lru, demand = Residency(2, "lru"), Residency(2, "demand")
+    for residency in (lru, demand):
+        residency.resident |= {"popular", "rare"}
+        for t in range(10):
+            residency.lease("popular", now=float(t))
+            residency.release("popular")
+        residency.lease("rare", now=10.0)
+        residency.release("rare")
+    assert lru.victim(now=11.0) == "popular"
+    assert demand.victim(now=11.0) == "rare"
+    for t in range(5):  # much later, rare is the one in demand: popular's old demand has decayed
+        demand.lease("rare", now=500.0 + t)
+        demand.release("rare")
+    assert demand.victim(now=505.0) == "popular"
+
+
+def test_an_unknown_policy_is_one_clear_error():
+    with pytest.raises(ValueError, match="eviction policy 'mru': expected one of lru, demand"):
+        Residency(2, "mru")
+
+
+# -- host tier and loader ---------------------------------------------------------------------------
+@pytest.fixture
+def weave(tiny, geometry):
+    handles, _ = moe_layer_handles(load_model(tiny / "base"))
+    weave = ExpertWeave(geometry, handles, WeaveConfig(max_adapters=2, adapter_slots=32, granularity=GRANULE))
+    yield weave
+    weave.close()
+
+
+def test_the_host_tier_keeps_the_most_recent_adapters_within_its_budget(weave, tiny, adapter_copy):
+    law, math = weave.pack(tiny / "adapters" / "law"), weave.pack(tiny / "adapters" / "math")
+    tier = HostTier(law.nbytes + math.nbytes)
+    assert tier.put("law", law) and tier.put("math", math)
+    assert tier.get("law", tiny / "adapters" / "law") is law
+    code = weave.pack(tiny / "adapters" / "code")
+    assert tier.put("code", code) == (code.nbytes <= tier.budget_bytes)
+    assert "math" not in tier.names() and tier.resident_bytes <= tier.budget_bytes  # least recent went
+    assert tier.get("law", tiny / "adapters" / "math") is None, "a name read from another path is another adapter"
+    assert not HostTier(0).put("law", law)
+
+
+def test_a_host_tier_copy_whose_files_changed_is_not_served(weave, adapter_copy):
+    path = adapter_copy("law")
+    tier = HostTier(1 << 30)
+    tier.put("law", weave.pack(path))
+    assert tier.get("law", path) is not None
+    (path / "expert_cfg.json").write_text((path / "expert_cfg.json").read_text())  # same bytes, rewritten
+    assert tier.get("law", path) is None and tier.names() == []
+
+
+def collect_until(loader: BackgroundLoader, name: str) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = loader.collect()
+        if name in done:
+            return done[name]
+        time.sleep(0.01)
+    raise AssertionError(f"{name} did not finish loading")
+
+
+def test_a_background_load_publishes_what_a_direct_load_writes(weave, tiny, geometry):
+    loader = BackgroundLoader(weave, HostTier(1 << 30))
+    try:
+        loader.start("law", tiny / "adapters" / "law")
+        with pytest.raises(AdapterStateError, match="already being loaded"):
+            loader.start("law", tiny / "adapters" / "law")
+        answer = collect_until(loader, "law")
+        assert answer["source"] == "disk" and "law" in weave.adapters and loader.loading() == []
+        row, slots = answer["row"], {int(l): s for l, s in answer["slots"].items()}
+        views = {layer: {n: v[s].clone() for n, v in weave.memory.views(layer).items()} for layer, s in slots.items()}
+        table = weave.tables.tensor[:, row].clone()
+        weave.unload_adapter("law")
+        direct = weave.load_adapter("law", tiny / "adapters" / "law")
+        assert direct.row == row and direct.slots == slots and direct.sha256 == answer["sha256"]
+        assert torch.equal(weave.tables.tensor[:, row], table)
+        for layer, s in slots.items():
+            for n, v in weave.memory.views(layer).items():
+                assert torch.equal(v[s], views[layer][n])
+        weave.unload_adapter("law")
+        loader.start("law", tiny / "adapters" / "law")
+        assert collect_until(loader, "law")["source"] == "host"  # packed once, in the host tier since
+    finally:
+        loader.close()
+
+
+def test_a_prefetched_adapter_loads_from_the_host_tier(weave, tiny):
+    loader = BackgroundLoader(weave, HostTier(1 << 30))
+    try:
+        assert loader.prefetch("math", tiny / "adapters" / "math")
+        assert not loader.prefetch("math", tiny / "adapters" / "math"), "already on its way"
+        loader.start("math", tiny / "adapters" / "math")
+        assert collect_until(loader, "math")["source"] == "prefetch"
+        assert not HostTier(0).names() and not BackgroundLoader(weave, HostTier(0)).prefetch("law", tiny / "adapters" / "law")
+    finally:
+        loader.close()
+
+
+def test_a_failed_background_load_changes_nothing(weave, adapter_copy):
+    bad = adapter_copy("law")
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    loader = BackgroundLoader(weave, HostTier(1 << 30))
+    before = (weave.tables.tensor.clone(), weave.memory.mapped_bytes, list(weave.tables.free_rows))
+    try:
+        loader.start("bad", bad)
+        answer = collect_until(loader, "bad")
+        assert "model.safetensors" in answer["error"] and not answer["capacity"]
+        assert "bad" not in weave.adapters and loader.host_tier.names() == []
+        assert torch.equal(weave.tables.tensor, before[0])
+        assert (weave.memory.mapped_bytes, list(weave.tables.free_rows)) == before[1:]
+    finally:
+        loader.close()
+
+
+def test_a_load_without_slots_says_it_is_a_capacity_error(tiny, geometry):
+    handles, _ = moe_layer_handles(load_model(tiny / "base"))
+    weave = ExpertWeave(geometry, handles, WeaveConfig(max_adapters=2, adapter_slots=1, granularity=GRANULE))
+    loader = BackgroundLoader(weave, HostTier(0))
+    try:
+        loader.start("law", tiny / "adapters" / "law")
+        answer = collect_until(loader, "law")
+        assert answer["capacity"] and "adapter slots" in answer["error"]
+    finally:
+        loader.close()
+        weave.close()
+
+
+def test_the_engine_thread_keeps_working_while_a_load_copies(weave, tiny):
+    """A load never holds the weave while it reads and copies: requests of a resident adapter begin
+    and end on this thread (as the engine's step loop does) while the loader thread is busy."""
+    weave.load_adapter("code", tiny / "adapters" / "code")
+    release = threading.Event()
+    original = weave.pack
+
+    def slow_pack(path):
+        release.wait(30)
+        return original(path)
+
+    weave.pack = slow_pack
+    loader = BackgroundLoader(weave, HostTier(0))
+    try:
+        loader.start("law", tiny / "adapters" / "law")
+        for _ in range(100):
+            weave.end_request("code") if weave.begin_request("code") else None
+        assert loader.loading() == ["law"] and "law" not in weave.adapters
+        release.set()
+        assert "error" not in collect_until(loader, "law")
+    finally:
+        release.set()
+        loader.close()
