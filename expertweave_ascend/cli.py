@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ExpertWeaveError
+from .residency import POLICIES
 
 
 @contextmanager
@@ -184,14 +185,29 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .adapters import validate_adapter
+    from .geometry import BaseGeometry
     from .integrations.vllm.launch import serve
     from .integrations.vllm.server import ServerOptions
 
-    if args.adapter_root is not None and not args.allow_runtime_loading:
-        raise ExpertWeaveError("serve: --adapter-root confines runtime loading; give --allow-runtime-loading too")
-    options = ServerOptions(args.allow_runtime_loading,
-                            None if args.adapter_root is None else str(Path(args.adapter_root).resolve()))
-    code = serve(args.base, _named_paths(args.adapter, args.adapters_dir), args.host, args.port, args.vllm_args,
+    named = _named_paths(args.adapter, args.adapters_dir)
+    if args.max_adapters < 1:
+        raise ExpertWeaveError(f"serve: --max-adapters {args.max_adapters}: expected at least 1")
+    if args.adapter_wait <= 0:
+        raise ExpertWeaveError(f"serve: --adapter-wait {args.adapter_wait}: expected a number of seconds above 0")
+    root = None
+    if args.adapter_root is not None:
+        root = Path(args.adapter_root).resolve()
+        if not root.is_dir():
+            raise ExpertWeaveError(f"serve: --adapter-root {args.adapter_root}: not a directory")
+    geometry = BaseGeometry.from_checkpoint(args.base)
+    for path in list(named.values())[args.max_adapters:]:  # the first ones are checked as they are loaded
+        validate_adapter(path, geometry)
+    options = ServerOptions(args.allow_runtime_loading, None if root is None else str(root),
+                            {name: str(Path(path).resolve()) for name, path in named.items()}, args.max_adapters,
+                            args.eviction_policy, args.adapter_wait, args.host_adapter_bytes)
+    preload = dict(list(named.items())[:args.max_adapters])
+    code = serve(args.base, preload, args.host, args.port, args.vllm_args,
                  max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
                  options=options, debug=args.debug)
     return 1 if code > 0 else 0
@@ -255,18 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with ESFT adapters as models",
                         epilog="Arguments after -- go to vLLM's server unchanged, e.g. -- --enforce-eager")
     sv.add_argument("base")
-    sv.add_argument("--adapter", action="append", metavar="NAME=PATH")
-    sv.add_argument("--adapters-dir", help="serve every subdirectory as an adapter named after it")
+    sv.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                    help="an adapter served by name; the first --max-adapters are loaded at start, the rest on demand")
+    sv.add_argument("--adapters-dir", help="as --adapter, for every subdirectory (named after it)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--base-name", help='the base model\'s "model" name (default: BASE\'s directory name)')
-    sv.add_argument("--max-adapters", type=int, default=8, help="adapters loaded at once")
+    sv.add_argument("--max-adapters", type=int, default=8,
+                    help="adapters on the device at once; a request for another evicts an idle one")
     sv.add_argument("--adapter-slots", type=int, help="expert slots per MoE layer for adapters")
     sv.add_argument("--allow-runtime-loading", action="store_true",
                     help="add POST /v1/load_esft_adapter and /v1/unload_esft_adapter (guarded by vLLM's --api-key)")
     sv.add_argument("--debug", action="store_true", help="show the server's tracebacks as they happen")
     sv.add_argument("--adapter-root", metavar="DIR",
-                    help="runtime loads may read only inside DIR, and may name an adapter by its directory there")
+                    help="every subdirectory is an adapter served by its name, loaded when a request names it; "
+                         "runtime loads may read only inside DIR")
+    sv.add_argument("--host-adapter-bytes", type=_size, default=2 << 30, metavar="SIZE",
+                    help="host tier: packed adapters kept in host memory (pinned on GPU/NPU) for fast reloads "
+                         "and prefetch (default 2GiB; 0: none)")
+    sv.add_argument("--eviction-policy", choices=list(POLICIES), default="lru",
+                    help="which idle adapter leaves the device for another: lru, or demand (recent request rate)")
+    sv.add_argument("--adapter-wait", type=float, default=60.0, metavar="SECONDS",
+                    help="how long a request may wait for its adapter to be loaded before a 503")
     sv.set_defaults(func=cmd_serve, vllm_args=[])
 
     mp = sub.add_parser("memory-plan", help="bytes mapped for a set of adapter geometries, by the real allocator")

@@ -9,7 +9,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from expertweave_ascend.catalogue import AdapterCatalogue  # noqa: E402
 from expertweave_ascend.integrations.vllm.engine import SALT_MARKER, adapter_cache_salt  # noqa: E402
+from expertweave_ascend.integrations.vllm.metrics import AdapterMetrics  # noqa: E402
+from expertweave_ascend.integrations.vllm.tiering import TieredAdapters  # noqa: E402
+from expertweave_ascend.residency import Residency  # noqa: E402
 from expertweave_ascend.integrations.vllm.server import (AdapterEntry, AdapterModelMiddleware,  # noqa: E402
                                                          AdapterRegistry, adapter_name_problem)
 
@@ -34,9 +40,14 @@ class RecordingApp:
 
 
 class FrontEnd:
+    """The server's front-end with these adapters on the device and nothing else in its catalogue."""
+
     def __init__(self, adapters):
         self.registry = AdapterRegistry(None, "base")
         self.registry.adapters.update(adapters)
+        self.metrics = AdapterMetrics(CollectorRegistry())
+        self.tiers = TieredAdapters(self, AdapterCatalogue(), Residency(8), wait_s=1.0)
+        self.tiers.residency.resident.update(adapters)
 
 
 def post(adapters: dict, path: str, body) -> tuple[int, dict, list]:

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ...adapters import validate_adapter
-from ...errors import AdapterStateError, ExpertWeaveError
+from ...catalogue import AdapterCatalogue
+from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...reports import MemoryReport
+from ...residency import Residency
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, shutdown_llm
@@ -18,20 +20,28 @@ WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorke
 
 def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters: int,
                   adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
-                  granularity: int | None = None) -> dict:
+                  granularity: int | None = None, host_adapter_bytes: int = 0, warm: bool = False) -> dict:
     """The engine's `additional_config["expertweave"]`; adapters are validated here, before any engine
-    starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row."""
+    starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row.
+    host_adapter_bytes: the workers' host tier; warm: keep freed granules mapped for the next load (the
+    workers size the budget: twice an adapter row's share of the slots)."""
     checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
     if adapter_slots is None:
         adapter_slots = max(slots_needed((a.experts for a in checked.values()), geometry.moe_layers),
                             max_adapters * geometry.num_experts // 4)
     return {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
             "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
-            "granularity": granularity}
+            "granularity": granularity, "host_adapter_bytes": host_adapter_bytes, "warm": warm}
 
 
 class ExpertWeaveLLM:
     """A vllm.LLM whose requests each name an adapter (or None for the base model).
+
+    Adapters are served by name from a catalogue: `adapters` (NAME -> path; the first max_adapters are
+    loaded at start) and every subdirectory of `adapter_root`. generate loads the adapters its prompts
+    name, evicting idle ones by `eviction_policy` (residency.py); prompts naming more adapters than fit
+    at once run in waves, each wave's adapters loaded before it runs. Adapters loaded by hand
+    (load_adapter) stay until unloaded by hand.
 
     Adapters are checked here before anything reaches the engine. Unload admits no new requests of the
     adapter and waits until the engine's workers report none of them running or queued (lifetime.py);
@@ -40,14 +50,22 @@ class ExpertWeaveLLM:
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, *, max_adapters: int = 8,
                  adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
-                 granularity: int | None = None, **llm_kwargs):
+                 granularity: int | None = None, adapter_root: str | Path | None = None,
+                 host_adapter_bytes: int = 0, eviction_policy: str = "lru", **llm_kwargs):
         from vllm import LLM
 
         self.model = model
         self.geometry = BaseGeometry.from_checkpoint(model)
+        adapters = dict(adapters or {})
+        for path in list(adapters.values())[max_adapters:]:  # the first ones are checked by engine_config
+            validate_adapter(path, self.geometry)
+        self.catalogue = AdapterCatalogue(adapter_root, adapters)
+        self.residency = Residency(max_adapters, eviction_policy)
+        preload = dict(list(adapters.items())[:max_adapters])
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
-        additional["expertweave"] = engine_config(self.geometry, adapters or {}, max_adapters, adapter_slots,
-                                                  adapter_memory_bytes, granularity)
+        additional["expertweave"] = engine_config(
+            self.geometry, preload, max_adapters, adapter_slots, adapter_memory_bytes, granularity,
+            host_adapter_bytes, warm=adapter_root is not None or len(adapters) > max_adapters)
         for key, value in platforms.current().engine_defaults(set(llm_kwargs)).items():
             llm_kwargs.setdefault(key, value)
         llm_kwargs["logits_processors"] = admission.with_admission(llm_kwargs.get("logits_processors"))
@@ -57,6 +75,7 @@ class ExpertWeaveLLM:
                        **llm_kwargs)
         # name -> content hash, of the adapters requests may name
         self._adapters = {name: a["sha256"] for name, a in self._rpc("expertweave_list_adapters").items()}
+        self.residency.resident |= set(self._adapters)
         self._unloading: set[str] = set()
         self._lock = threading.Lock()
         admission.set_gate(self._refusal)
@@ -68,7 +87,6 @@ class ExpertWeaveLLM:
     def generate(self, prompts, sampling_params=None, adapter: str | None | Sequence[str | None] = None,
                  use_tqdm: bool = True):
         """adapter: one name (or None: the base) for every prompt, or one per prompt."""
-        from vllm import SamplingParams
 
         single = isinstance(prompts, (str, dict))
         prompts = [prompts] if single else list(prompts)
@@ -76,7 +94,59 @@ class ExpertWeaveLLM:
         if len(names) != len(prompts):
             raise ValueError(f"{len(names)} adapters given for {len(prompts)} prompts")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        outputs: list = [None] * len(prompts)
+        for k, wave in enumerate(self._waves(names)):
+            self._make_resident(wave)
+            chosen = [i for i, name in enumerate(names) if name in wave or (k == 0 and name is None)]
+            done = self._generate([prompts[i] for i in chosen], [params[i] for i in chosen],
+                                  [names[i] for i in chosen], use_tqdm)
+            for i, output in zip(chosen, done):
+                outputs[i] = output
+        return outputs[0] if single else outputs
+
+    def _waves(self, names: list[str | None]) -> list[set[str]]:
+        """The adapters named, in groups of at most max_adapters (one group, maybe empty, when they fit)."""
         self._check_admissible(names)
+        needed = list(dict.fromkeys(name for name in names if name is not None))
+        with self._lock:
+            pinned = sum(1 for n in self._adapters if self.residency.use(n).pinned and n not in needed)
+        room = self.residency.max_resident - pinned
+        if room < 1:
+            raise CapacityError(f"all {self.residency.max_resident} adapter rows hold adapters loaded by hand; "
+                                "unload one to serve others")
+        return [set(needed[i:i + room]) for i in range(0, len(needed), room)] or [set()]
+
+    def _make_resident(self, wave: set[str]) -> None:
+        """Loads the wave's adapters, evicting idle adapters outside it (by the policy) for room."""
+        for name in wave:
+            self.residency.lease(name)  # not evicted while the wave is being made resident
+        try:
+            for name in sorted(wave - set(self._adapters)):
+                while True:
+                    if not self.residency.has_room():
+                        self._evict_one(wave)
+                    try:
+                        self.load_adapter(name, self.catalogue.path(name), pinned=False)
+                        break
+                    except CapacityError:
+                        self._evict_one(wave)
+        finally:
+            for name in wave:
+                self.residency.release(name)
+
+    def _evict_one(self, wave: set[str]) -> None:
+        victim = self.residency.victim()
+        if victim is None:
+            raise CapacityError(f"adapters {', '.join(sorted(wave))} do not fit on the device together "
+                                "(rows, slots or memory); pass fewer per generate call or raise max_adapters / "
+                                "adapter_slots")
+        self.unload_adapter(victim)
+
+    def _generate(self, prompts: list, params: list, names: list[str | None], use_tqdm: bool) -> list:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
         with self._lock:
             hashes = {name: self._adapters.get(name) for name in set(names) - {None}}
         for name, sha256 in hashes.items():
@@ -97,8 +167,13 @@ class ExpertWeaveLLM:
                 prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
-        outputs = self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
-        return outputs[0] if single else outputs
+        for name in set(names) - {None}:
+            self.residency.lease(name)
+        try:
+            return self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
+        finally:
+            for name in set(names) - {None}:
+                self.residency.release(name)
 
     def _refusal(self, name: str) -> str | None:
         """Why a request for this adapter may not start now, or None."""
@@ -112,25 +187,36 @@ class ExpertWeaveLLM:
     def _check_admissible(self, names: list[str | None]) -> None:
         """Refuses the whole batch before any of it reaches the engine (vLLM admits request by request)."""
         for name in set(names) - {None}:
-            problem = self._refusal(name)
-            if problem is not None:
-                raise AdapterStateError(problem)
+            with self._lock:
+                if name in self._unloading:
+                    raise AdapterStateError(f"adapter {name!r} is being unloaded")
+                if name in self._adapters:
+                    continue
+            if self.catalogue.path(name) is None:
+                known = sorted(set(self._adapters) | set(self.catalogue.names()))
+                raise AdapterStateError(f"unknown adapter {name!r} (not loaded and not in the catalogue: "
+                                        f"{', '.join(known) or 'none'})")
 
     # -- adapters -----------------------------------------------------------------------------
-    def load_adapter(self, name: str, path: str | Path) -> dict:
-        """Validates here, then loads in every worker; errors leave the engine as it was."""
+    def load_adapter(self, name: str, path: str | Path, pinned: bool = True) -> dict:
+        """Validates here, then loads in every worker; errors leave the engine as it was. An adapter
+        loaded by hand (pinned) is never evicted for another; unload it by hand."""
         validate_adapter(path, self.geometry)
         with self._lock:
             if name in self._adapters:
                 raise AdapterStateError(f"adapter {name!r} is already loaded")
-        outcome = agreement.check_load(name, self.llm.collective_rpc("expertweave_load_adapter", args=(name, str(path))))
+        answers = self.llm.collective_rpc("expertweave_load_adapter", args=(name, str(path)))
+        outcome = agreement.check_load(name, answers)
         if outcome.roll_back:
             self.llm.collective_rpc("expertweave_discard_adapter", args=(name,))
         if outcome.error is not None:
-            raise ExpertWeaveError(outcome.error)
+            capacity = all(a.get("capacity") for a in answers if "error" in a)
+            raise (CapacityError if capacity else ExpertWeaveError)(outcome.error)
         info = outcome.info
         with self._lock:
             self._adapters[name] = info["sha256"]
+        self.residency.resident.add(name)
+        self.residency.use(name).pinned = pinned
         return info
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
@@ -143,6 +229,8 @@ class ExpertWeaveLLM:
             lifetime.unload_when_idle(self.llm, name, timeout)
             with self._lock:
                 del self._adapters[name]
+            self.residency.resident.discard(name)
+            self.residency.use(name).pinned = False
         finally:
             with self._lock:
                 self._unloading.discard(name)

@@ -27,6 +27,20 @@ class AdapterMetrics:
         self.unload_seconds = Histogram("expertweave_adapter_unload_seconds",
                                         "Time to unload an ESFT adapter, waiting for its requests included",
                                         registry=registry)
+        self.hits = Counter("expertweave_adapter_hits", "Requests whose adapter was on the device", ["adapter"],
+                            registry=registry)
+        self.misses = Counter("expertweave_adapter_misses", "Requests whose adapter had to be loaded first",
+                              ["adapter"], registry=registry)
+        self.load_wait_seconds = Histogram("expertweave_adapter_load_wait_seconds",
+                                           "Time a request waited for its adapter to be loaded (misses)",
+                                           registry=registry)
+        self.loads_by_source = Counter("expertweave_adapter_loads_by_source",
+                                       "On-demand loads by where the packed adapter came from: disk, host (the host "
+                                       "tier) or prefetch (the host tier, put there by a prefetch)", ["source"],
+                                       registry=registry)
+        self.evictions = Counter("expertweave_adapter_evictions", "Adapters taken off the device for room",
+                                 ["adapter"], registry=registry)
+        self.tier_bytes: dict[str, int] = {}
         self.requests: dict[str, int] = {}
         self.generated: dict[str, int] = {}
         self.resident: dict[str, int] = {}
@@ -40,14 +54,17 @@ class AdapterMetrics:
         finally:
             histogram.observe(time.perf_counter() - start)
 
-    def update(self, served: dict, memory: dict, base_name: str) -> None:
-        """served: a worker's expertweave_served() answer; memory: its MemoryReport.to_json()."""
+    def update(self, served: dict, memory: dict, base_name: str, tiers: dict) -> None:
+        """served: a worker's expertweave_served() answer; memory: its MemoryReport.to_json(); tiers: its
+        expertweave_tiers() answer."""
         def named(counts: dict) -> dict[str, int]:
             return {name or base_name: count for name, count in counts.items()}
 
         self.requests = named(served["requests"])
         self.generated = named(served["generated_tokens"])
         self.resident = {name: adapter["bytes"] for name, adapter in memory["adapters"].items()}
+        self.tier_bytes = {"device": sum(self.resident.values()), "host": tiers["host_bytes"],
+                           "warm": tiers["warm_bytes"]}
 
     def collect(self):
         requests = CounterMetricFamily("expertweave_requests", "Requests started, by adapter", labels=["adapter"])
@@ -60,7 +77,12 @@ class AdapterMetrics:
             tokens.add_metric([name], count)
         for name, nbytes in self.resident.items():
             resident.add_metric([name], nbytes)
-        yield from (requests, tokens, resident)
+        tiers = GaugeMetricFamily("expertweave_tier_bytes", "Bytes of adapters held per tier: device (experts "
+                                  "in slots), host (packed in the host tier), warm (freed granules kept mapped)",
+                                  labels=["tier"])
+        for tier, nbytes in self.tier_bytes.items():
+            tiers.add_metric([tier], nbytes)
+        yield from (requests, tokens, resident, tiers)
 
     def describe(self):
         return []

@@ -21,19 +21,22 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ...adapters import validate_adapter
+from ...catalogue import AdapterCatalogue
 from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
 from ...files import confined
 from ...geometry import BaseGeometry
+from ...residency import Residency
 from . import admission, agreement, lifetime
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem
 from .metrics import AdapterMetrics
+from .tiering import AdapterEntry, AdapterLoadFailed, AdapterNotFound, AdapterUnavailable, TieredAdapters
 
 logger = logging.getLogger("expertweave")
 
@@ -51,12 +54,6 @@ def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResp
                         status_code=status)
 
 
-@dataclass(frozen=True)
-class AdapterEntry:
-    path: str
-    sha256: str
-
-
 class AdapterRegistry:
     """The server's view of loaded adapters (name -> path and content hash) and those being unloaded."""
 
@@ -71,7 +68,12 @@ class AdapterRegistry:
 class ServerOptions:
     """`expertweave serve`'s own options, carried to the API server in additional_config."""
     runtime_loading: bool = False  # the load and unload routes exist
-    adapter_root: str | None = None  # runtime loads read only inside this directory
+    adapter_root: str | None = None  # its subdirectories are adapters served by name; runtime loads stay inside
+    catalogue: dict[str, str] = field(default_factory=dict)  # --adapter NAME=PATH: served by name too
+    max_adapters: int = 8  # adapters on the device at once
+    eviction_policy: str = "lru"
+    adapter_wait_s: float = 60.0  # how long a request may wait for its adapter to be loaded (then 503)
+    host_adapter_bytes: int = 0  # the workers' host tier (reported; the workers are given it in the engine config)
 
     @classmethod
     def of(cls, args) -> "ServerOptions":
@@ -112,7 +114,8 @@ class AdapterModelMiddleware:
         if scope["type"] != "http" or registry is None:
             return await self.app(scope, receive, send)
         if scope["method"] == "GET" and scope["path"] == "/v1/models":
-            return await self.app(scope, receive, self._listing_models(send, registry))
+            states = await self.front_end.tiers.states()
+            return await self.app(scope, receive, self._listing_models(send, registry, states))
         if scope["method"] == "GET" and scope["path"] == "/metrics":
             await self.front_end.refresh_metrics()
             return await self.app(scope, receive, send)
@@ -122,20 +125,31 @@ class AdapterModelMiddleware:
         body = _json_object(raw)
         name = None
         if body is not None:
-            name = body.get("model")
-            name = name if isinstance(name, str) and name in registry.adapters else None
+            model = body.get("model")
+            if isinstance(model, str) and model != registry.base_name and await self.front_end.tiers.known(model):
+                name = model
             refusal = self._refusal(scope["path"], body, name, registry)
             if refusal is not None:
                 return await refusal(scope, receive, send)
-            if name is not None:
-                body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name}
-                body["cache_salt"] = adapter_cache_salt(registry.adapters[name].sha256, body.get("cache_salt"))
-                body["model"] = registry.base_name
-                raw = json.dumps(body).encode()
-        replay = _replay(raw, receive)
         if name is None:
-            return await self.app(scope, replay, send)
-        return await self.app(scope, replay, _renaming(send, registry.base_name, name))
+            return await self.app(scope, _replay(raw, receive), send)
+        tiers = self.front_end.tiers
+        try:
+            lease = await tiers.acquire(name)
+        except AdapterNotFound as e:
+            return await _error(404, str(e), "NotFoundError")(scope, receive, send)
+        except AdapterLoadFailed as e:
+            return await _error(400, str(e))(scope, receive, send)
+        except AdapterUnavailable as e:
+            return await _error(503, str(e), "ServiceUnavailableError")(scope, receive, send)
+        try:  # the lease keeps the adapter on the device until the response has ended
+            body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name}
+            body["cache_salt"] = adapter_cache_salt(lease.entry.sha256, body.get("cache_salt"))
+            body["model"] = registry.base_name
+            replay = _replay(json.dumps(body).encode(), receive)
+            return await self.app(scope, replay, _renaming(send, registry.base_name, name, lease.headers()))
+        finally:
+            tiers.release(name)
 
     @staticmethod
     def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
@@ -157,8 +171,9 @@ class AdapterModelMiddleware:
         return None
 
     @staticmethod
-    def _listing_models(send, registry: AdapterRegistry):
-        """send, with each loaded adapter added to a successful /v1/models answer as a card of its own."""
+    def _listing_models(send, registry: AdapterRegistry, states: dict[str, str]):
+        """send, with every servable adapter added to a successful /v1/models answer as a card of its own:
+        its tier (esft_state: device, loading, host or disk) and, on the device, its content hash."""
         start, chunks = None, []
 
         async def listing_send(message):
@@ -174,9 +189,10 @@ class AdapterModelMiddleware:
             if listing is not None and isinstance(listing.get("data"), list) and listing["data"]:
                 base = next((card for card in listing["data"] if card.get("id") == registry.base_name),
                             listing["data"][0])
-                for name, entry in list(registry.adapters.items()):
+                for name, state in states.items():
+                    entry = registry.adapters.get(name)
                     listing["data"].append({**base, "id": name, "root": name, "parent": base.get("id"),
-                                            "esft_sha256": entry.sha256})
+                                            "esft_state": state, "esft_sha256": entry and entry.sha256})
                 raw = json.dumps(listing).encode()
             headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
             await send({**start, "headers": headers + [(b"content-length", str(len(raw)).encode())]})
@@ -201,13 +217,14 @@ def _replay(raw: bytes, receive):
     return replay
 
 
-def _renaming(send, base_name: str, name: str):
-    """send, with the base model's name in the response bodies replaced by the adapter's."""
+def _renaming(send, base_name: str, name: str, headers: list[tuple[bytes, bytes]]):
+    """send, with the base model's name in the response bodies replaced by the adapter's, and these
+    headers added to the response."""
     base, adapter = json.dumps(base_name).encode(), json.dumps(name).encode()
 
     async def renaming_send(message):
         if message["type"] == "http.response.start":
-            message["headers"] = [(k, v) for k, v in message["headers"] if k.lower() != b"content-length"]
+            message["headers"] = [(k, v) for k, v in message["headers"] if k.lower() != b"content-length"] + headers
         elif message["type"] == "http.response.body":
             message["body"] = message.get("body", b"").replace(b'"model":' + base, b'"model":' + adapter) \
                 .replace(b'"model": ' + base, b'"model": ' + adapter)
@@ -223,6 +240,7 @@ class ExpertWeaveFrontEnd:
         self.engine = None
         self.options = ServerOptions()
         self.metrics: AdapterMetrics | None = None
+        self.tiers: TieredAdapters | None = None
 
     def attach(self, app, options: ServerOptions) -> None:
         self.options = options
@@ -270,22 +288,33 @@ class ExpertWeaveFrontEnd:
         self.engine = engine_client
         models = state.openai_serving_models
         self.registry = AdapterRegistry(BaseGeometry.from_checkpoint(args.model), models.base_model_paths[0].name)
+        options = self.options
+        catalogue = AdapterCatalogue(options.adapter_root, options.catalogue)
+        residency = Residency(options.max_adapters, options.eviction_policy)
+        self.tiers = TieredAdapters(self, catalogue, residency, options.adapter_wait_s)
+        self.tiers.host_budget_bytes = options.host_adapter_bytes
         admission.set_gate(self._refusal)
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
             self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"])
+            residency.resident.add(name)
 
     async def refresh_metrics(self) -> None:
         served = (await self.engine.collective_rpc("expertweave_served"))[0]
         memory = (await self.engine.collective_rpc("expertweave_memory_report"))[0]
-        self.metrics.update(served, memory, self.registry.base_name)
+        tiers = (await self.engine.collective_rpc("expertweave_tiers"))[0]
+        self.metrics.update(served, memory, self.registry.base_name, tiers)
 
     def _refusal(self, name: str) -> str | None:
         """Why a request for this adapter may not start now (vLLM asks as it admits the request), or None."""
         if name not in self.registry.adapters:
             return f"adapter {name!r} is not loaded"
-        if name in self.registry.unloading:
+        if name in self.registry.unloading or name in self.tiers.residency.evicting:
             return f"adapter {name!r} is being unloaded"
         return None
+
+    def public(self, message: str) -> str:
+        """An error message fit for a client: without the adapter root's path."""
+        return _within(self.options.adapter_root, message)
 
     async def load(self, name: str, path: str):
         registry = self.registry
@@ -314,6 +343,8 @@ class ExpertWeaveFrontEnd:
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
             return _error(400, _within(root, lifetime.worker_message(e)))
         registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"])
+        self.tiers.residency.resident.add(name)
+        self.tiers.residency.use(name).pinned = True  # loaded by hand: evicted never, unloaded by hand
         self.metrics.loads.labels(name).inc()
         logger.info("ExpertWeave: loaded adapter %r from %s (sha256 %s, %d experts)", name, resolved,
                     outcome.info["sha256"], outcome.info["experts"])
@@ -337,6 +368,8 @@ class ExpertWeaveFrontEnd:
         finally:
             registry.unloading.discard(name)
         entry = registry.adapters.pop(name)
+        self.tiers.residency.resident.discard(name)
+        self.tiers.residency.use(name).pinned = False
         self.metrics.unloads.labels(name).inc()
         logger.info("ExpertWeave: unloaded adapter %r (sha256 %s)", name, entry.sha256)
         return {"adapter_name": name, "unloaded": True}

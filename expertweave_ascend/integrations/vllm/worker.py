@@ -6,13 +6,16 @@ every forward and reads this process's current buffer and table.
 """
 
 import logging
+import math
 from collections import Counter
 
 import numpy as np
 import torch
 
-from ...errors import AdapterStateError, ExpertWeaveError
+from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
 from ...geometry import BaseGeometry
+from ...host_tier import HostTier
+from ...loader import BackgroundLoader
 from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
 from .engine import expertweave_config, request_adapter
@@ -31,6 +34,8 @@ class WorkerWeave:
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
+        if config.get("warm"):
+            weave_config.warm_bytes = 2 * warm_share(weave_config, self.layers.values())
         geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
         device_args = self.api.weave_device(model_runner)
         self.backend = device_args.get("backend")  # given to the weave, so closed here
@@ -49,6 +54,8 @@ class WorkerWeave:
         self.requests: dict[str, tuple[str | None, int, int]] = {}
         self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
         self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
+        self.host_tier = HostTier(config.get("host_adapter_bytes") or 0)
+        self.loader = BackgroundLoader(self.weave, self.host_tier)
         for name, path in (config.get("adapters") or {}).items():
             self.weave.load_adapter(name, path)
 
@@ -113,9 +120,18 @@ class WorkerWeave:
         return {"unloaded": True, "running": 0, "queued": 0}
 
     def close(self) -> None:
+        self.loader.close()
         self.weave.close()
         if self.backend is not None:
             self.backend.close()
+
+
+def warm_share(config: WeaveConfig, layers) -> int:
+    """One adapter row's share of the slots, in bytes over every layer: what an evicted adapter of
+    average size frees, and so what the next load can reuse warm."""
+    per_row = max(1, (config.adapter_slots or 0) // config.max_adapters)
+    return per_row * sum(spec.dtype.itemsize * math.prod(spec.slot_shape)
+                         for layer in layers for spec in layer.weight_specs())
 
 
 _ACTIVE: WorkerWeave | None = None
@@ -158,11 +174,38 @@ class ExpertWeaveWorkerExtension:
         """This rank's row and slots, or the one-line error it met: a rank that raised would leave the
         others loaded (agreement.py decides, and rolls back through expertweave_discard_adapter)."""
         try:
-            loaded = _active().weave.load_adapter(name, path)
+            loaded, facts = _active().loader.load_now(name, path)
         except ExpertWeaveError as e:
-            return {"error": str(e), "public_error": getattr(e, "public_message", str(e))}
+            return {"error": str(e), "public_error": getattr(e, "public_message", str(e)),
+                    "capacity": isinstance(e, CapacityError)}
         return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes, "sha256": loaded.sha256,
-                "slots": {str(layer): slots for layer, slots in loaded.slots.items()}}
+                "slots": {str(layer): slots for layer, slots in loaded.slots.items()}, **facts}
+
+    def expertweave_start_load(self, name: str, path: str) -> dict:
+        """Starts loading in the background (loader.py); expertweave_collect_loads reports the outcome."""
+        try:
+            _active().loader.start(name, path)
+        except ExpertWeaveError as e:
+            return {"error": str(e)}
+        return {"started": True}
+
+    def expertweave_collect_loads(self) -> dict:
+        """{"done": name -> this rank's load answer (as expertweave_load_adapter's, with its source and
+        timing), "loading": names still loading}; publishes finished loads on this rank."""
+        loader = _active().loader
+        return {"done": loader.collect(), "loading": loader.loading()}
+
+    def expertweave_prefetch(self, name: str, path: str) -> bool:
+        """Packs an adapter into the host tier in the background; False if it is there or on its way."""
+        return _active().loader.prefetch(name, path)
+
+    def expertweave_tiers(self) -> dict:
+        """Which adapters this rank holds where: {"device": names, "loading": names, "host": names,
+        "host_bytes", "host_budget_bytes", "warm_bytes"}."""
+        active = _active()
+        return {"device": sorted(active.weave.adapters), "loading": active.loader.loading(),
+                "host": active.host_tier.names(), "host_bytes": active.host_tier.resident_bytes,
+                "host_budget_bytes": active.host_tier.budget_bytes, "warm_bytes": active.weave.memory.warm_bytes}
 
     def expertweave_discard_adapter(self, name: str) -> None:
         """Takes back a load the ranks did not agree on (never published, so no request uses it)."""

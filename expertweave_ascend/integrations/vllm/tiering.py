@@ -1,0 +1,286 @@
+"""Adapters by name for the server: a request for a catalogued adapter that is not on the device is held
+here while the adapter loads, then joins the engine's batches like any other.
+
+Loads run in the workers' loader threads (loader.py) while the engine keeps stepping; this front-end
+starts them (expertweave_start_load), collects the ranks' answers between steps
+(expertweave_collect_loads) and admits the adapter's requests only once every rank published it and
+they agree (agreement.py). When the device has no row (or no slots or bytes) for the load, the residency
+policy (residency.py) picks an idle adapter to evict; when every resident adapter is in use the load
+waits for a lease to end, and a request that waits longer than its bound gets AdapterUnavailable (503).
+Meanwhile the waiting adapters are prefetched into the workers' host tier, in the order their requests
+came, as many as the host tier holds, so only the copy to the device is left when room frees up.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ...catalogue import AdapterCatalogue
+from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
+from ...residency import Residency
+from . import agreement, lifetime
+
+logger = logging.getLogger("expertweave")
+
+COLLECT_S = 0.005  # how often finished loads are collected from the workers
+EVICT_TIMEOUT_S = 30.0  # an idle adapter's last aborts land within a step or two
+
+
+class AdapterNotFound(ExpertWeaveError):
+    pass
+
+
+class AdapterLoadFailed(ExpertWeaveError):
+    pass
+
+
+class AdapterUnavailable(ExpertWeaveError):
+    pass
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """An adapter on the device, as the front-end knows it."""
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    entry: AdapterEntry
+    hit: bool  # it was on the device already
+    wait_s: float  # how long the request waited for it to be loaded
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """What the response tells the client: x-expertweave-adapter hit|miss, and the wait in ms."""
+        return [(b"x-expertweave-adapter", b"hit" if self.hit else b"miss"),
+                (b"x-expertweave-load-wait-ms", f"{self.wait_s * 1e3:.1f}".encode())]
+
+
+@dataclass
+class TierCounts:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    hidden_loads: int = 0  # the files were read by a prefetch before the load began
+    host_loads: int = 0  # the host tier held the adapter (a prefetch's or an earlier load's copy)
+    evictions: int = 0
+    wait_s: float = 0.0  # requests' time spent waiting for their adapter's load, in all
+
+
+class TieredAdapters:
+    def __init__(self, front_end, catalogue: AdapterCatalogue, residency: Residency, wait_s: float):
+        self.front_end = front_end  # its engine, registry (what is on the device) and metrics
+        self.catalogue = catalogue
+        self.residency = residency
+        self.wait_s = wait_s
+        self.counts = TierCounts()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._answers: dict[str, dict[int, dict]] = {}  # name -> rank -> its load answer
+        self._waiting_for: dict[str, asyncio.Future] = {}  # name -> every rank's answers, once all came
+        self._collector: asyncio.Task | None = None
+        self._room_lock = asyncio.Lock()
+        self._released = asyncio.Event()
+        self._prefetched: set[str] = set()
+        self._mean_packed_bytes: float | None = None
+        self.host_budget_bytes = 0
+
+    # -- requests -----------------------------------------------------------------------------
+    async def known(self, name: str) -> bool:
+        """On the device already, or in the catalogue (a look at the disk, off the event loop)."""
+        if name in self.front_end.registry.adapters:
+            return True
+        try:
+            return await asyncio.to_thread(self.catalogue.path, name) is not None
+        except ConfinementError:
+            return False
+
+    async def acquire(self, name: str) -> Lease:
+        """Leases the adapter for one request, once it is on the device. Raises AdapterNotFound,
+        AdapterLoadFailed (the files were refused) or AdapterUnavailable."""
+        registry, metrics = self.front_end.registry, self.front_end.metrics
+        if self.residency.serving(name):
+            self.counts.hits += 1
+            metrics.hits.labels(name).inc()
+            self.residency.lease(name)
+            return Lease(registry.adapters[name], True, 0.0)
+        self.counts.misses += 1
+        metrics.misses.labels(name).inc()
+        use = self.residency.use(name)
+        use.waiting += 1
+        started = time.monotonic()
+        try:
+            while not self.residency.serving(name):
+                remaining = started + self.wait_s - time.monotonic()
+                if remaining <= 0:
+                    raise AdapterUnavailable(f"adapter {name!r} could not be loaded within {self.wait_s:g} s: every "
+                                             f"one of the {self.residency.max_resident} device-resident adapters has "
+                                             "requests in flight; retry later")
+                task = self._tasks.get(name)
+                if task is None:
+                    task = self._tasks[name] = asyncio.create_task(self._load_task(name))
+                done, _ = await asyncio.wait({task}, timeout=remaining)
+                if done and task.result() is not None:
+                    error, not_found = task.result()
+                    raise (AdapterNotFound if not_found else AdapterLoadFailed)(error)
+        finally:
+            use.waiting -= 1
+            waited = time.monotonic() - started
+            self.counts.wait_s += waited
+            metrics.load_wait_seconds.observe(waited)
+        self.residency.lease(name)
+        return Lease(registry.adapters[name], False, waited)
+
+    def release(self, name: str) -> None:
+        self.residency.release(name)
+        self._released.set()
+
+    # -- loads --------------------------------------------------------------------------------
+    async def _load_task(self, name: str) -> tuple[str, bool] | None:
+        """Loads the adapter; None when loaded (or nobody waits for it any more), else (error, not found)."""
+        try:
+            return await self._load(name)
+        finally:
+            self._tasks.pop(name, None)
+
+    async def _load(self, name: str) -> tuple[str, bool] | None:
+        try:
+            path = await asyncio.to_thread(self.catalogue.path, name)
+        except ConfinementError as e:
+            return str(e), True
+        if path is None:
+            return f"adapter {name!r} is not in the catalogue (it is gone from the adapter root)", True
+        use = self.residency.use(name)
+        while use.waiting:
+            if not await self._take_room(name):
+                await self._prefetch(name, str(path))
+                await self._wait_release()
+                continue
+            try:
+                answers = await self._run_load(name, str(path))
+            finally:
+                self.residency.loading.discard(name)
+            outcome = agreement.check_load(name, answers)
+            if outcome.roll_back:
+                await self.front_end.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
+            if outcome.error is None:
+                self._loaded(name, str(path), outcome.info, answers[0])
+                return None
+            if not all(a.get("capacity") for a in answers if "error" in a):
+                logger.info("ExpertWeave: adapter %r not loaded: %s", name, outcome.error)
+                return self.front_end.public(outcome.public_error or outcome.error), False
+            async with self._room_lock:  # no slots or bytes for it: make some
+                victim = self.residency.victim()
+                if victim is not None:
+                    await self._evict(victim)
+            if victim is None:
+                await self._wait_release()
+        return None
+
+    async def _take_room(self, name: str) -> bool:
+        """Evicts idle adapters until a device row is free, then counts the load in; False if none can go."""
+        async with self._room_lock:
+            while not self.residency.has_room():
+                victim = self.residency.victim()
+                if victim is None:
+                    return False
+                await self._evict(victim)
+            self.residency.loading.add(name)
+            return True
+
+    async def _wait_release(self) -> None:
+        self._released.clear()
+        try:
+            await asyncio.wait_for(self._released.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _run_load(self, name: str, path: str) -> list[dict]:
+        engine = self.front_end.engine
+        with self.front_end.metrics.timed(self.front_end.metrics.load_seconds):
+            started = await engine.collective_rpc("expertweave_start_load", args=(name, path))
+            if any("error" in s for s in started):
+                return started
+            future = self._waiting_for[name] = asyncio.get_running_loop().create_future()
+            if self._collector is None or self._collector.done():
+                self._collector = asyncio.create_task(self._collect())
+            return await future
+
+    async def _collect(self) -> None:
+        """Collects finished loads from every rank while some load is outstanding."""
+        engine = self.front_end.engine
+        while self._waiting_for:
+            ranks = await engine.collective_rpc("expertweave_collect_loads")
+            for rank, answer in enumerate(ranks):
+                for name, result in answer["done"].items():
+                    self._answers.setdefault(name, {})[rank] = result
+            for name in [n for n, got in self._answers.items() if len(got) == len(ranks)]:
+                got = self._answers.pop(name)
+                future = self._waiting_for.pop(name, None)
+                if future is not None and not future.done():
+                    future.set_result([got[r] for r in range(len(ranks))])
+            await asyncio.sleep(COLLECT_S)
+
+    def _loaded(self, name: str, path: str, info: dict, answer: dict) -> None:
+        self.front_end.registry.adapters[name] = AdapterEntry(path, info["sha256"])
+        self.residency.resident.add(name)
+        self.counts.loads += 1
+        source = answer.get("source")
+        self.counts.hidden_loads += source == "prefetch"
+        self.counts.host_loads += source in ("prefetch", "host")
+        self._prefetched.discard(name)
+        nbytes = info["bytes"]
+        self._mean_packed_bytes = nbytes if self._mean_packed_bytes is None else \
+            0.8 * self._mean_packed_bytes + 0.2 * nbytes
+        metrics = self.front_end.metrics
+        metrics.loads.labels(name).inc()
+        metrics.loads_by_source.labels(source or "disk").inc()
+        logger.info("ExpertWeave: loaded adapter %r on demand from %s (%s, read %.3f s, copy %.3f s)", name, path,
+                    source, answer.get("read_s", 0.0), answer.get("copy_s", 0.0))
+
+    async def _evict(self, name: str) -> None:
+        """Unloads an idle adapter; under the room lock, so no load of it starts before it is gone."""
+        self.residency.evicting.add(name)  # requests for it wait for a reload (the admission gate refuses it)
+        try:
+            await lifetime.unload_when_idle_async(self.front_end.engine, name, EVICT_TIMEOUT_S)
+        except AdapterBusyError as e:  # a request reached the engine without a lease: keep the adapter
+            logger.warning("ExpertWeave: adapter %r not evicted: %s", name, e)
+            return
+        finally:
+            self.residency.evicting.discard(name)
+        self.front_end.registry.adapters.pop(name, None)
+        self.residency.resident.discard(name)
+        self.counts.evictions += 1
+        self.front_end.metrics.evictions.labels(name).inc()
+        logger.info("ExpertWeave: evicted adapter %r (%s policy)", name, self.residency.policy)
+
+    # -- prefetch -----------------------------------------------------------------------------
+    def horizon(self) -> int:
+        """How many waiting adapters to prefetch: as many as the host tier holds, by the mean packed size
+        measured so far (one before any was measured)."""
+        if self.host_budget_bytes <= 0:
+            return 0
+        if not self._mean_packed_bytes:
+            return 1
+        return max(1, int(self.host_budget_bytes // self._mean_packed_bytes))
+
+    async def _prefetch(self, name: str, path: str) -> None:
+        """Packs a waiting adapter into the host tier, if it is within the horizon in order of arrival."""
+        if name in self._prefetched:
+            return
+        waiting = [n for n in self._tasks if n not in self.residency.resident]  # tasks start in arrival order
+        if name not in waiting[:self.horizon()]:
+            return
+        self._prefetched.add(name)
+        await self.front_end.engine.collective_rpc("expertweave_prefetch", args=(name, path))
+
+    # -- listing ------------------------------------------------------------------------------
+    async def states(self) -> dict[str, str]:
+        """Every catalogued or loaded adapter's tier: device, loading, host or disk."""
+        tiers = (await self.front_end.engine.collective_rpc("expertweave_tiers"))[0]
+        names = set(await asyncio.to_thread(self.catalogue.names)) | set(self.front_end.registry.adapters)
+        host = set(tiers["host"])
+        loading = set(tiers["loading"]) | self.residency.loading
+        return {n: "device" if n in self.front_end.registry.adapters else "loading" if n in loading
+                else "host" if n in host else "disk" for n in sorted(names)}
