@@ -1,13 +1,18 @@
 """Adapter hot-load speed against this machine's memory-copy bandwidth.
 
 A real ESFT adapter directory (the law selection, DeepSeek-V2-Lite expert shapes, bf16 random weights)
-is loaded through ExpertWeave.load_adapter: validation, slot allocation, granule mapping, safetensors
-reads, packing into the transformers layout (w13 = gate rows then up rows, w2 = down) and the copy into
-the mapped slots, then unloaded; the median over repeats is taken. The file is in the page cache (just
-written), so this is the host-side load path, not the disk. Copy bandwidth: torch copy_ between two
-touched buffers of the same size as the adapter. Ratio = adapter bytes per second / copy bytes per second.
-Also measured: the same copy into granules freshly mapped from the host backend, the floor a load into
-new physical memory has on this machine (each first-touched page is allocated and zeroed by the kernel).
+is loaded three ways, each the median over repeats (the file is in the page cache, just written, so these
+are the host-side paths, not the disk):
+  disk -> device   ExpertWeave.load_adapter: validation, safetensors reads, the NaN check and content hash,
+                   packing into the transformers layout (w13 = gate rows then up rows, w2 = down), slot
+                   allocation, granule mapping and the copy into the slots; then unloaded;
+  disk -> host     ExpertWeave.pack alone (what a prefetch does), against a plain sequential read of the
+                   same files;
+  host -> device   prepare + publish of the packed copy the host tier keeps, with the warm-granule budget
+                   a server runs with (two adapters' worth): what a reload of an evicted adapter costs.
+Copy bandwidth: torch copy_ between two touched buffers of the adapter's size; ratios are bytes per second
+over it. Also measured: the copy into granules freshly mapped from the host backend, the floor a load into
+new physical memory has here (each first-touched page is allocated and zeroed by the kernel).
 """
 
 import statistics
@@ -87,27 +92,65 @@ def first_touch_bandwidth(nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times)
 
 
+def median_time(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_files(path: Path) -> None:
+    for file in sorted(path.iterdir()):
+        with open(file, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
 def measure(layers: tuple[int, ...], repeats: int) -> dict:
     geometry = BaseGeometry.from_config(DEEPSEEK_V2_LITE, "BF16")
+    sub = BaseGeometry(geometry.num_layers, layers, geometry.num_experts, geometry.hidden_size,
+                       geometry.moe_intermediate_size, geometry.dtype)
+    handles = [TransformersLayoutLayer(layer, geometry) for layer in layers]
     with tempfile.TemporaryDirectory(prefix="expertweave-hotload-") as tmp:
         path = write_adapter(Path(tmp) / "law", layers, geometry)
-        sub = BaseGeometry(geometry.num_layers, layers, geometry.num_experts, geometry.hidden_size,
-                           geometry.moe_intermediate_size, geometry.dtype)
-        handles = [TransformersLayoutLayer(layer, geometry) for layer in layers]
-        weave = ExpertWeave(sub, handles, WeaveConfig(max_adapters=1, adapter_slots=geometry.num_experts // 4))
+        config = WeaveConfig(max_adapters=1, adapter_slots=geometry.num_experts // 4)
+        weave = ExpertWeave(sub, handles, config)
         try:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                loaded = weave.load_adapter("law", path)
-                times.append(time.perf_counter() - start)
+            loaded = weave.load_adapter("law", path)
+            weave.unload_adapter("law")
+
+            def disk_to_device():
+                weave.load_adapter("law", path)
                 weave.unload_adapter("law")
+            load_s = median_time(disk_to_device, repeats)
         finally:
             weave.close()
-    load_s = statistics.median(times)
+        warm = ExpertWeave(sub, handles, WeaveConfig(max_adapters=1, adapter_slots=config.adapter_slots,
+                                                     warm_bytes=2 * loaded.nbytes))
+        try:
+            packed = warm.pack(path)
+            pack_s = median_time(lambda: warm.pack(path), repeats)
+            read_s = median_time(lambda: read_files(path), repeats)
+            warm.publish(warm.prepare("law", packed))  # maps the granules; the unload leaves them warm
+            warm.unload_adapter("law")
+            copy_times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                warm.publish(warm.prepare("law", packed))
+                copy_times.append(time.perf_counter() - start)
+                warm.unload_adapter("law")
+            host_s = statistics.median(copy_times)
+        finally:
+            warm.close()
     copy = copy_bandwidth(loaded.nbytes, repeats)
     first_touch = first_touch_bandwidth(loaded.nbytes, repeats)
+    nbytes = loaded.nbytes
     return {"adapter": "law (real ESFT selection)", "layers": len(layers), "experts": loaded.num_experts,
-            "adapter_bytes": loaded.nbytes, "load_s": load_s, "load_bytes_per_s": loaded.nbytes / load_s,
-            "copy_bytes_per_s": copy, "first_touch_bytes_per_s": first_touch, "ratio": loaded.nbytes / load_s / copy,
+            "adapter_bytes": nbytes, "load_s": load_s, "load_bytes_per_s": nbytes / load_s,
+            "copy_bytes_per_s": copy, "first_touch_bytes_per_s": first_touch, "ratio": nbytes / load_s / copy,
+            "host_to_device_s": host_s, "host_to_device_bytes_per_s": nbytes / host_s,
+            "host_to_device_ratio": nbytes / host_s / copy,
+            "disk_to_host_s": pack_s, "plain_read_s": read_s, "disk_to_host_vs_plain_read": read_s / pack_s,
             "repeats": repeats}

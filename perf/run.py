@@ -1,11 +1,12 @@
 """`make bench` / `make bench-quick`: every benchmark of perf/ in one run, on this machine.
 
-    .venv/bin/python -m perf.run [--quick] [--only memory,reroute,hotload,serving] [--out perf/results]
+    .venv/bin/python -m perf.run [--quick] [--only memory,reroute,hotload,serving,tiering] [--out perf/results]
 
 Writes perf/results/<date>-<machine>[-quick].{json,md} and <same>-<plot>.png (perf/report.py).
 Sections: memory (DeepSeek-V2-Lite shapes, real ESFT geometries, KV capacity on a 64 GB device),
 reroute (share of a CPU MoE layer at DeepSeek-V2-Lite shapes), hotload (adapter load vs copy bandwidth),
-serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP).
+serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP),
+tiering (100 catalogued adapters with room for 8: all resident vs on-demand LRU vs the full policy).
 --quick: fewer and shorter replays, eager engines (no torch.compile), fewer token counts; under 10
 minutes on 2 cores. Check for stale vLLM processes first (`ps aux | grep -i vllm`): they busy-poll.
 """
@@ -21,12 +22,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import hotload, memory, report, reroute_share, serving
+from . import hotload, memory, report, reroute_share, serving, tiering
 from . import servers as srv
-from .bench_model import build, merged
+from .bench_model import BUILT, build, merged
 from .serving import ServingConfig
+from .tiering import TieringConfig
 
-SECTIONS = ("memory", "reroute", "hotload", "serving")
+SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering")
 KV_CACHE_BYTES = 256 << 20  # per engine side: ExpertWeave and base-only each; merged engines split it
 
 
@@ -37,15 +39,18 @@ class Settings:
     hotload_layers: tuple[int, ...]
     hotload_repeats: int
     serving: ServingConfig
+    tiering: TieringConfig
     eager: bool
 
 
 FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
                 hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
-                serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3), eager=False)
+                serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3),
+                tiering=TieringConfig(requests=240, rate=2.0), eager=False)
 QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
                  hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
-                 serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2), eager=True)
+                 serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2),
+                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), eager=True)
 
 
 def machine() -> dict:
@@ -118,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         progress("serving: building the bench model and 20 adapters")
         with tempfile.TemporaryDirectory(prefix="expertweave-bench-logs-") as logs:
             results["sections"]["serving"] = run_serving(settings, Path(logs))
+    if "tiering" in only:
+        progress(f"tiering: {BUILT} adapters with room for 8")
+        base, adapters = build(BUILT)
+        cfg = replace(settings.tiering, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"])
+        with tempfile.TemporaryDirectory(prefix="expertweave-bench-logs-") as logs:
+            results["sections"]["tiering"] = tiering.measure(cfg, base, adapters,
+                                                             srv.engine_args(KV_CACHE_BYTES, settings.eager),
+                                                             Path(logs), progress)
     results["elapsed_s"] = time.perf_counter() - started
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -91,6 +91,28 @@ def test_hotload_benchmark_loads_the_real_selection():
     assert result["experts"] == len(law[1]) + len(law[2])
     assert result["adapter_bytes"] == result["experts"] * 3 * 2048 * 1408 * 2
     assert 0 < result["ratio"] and result["first_touch_bytes_per_s"] > 0
+    assert result["host_to_device_s"] < result["load_s"], "a reload from the host tier skips the files"
+    assert result["host_to_device_ratio"] == pytest.approx(
+        result["adapter_bytes"] / result["host_to_device_s"] / result["copy_bytes_per_s"])
+    assert result["disk_to_host_s"] > 0 and result["plain_read_s"] > 0
+
+
+def test_tiering_summary_splits_hits_and_misses_and_prices_the_waits():
+    from perf.tiering import summarize
+
+    def request(sent, latency, ttft, hit, wait):
+        return {"ok": True, "sent": sent, "done": sent + latency, "latency_s": latency, "ttft_s": ttft,
+                "tokens": 10, "hit": hit, "wait_s": wait}
+
+    cell = summarize([request(0.0, 1.0, 0.1, True, 0.0), request(0.5, 2.0, 0.6, False, 0.5),
+                      request(1.0, 1.0, 0.2, True, 0.0), request(2.0, 2.0, 0.3, False, 0.3)])
+    assert cell["hit_rate"] == 0.5 and cell["requests"] == 4
+    assert cell["load_wait_share"] == pytest.approx(0.8 / 6.0)
+    assert cell["mean_wait_ms_of_misses"] == pytest.approx(400.0)
+    assert cell["ttft_p50_ms_hits"] == pytest.approx(100.0) and cell["ttft_p99_ms_misses"] == pytest.approx(600.0)
+    assert cell["output_throughput"] == pytest.approx(40 / 4.0)
+    with pytest.raises(RuntimeError, match="1 of 2 requests failed"):
+        summarize([request(0.0, 1.0, 0.1, True, 0.0), {"ok": False, "status": 503, "text": "busy"}])
 
 
 def test_run_rejects_unknown_sections(capsys):
