@@ -5,6 +5,7 @@ slot it points at is written (I1) and never while a step could be reading the ta
 
 Prefetch packs an adapter into the host tier on a thread of its own, so a load that follows finds it
 there; a load of an adapter being prefetched waits for that packing instead of reading the files twice.
+Warming fills the host tier's free room from a list of adapters (a server's catalogue) on that thread.
 """
 
 import threading
@@ -47,11 +48,30 @@ class BackgroundLoader:
             self._packing[name] = self._prefetches.submit(self._prefetch, name, str(path))
             return True
 
+    def warm(self, entries: list[tuple[str, str]]) -> None:
+        """Packs these adapters into the host tier in the background, in order, while they fit in its free
+        room (nothing already there is dropped for them); an adapter whose files are refused is skipped."""
+        if self.host_tier.budget_bytes > 0:
+            self._prefetches.submit(self._warm, list(entries))
+
+    def _warm(self, entries: list[tuple[str, str]]) -> None:
+        for name, path in entries:
+            if name in self.weave.adapters or self.host_tier.get(name, path) is not None:
+                continue
+            try:
+                packed = self.weave.pack(path)
+            except ExpertWeaveError:
+                continue  # a request for it gets the error when it is loaded
+            if not self.host_tier.put(name, packed, make_room=False):
+                return
+
     def load_now(self, name: str, path: str | Path):
         """Loads on the caller's thread (through the host tier, as background loads do); the LoadedAdapter
         and the load's source and timing."""
         pending, facts = self._load(name, str(path))
-        return self.weave.publish(pending), facts
+        loaded = self.weave.publish(pending)
+        self.prefetched.discard(name)
+        return loaded, facts
 
     def loading(self) -> list[str]:
         with self._lock:
@@ -78,9 +98,21 @@ class BackgroundLoader:
                 results[name] = {"error": f"adapter {name!r}: load failed: {type(e).__name__}: {e}"}
                 continue
             loaded = self.weave.publish(pending)
+            self.prefetched.discard(name)
             results[name] = {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes,
                              "sha256": loaded.sha256, "slots": {str(l): s for l, s in loaded.slots.items()}, **facts}
         return results
+
+    def wait(self, names: set[str], poll_s: float = 0.005) -> dict[str, dict]:
+        """Collects until every named load has finished; raises the first failure as ExpertWeaveError."""
+        done: dict[str, dict] = {}
+        while not names <= set(done):
+            done.update(self.collect())
+            time.sleep(poll_s)
+        failed = [answer["error"] for name, answer in done.items() if "error" in answer]
+        if failed:
+            raise ExpertWeaveError(failed[0])
+        return done
 
     def _packed(self, name: str, path: str) -> tuple[PackedAdapter, str]:
         packed = self.host_tier.get(name, path)
@@ -93,10 +125,8 @@ class BackgroundLoader:
                 except ExpertWeaveError:
                     pass  # read it here and report the error as the load's own
                 packed = self.host_tier.get(name, path)
-        if packed is not None:
-            source = "prefetch" if name in self.prefetched else "host"
-            self.prefetched.discard(name)
-            return packed, source
+        if packed is not None:  # a prefetch's copy counts as one until a load of it is published
+            return packed, "prefetch" if name in self.prefetched else "host"
         packed = self.weave.pack(path)
         self.host_tier.put(name, packed)
         return packed, "disk"

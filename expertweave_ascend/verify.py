@@ -6,6 +6,8 @@ import torch
 
 from .adapters import validate_adapter
 from .geometry import BaseGeometry
+from .host_tier import HostTier
+from .loader import BackgroundLoader
 from .reports import VerifyReport, VerifyRow
 from .weave import ExpertWeave, WeaveConfig, slots_needed
 
@@ -60,9 +62,11 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
         config = WeaveConfig(max_adapters=max(1, len(adapters)), adapter_slots=slots,
                              granularity=backend.granularity)
     weave = ExpertWeave(geometry, handles, config, backend=backend, device=device)
+    loader = BackgroundLoader(weave, HostTier(0))  # loaded as a server loads them: on the loader thread
     try:
         for name, path in adapters.items():
-            weave.load_adapter(name, path)
+            loader.start(name, path)
+        loader.wait(set(adapters))
         adapter_rows.rows = torch.tensor([weave.begin_request(name) for name in entries], dtype=torch.int32,
                                          device=device)
         with torch.no_grad():
@@ -71,6 +75,7 @@ def verify_hf(base: str | Path, adapters: dict[str, str | Path], max_new_tokens:
             weave.end_request(name)
         memory = weave.memory_report(model_bytes=model_bytes)
     finally:
+        loader.close()
         weave.close()
         backend.close()
 
