@@ -205,7 +205,7 @@ def cmd_serve(args) -> int:
         validate_adapter(path, geometry)
     options = ServerOptions(args.allow_runtime_loading, None if root is None else str(root),
                             {name: str(Path(path).resolve()) for name, path in named.items()}, args.max_adapters,
-                            args.eviction_policy, args.adapter_wait, args.host_adapter_bytes)
+                            args.eviction_policy, args.adapter_wait, args.host_adapter_bytes, args.warm_host_tier)
     preload = dict(list(named.items())[:args.max_adapters])
     code = serve(args.base, preload, args.host, args.port, args.vllm_args,
                  max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host-adapter-bytes", type=_size, default=2 << 30, metavar="SIZE",
                     help="host tier: packed adapters kept in host memory (pinned on GPU/NPU) for fast reloads "
                          "and prefetch (default 2GiB; 0: none)")
+    sv.add_argument("--warm-host-tier", action="store_true",
+                    help="at start, pack catalogued adapters into the host tier in the background while it has room")
     sv.add_argument("--eviction-policy", choices=list(POLICIES), default="lru",
                     help="which idle adapter leaves the device for another: lru, or demand (recent request rate)")
     sv.add_argument("--adapter-wait", type=float, default=60.0, metavar="SECONDS",

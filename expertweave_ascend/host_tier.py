@@ -28,12 +28,13 @@ class HostTier:
             self._entries.move_to_end(name)
             return packed
 
-    def put(self, name: str, packed: PackedAdapter) -> bool:
-        """Keeps the packed adapter, dropping the least recently used ones for room; False if it cannot fit."""
+    def put(self, name: str, packed: PackedAdapter, make_room: bool = True) -> bool:
+        """Keeps the packed adapter, dropping the least recently used ones for room (with make_room, else
+        only into free room); False if it cannot fit."""
         nbytes = packed.nbytes
         with self._lock:
             self._entries.pop(name, None)
-            if nbytes > self.budget_bytes:
+            if nbytes > self.budget_bytes or (not make_room and self._bytes() + nbytes > self.budget_bytes):
                 return False
             while self._bytes() + nbytes > self.budget_bytes:
                 self._entries.popitem(last=False)

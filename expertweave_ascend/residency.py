@@ -59,7 +59,8 @@ class Residency:
         return name in self.resident and name not in self.evicting
 
     def has_room(self) -> bool:
-        return len(self.resident | self.loading) < self.max_resident
+        """A device row is free for one more load (adapters on their way out count as gone)."""
+        return len((self.resident - self.evicting) | self.loading) < self.max_resident
 
     def evictable(self) -> list[str]:
         return [n for n in self.resident - self.evicting - self.loading

@@ -161,7 +161,8 @@ def markdown(results: dict, stem: str) -> str:
                   f"Poisson arrivals at {c['rate']} req/s, {c['requests']} requests per cell after {c['warm_up']} "
                   f"warm-up requests, prompt {c['prompt_len']} tokens, {c['output_len']} output tokens, S-LoRA "
                   "popularity over the 100 adapters. all_resident: every adapter loaded at start; lru: on demand, "
-                  "LRU, no host tier; full: on demand, host tier, prefetch, demand-aware eviction.",
+                  "LRU, no host tier; full: on demand, host tier warmed from the catalogue, prefetch, demand-aware "
+                  "eviction.",
                   _table(["server", "alpha", "hit rate", "load-wait share", "TTFT p50/p99 ms hits",
                            "TTFT p50/p99 ms misses", "tok/s", "vs all resident", "loads disk/host/prefetch",
                            "evictions"],

@@ -4,7 +4,8 @@ Three servers of the bench model, one after another, each replaying the same tra
 S-LoRA adapter popularity over 100 adapters, alpha 1 = uniform and 0.3 = skewed; random prompts):
   all_resident  every adapter loaded at start (`--adapters-dir`, --max-adapters 100): no load ever waits;
   lru           `--adapter-root`, --max-adapters 8, no host tier: each miss reads the adapter's files;
-  full          as lru with a host tier (1 GiB), prefetch and the demand eviction policy.
+  full          as lru with a host tier (1 GiB) filled from the catalogue at start (--warm-host-tier),
+                prefetch of waiting adapters and the demand eviction policy.
 Each request streams; the client records its TTFT, its latency and the response's x-expertweave-adapter
 (hit or miss) and x-expertweave-load-wait-ms headers. Reported per server and alpha: hit rate, the share
 of all request time spent waiting for loads, TTFT p50/p99 of hits and of misses, output throughput and
@@ -25,7 +26,7 @@ VARIANTS = {
     "lru": lambda root: ["--adapter-root", str(root), "--max-adapters", "8", "--host-adapter-bytes", "0",
                          "--eviction-policy", "lru"],
     "full": lambda root: ["--adapter-root", str(root), "--max-adapters", "8", "--host-adapter-bytes", "1GiB",
-                          "--eviction-policy", "demand"],
+                          "--warm-host-tier", "--eviction-policy", "demand"],
 }
 
 

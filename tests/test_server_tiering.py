@@ -71,6 +71,7 @@ def test_the_101st_adapter_of_a_catalogue_is_served_with_8_resident(large, catal
     assert sum(1 for n in catalogue if listed[n] == "device") == 8
     assert listed[names[100]] == "device" and listed[names[0]] in ("host", "disk")
     metrics = requests.get(f"{url}/metrics", timeout=30).text
+    __import__("pathlib").Path("/tmp/dbg.txt").write_text(log.read_text())
     assert 'expertweave_adapter_misses_total{adapter="a100"} 1.0' in metrics
     assert "expertweave_adapter_evictions_total" in metrics and 'expertweave_tier_bytes{tier="device"}' in metrics
     assert log.read_text().count("evicted adapter") == 101 - 8
@@ -88,9 +89,9 @@ def test_an_adapter_missing_on_disk_is_404_and_changes_nothing(large):
 
 @pytest.fixture(scope="module")
 def small(tiny_decisive, catalogue, tmp_path_factory):
-    """Room for 4 of 20 catalogued adapters; requests wait at most 2 s for theirs."""
+    """Room for 4 of 21 catalogued adapters; requests wait at most 2 s for theirs."""
     argv = ["serve", str(tiny_decisive / "base"), "--base-name", "base", "--max-adapters", "4",
-            "--adapter-wait", "2", *[f"--adapter={name}={catalogue[name]}" for name in sorted(catalogue)[:20]],
+            "--adapter-wait", "2", *[f"--adapter={name}={catalogue[name]}" for name in sorted(catalogue)[:21]],
             "--", "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
             "--kv-cache-memory-bytes", str(64 << 20)]  # long streams hold their adapters in the eviction test
     log = tmp_path_factory.mktemp("small") / "serve.log"
@@ -113,6 +114,13 @@ def test_200_random_requests_over_20_adapters_with_room_for_4_equal_their_merged
     assert sum(1 for state in states(url).values() if state == "device") <= 4
 
 
+def prefetched_loads(url: str) -> float:
+    """On-demand loads whose packed copy a prefetch had put in the host tier, so far."""
+    metrics = requests.get(f"{url}/metrics", timeout=30).text
+    line = 'expertweave_adapter_loads_by_source_total{source="prefetch"} '
+    return next((float(l[len(line):]) for l in metrics.splitlines() if l.startswith(line)), 0.0)
+
+
 def stream(url: str, model: str, first_token: threading.Event, outcome: dict, stop: threading.Event) -> None:
     body = {"model": model, "prompt": PROMPTS[1], "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
             "stream": True}
@@ -129,9 +137,12 @@ def stream(url: str, model: str, first_token: threading.Event, outcome: dict, st
 
 
 def test_adapters_with_requests_running_are_never_evicted_and_a_request_waits_then_gets_503(small, catalogue):
+    """Four streams hold the four rows; a fifth adapter's request waits (prefetched meanwhile), gets 503 at
+    --adapter-wait, and is served once the streams end."""
     url, log = small
     names = sorted(catalogue)[20 - 4:20]
-    other = sorted(catalogue)[0]
+    other = sorted(catalogue)[20]  # never requested before: not in the host tier
+    prefetched = prefetched_loads(url)
     stop = threading.Event()
     outcomes = {name: {} for name in names}
     started = {name: threading.Event() for name in names}
@@ -162,3 +173,4 @@ def test_adapters_with_requests_running_are_never_evicted_and_a_request_waits_th
             break
         time.sleep(0.5)
     assert status == 200
+    assert prefetched_loads(url) == prefetched + 1, "the waiting adapter was packed into the host tier meanwhile"

@@ -214,3 +214,22 @@ def test_the_engine_thread_keeps_working_while_a_load_copies(weave, tiny):
     finally:
         release.set()
         loader.close()
+
+
+def test_warming_fills_only_the_free_room_of_the_host_tier_in_order(weave, tiny, adapter_copy):
+    law, math = weave.pack(tiny / "adapters" / "law"), weave.pack(tiny / "adapters" / "math")
+    bad = adapter_copy("code")
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    tier = HostTier(law.nbytes + math.nbytes + 1)
+    tier.put("kept", law)
+    loader = BackgroundLoader(weave, tier)
+    try:
+        loader.warm([("bad", str(bad)), ("math", str(tiny / "adapters" / "math")),
+                     ("law", str(tiny / "adapters" / "law")), ("code", str(tiny / "adapters" / "code"))])
+        deadline = time.monotonic() + 30
+        while "math" not in tier.names() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loader._prefetches.submit(lambda: None).result(30)  # the warming task has finished
+    finally:
+        loader.close()
+    assert tier.names() == ["kept", "math"], "a bad adapter is skipped; warming stops at the first that does not fit"

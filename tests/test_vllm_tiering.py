@@ -88,7 +88,7 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
     llm_engine = engine.llm.llm_engine
     try:
         assert engine.llm.collective_rpc("expertweave_start_load", args=("a005", str(catalogue["a005"]))) == \
-            [{"started": True}]
+            [{"started": True, "evicted": False}]
         assert reading.wait(30)
         params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
         for i in range(4):

@@ -74,6 +74,7 @@ class ServerOptions:
     eviction_policy: str = "lru"
     adapter_wait_s: float = 60.0  # how long a request may wait for its adapter to be loaded (then 503)
     host_adapter_bytes: int = 0  # the workers' host tier (reported; the workers are given it in the engine config)
+    warm_host_tier: bool = False  # fill the host tier from the catalogue at start, in the background
 
     @classmethod
     def of(cls, args) -> "ServerOptions":
@@ -297,6 +298,8 @@ class ExpertWeaveFrontEnd:
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
             self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"])
             residency.resident.add(name)
+        if options.warm_host_tier:
+            await self.tiers.warm_host_tier()
 
     async def refresh_metrics(self) -> None:
         served = (await self.engine.collective_rpc("expertweave_served"))[0]

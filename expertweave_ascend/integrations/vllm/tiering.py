@@ -23,7 +23,7 @@ from . import agreement, lifetime
 
 logger = logging.getLogger("expertweave")
 
-COLLECT_S = 0.005  # how often finished loads are collected from the workers
+COLLECT_S = 0.001  # how often finished loads are collected from the workers (each is a step-gap RPC)
 EVICT_TIMEOUT_S = 30.0  # an idle adapter's last aborts land within a step or two
 
 
@@ -81,7 +81,7 @@ class TieredAdapters:
         self._waiting_for: dict[str, asyncio.Future] = {}  # name -> every rank's answers, once all came
         self._collector: asyncio.Task | None = None
         self._room_lock = asyncio.Lock()
-        self._released = asyncio.Event()
+        self._changed = asyncio.Event()
         self._prefetched: set[str] = set()
         self._mean_packed_bytes: float | None = None
         self.host_budget_bytes = 0
@@ -134,7 +134,7 @@ class TieredAdapters:
 
     def release(self, name: str) -> None:
         self.residency.release(name)
-        self._released.set()
+        self._changed.set()
 
     # -- loads --------------------------------------------------------------------------------
     async def _load_task(self, name: str) -> tuple[str, bool] | None:
@@ -153,14 +153,22 @@ class TieredAdapters:
             return f"adapter {name!r} is not in the catalogue (it is gone from the adapter root)", True
         use = self.residency.use(name)
         while use.waiting:
-            if not await self._take_room(name):
+            if name in self.residency.resident:  # on its way out: load it again once it is gone
+                if self.residency.serving(name):  # its eviction was called off
+                    return None
+                await self._wait_change()
+                continue
+            room, victim = await self._take_room(name)
+            if not room:
                 await self._prefetch(name, str(path))
-                await self._wait_release()
+                await self._wait_change()
                 continue
             try:
-                answers = await self._run_load(name, str(path))
+                answers = await self._run_load(name, str(path), victim)
             finally:
                 self.residency.loading.discard(name)
+            if answers is None:  # the victim still had a request finishing: evicted the slow way, then again
+                continue
             outcome = agreement.check_load(name, answers)
             if outcome.roll_back:
                 await self.front_end.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
@@ -175,31 +183,49 @@ class TieredAdapters:
                 if victim is not None:
                     await self._evict(victim)
             if victim is None:
-                await self._wait_release()
+                await self._wait_change()
         return None
 
-    async def _take_room(self, name: str) -> bool:
-        """Evicts idle adapters until a device row is free, then counts the load in; False if none can go."""
+    async def _take_room(self, name: str) -> tuple[bool, str | None]:
+        """Counts the load in if a device row is free or an idle adapter can give up its row: (True, that
+        adapter or None), which the load's start evicts; (False, None) when every resident one is busy."""
         async with self._room_lock:
-            while not self.residency.has_room():
+            victim = None
+            if not self.residency.has_room():
                 victim = self.residency.victim()
                 if victim is None:
-                    return False
-                await self._evict(victim)
+                    return False, None
+                self.residency.evicting.add(victim)
             self.residency.loading.add(name)
-            return True
+            return True, victim
 
-    async def _wait_release(self) -> None:
-        self._released.clear()
+    async def _wait_change(self) -> None:
+        """Until a lease ends or an adapter leaves the device (at most half a second)."""
+        self._changed.clear()
         try:
-            await asyncio.wait_for(self._released.wait(), 0.5)
+            await asyncio.wait_for(self._changed.wait(), 0.5)
         except asyncio.TimeoutError:
             pass
 
-    async def _run_load(self, name: str, path: str) -> list[dict]:
+    async def _run_load(self, name: str, path: str, victim: str | None) -> list[dict] | None:
+        """Every rank's load answer; None when the victim could not be evicted at once (it is then
+        evicted by polling, and the load must take its room again)."""
         engine = self.front_end.engine
         with self.front_end.metrics.timed(self.front_end.metrics.load_seconds):
-            started = await engine.collective_rpc("expertweave_start_load", args=(name, path))
+            # The eviction travels with the start: one step-gap round trip instead of two.
+            live = lifetime.live_request_ids(engine) if victim is not None else []
+            started = await engine.collective_rpc("expertweave_start_load", args=(name, path, victim, live))
+            if victim is not None:
+                evicted = [s.get("evicted", False) for s in started]
+                if all(evicted):
+                    self._evicted(victim)
+                else:
+                    if any(evicted):
+                        raise ExpertWeaveError(f"adapter {victim!r}: the tensor-parallel ranks disagree on whether "
+                                               "it is idle; the engine's ranks no longer hold the same adapters")
+                    async with self._room_lock:  # still evicting: no request may lease it meanwhile
+                        await self._evict(victim)
+                    return None
             if any("error" in s for s in started):
                 return started
             future = self._waiting_for[name] = asyncio.get_running_loop().create_future()
@@ -211,7 +237,14 @@ class TieredAdapters:
         """Collects finished loads from every rank while some load is outstanding."""
         engine = self.front_end.engine
         while self._waiting_for:
-            ranks = await engine.collective_rpc("expertweave_collect_loads")
+            try:
+                ranks = await engine.collective_rpc("expertweave_collect_loads")
+            except Exception as e:  # the engine is gone: every load waiting on it fails with the cause
+                for future in self._waiting_for.values():
+                    if not future.done():
+                        future.set_exception(e)
+                self._waiting_for.clear()
+                return
             for rank, answer in enumerate(ranks):
                 for name, result in answer["done"].items():
                     self._answers.setdefault(name, {})[rank] = result
@@ -245,10 +278,15 @@ class TieredAdapters:
         try:
             await lifetime.unload_when_idle_async(self.front_end.engine, name, EVICT_TIMEOUT_S)
         except AdapterBusyError as e:  # a request reached the engine without a lease: keep the adapter
+            self.residency.evicting.discard(name)
+            self._changed.set()
             logger.warning("ExpertWeave: adapter %r not evicted: %s", name, e)
             return
-        finally:
-            self.residency.evicting.discard(name)
+        self._evicted(name)
+
+    def _evicted(self, name: str) -> None:
+        self._changed.set()
+        self.residency.evicting.discard(name)
         self.front_end.registry.adapters.pop(name, None)
         self.residency.resident.discard(name)
         self.counts.evictions += 1
@@ -274,6 +312,21 @@ class TieredAdapters:
             return
         self._prefetched.add(name)
         await self.front_end.engine.collective_rpc("expertweave_prefetch", args=(name, path))
+
+    async def warm_host_tier(self) -> None:
+        """Fills the workers' host tier from the catalogue, in its order, as far as the budget goes."""
+        def entries() -> list[tuple[str, str]]:
+            out = []
+            for name in self.catalogue.names():
+                try:
+                    path = self.catalogue.path(name)
+                except ConfinementError:
+                    continue
+                if path is not None:
+                    out.append((name, str(path)))
+            return out
+
+        await self.front_end.engine.collective_rpc("expertweave_warm_host_tier", args=(await asyncio.to_thread(entries),))
 
     # -- listing ------------------------------------------------------------------------------
     async def states(self) -> dict[str, str]:

@@ -181,13 +181,21 @@ class ExpertWeaveWorkerExtension:
         return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes, "sha256": loaded.sha256,
                 "slots": {str(layer): slots for layer, slots in loaded.slots.items()}, **facts}
 
-    def expertweave_start_load(self, name: str, path: str) -> dict:
-        """Starts loading in the background (loader.py); expertweave_collect_loads reports the outcome."""
+    def expertweave_start_load(self, name: str, path: str, evict: str | None = None,
+                               live_request_ids: list[str] = ()) -> dict:
+        """Starts loading in the background (loader.py); expertweave_collect_loads reports the outcome.
+        With evict, first unloads that adapter if it is idle (as expertweave_unload_adapter) and starts
+        nothing if it is not: {"evicted": False, "running", "queued"}."""
+        active = _active()
+        if evict is not None:
+            status = active.unload_when_idle(evict, live_request_ids)
+            if not status["unloaded"]:
+                return {"evicted": False, **status}
         try:
-            _active().loader.start(name, path)
+            active.loader.start(name, path)
         except ExpertWeaveError as e:
-            return {"error": str(e)}
-        return {"started": True}
+            return {"error": str(e), "evicted": evict is not None}
+        return {"started": True, "evicted": evict is not None}
 
     def expertweave_collect_loads(self) -> dict:
         """{"done": name -> this rank's load answer (as expertweave_load_adapter's, with its source and
@@ -198,6 +206,10 @@ class ExpertWeaveWorkerExtension:
     def expertweave_prefetch(self, name: str, path: str) -> bool:
         """Packs an adapter into the host tier in the background; False if it is there or on its way."""
         return _active().loader.prefetch(name, path)
+
+    def expertweave_warm_host_tier(self, entries: list[tuple[str, str]]) -> None:
+        """Fills the host tier's free room with these (name, path) adapters, in order, in the background."""
+        _active().loader.warm(entries)
 
     def expertweave_tiers(self) -> dict:
         """Which adapters this rank holds where: {"device": names, "loading": names, "host": names,
