@@ -67,13 +67,14 @@ def test_an_adapter_outside_the_catalogue_is_refused_before_anything_runs(engine
 
 def test_steps_complete_while_an_adapter_loads(engine, catalogue):
     """The load is held inside its read (on the loader thread) until the engine has run 20 steps that
-    sampled tokens for base requests; then it finishes and its requests are served."""
+    sampled tokens for a base request and for a resident adapter's request; then it is published."""
     from vllm import SamplingParams
 
     from expertweave_ascend.integrations.vllm import worker
 
     for name in list(engine.list_adapters()):
         engine.unload_adapter(name)
+    engine.load_adapter("a001", catalogue["a001"])  # a resident adapter keeps serving too
     weave = worker._ACTIVE.weave
     worker._ACTIVE.host_tier.drop("a005")  # read from its files, not from the host tier's copy
     release, reading = threading.Event(), threading.Event()
@@ -90,13 +91,15 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
         assert engine.llm.collective_rpc("expertweave_start_load", args=("a005", str(catalogue["a005"]))) == \
             [{"started": True, "evicted": False}]
         assert reading.wait(30)
-        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-        for i in range(4):
-            llm_engine.add_request(f"base-{i}", {"prompt_token_ids": PROMPTS[i % 2]}, params)
-        sampled_steps = 0
-        while sampled_steps < 20:
-            outputs = llm_engine.step()
-            sampled_steps += any(o.outputs and o.outputs[0].token_ids for o in outputs)
+        for i in range(4):  # two base requests, two of the resident adapter
+            extra = {"esft_adapter": "a001"} if i % 2 else None
+            params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, extra_args=extra)
+            llm_engine.add_request(f"request-{i}", {"prompt_token_ids": PROMPTS[i % 2]}, params)
+        sampled_steps = {"request-0": 0, "request-1": 0}
+        while min(sampled_steps.values()) < 20:
+            for output in llm_engine.step():
+                if output.request_id in sampled_steps and output.outputs and output.outputs[0].token_ids:
+                    sampled_steps[output.request_id] += 1
             collected = engine.llm.collective_rpc("expertweave_collect_loads")[0]
             assert collected == {"done": {}, "loading": ["a005"]}, "the load finished while it was held"
         release.set()
@@ -114,3 +117,4 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
         release.set()
         weave.pack = original
     engine.llm.collective_rpc("expertweave_discard_adapter", args=("a005",))
+    engine.unload_adapter("a001")
