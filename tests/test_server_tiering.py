@@ -71,7 +71,6 @@ def test_the_101st_adapter_of_a_catalogue_is_served_with_8_resident(large, catal
     assert sum(1 for n in catalogue if listed[n] == "device") == 8
     assert listed[names[100]] == "device" and listed[names[0]] in ("host", "disk")
     metrics = requests.get(f"{url}/metrics", timeout=30).text
-    __import__("pathlib").Path("/tmp/dbg.txt").write_text(log.read_text())
     assert 'expertweave_adapter_misses_total{adapter="a100"} 1.0' in metrics
     assert "expertweave_adapter_evictions_total" in metrics and 'expertweave_tier_bytes{tier="device"}' in metrics
     assert log.read_text().count("evicted adapter") == 101 - 8

@@ -58,24 +58,12 @@ class Lease:
                 (b"x-expertweave-load-wait-ms", f"{self.wait_s * 1e3:.1f}".encode())]
 
 
-@dataclass
-class TierCounts:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    hidden_loads: int = 0  # the files were read by a prefetch before the load began
-    host_loads: int = 0  # the host tier held the adapter (a prefetch's or an earlier load's copy)
-    evictions: int = 0
-    wait_s: float = 0.0  # requests' time spent waiting for their adapter's load, in all
-
-
 class TieredAdapters:
     def __init__(self, front_end, catalogue: AdapterCatalogue, residency: Residency, wait_s: float):
         self.front_end = front_end  # its engine, registry (what is on the device) and metrics
         self.catalogue = catalogue
         self.residency = residency
         self.wait_s = wait_s
-        self.counts = TierCounts()
         self._tasks: dict[str, asyncio.Task] = {}
         self._answers: dict[str, dict[int, dict]] = {}  # name -> rank -> its load answer
         self._waiting_for: dict[str, asyncio.Future] = {}  # name -> every rank's answers, once all came
@@ -101,11 +89,9 @@ class TieredAdapters:
         AdapterLoadFailed (the files were refused) or AdapterUnavailable."""
         registry, metrics = self.front_end.registry, self.front_end.metrics
         if self.residency.serving(name):
-            self.counts.hits += 1
             metrics.hits.labels(name).inc()
             self.residency.lease(name)
             return Lease(registry.adapters[name], True, 0.0)
-        self.counts.misses += 1
         metrics.misses.labels(name).inc()
         use = self.residency.use(name)
         use.waiting += 1
@@ -127,7 +113,6 @@ class TieredAdapters:
         finally:
             use.waiting -= 1
             waited = time.monotonic() - started
-            self.counts.wait_s += waited
             metrics.load_wait_seconds.observe(waited)
         self.residency.lease(name)
         return Lease(registry.adapters[name], False, waited)
@@ -258,10 +243,7 @@ class TieredAdapters:
     def _loaded(self, name: str, path: str, info: dict, answer: dict) -> None:
         self.front_end.registry.adapters[name] = AdapterEntry(path, info["sha256"])
         self.residency.resident.add(name)
-        self.counts.loads += 1
         source = answer.get("source")
-        self.counts.hidden_loads += source == "prefetch"
-        self.counts.host_loads += source in ("prefetch", "host")
         self._prefetched.discard(name)
         nbytes = info["bytes"]
         self._mean_packed_bytes = nbytes if self._mean_packed_bytes is None else \
@@ -289,7 +271,6 @@ class TieredAdapters:
         self.residency.evicting.discard(name)
         self.front_end.registry.adapters.pop(name, None)
         self.residency.resident.discard(name)
-        self.counts.evictions += 1
         self.front_end.metrics.evictions.labels(name).inc()
         logger.info("ExpertWeave: evicted adapter %r (%s policy)", name, self.residency.policy)
 
