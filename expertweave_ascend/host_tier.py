@@ -15,6 +15,7 @@ class HostTier:
     def __init__(self, budget_bytes: int = 0):
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, PackedAdapter] = OrderedDict()
+        self._bytes = 0  # of the entries
         self._lock = threading.Lock()
 
     def get(self, name: str, path: str | Path) -> PackedAdapter | None:
@@ -23,7 +24,7 @@ class HostTier:
             if packed is None:
                 return None
             if packed.path != Path(path).resolve() or not packed.unchanged():
-                del self._entries[name]
+                self._remove(name)
                 return None
             self._entries.move_to_end(name)
             return packed
@@ -33,17 +34,18 @@ class HostTier:
         only into free room); False if it cannot fit."""
         nbytes = packed.nbytes
         with self._lock:
-            self._entries.pop(name, None)
-            if nbytes > self.budget_bytes or (not make_room and self._bytes() + nbytes > self.budget_bytes):
+            self._remove(name)
+            if nbytes > self.budget_bytes or (not make_room and self._bytes + nbytes > self.budget_bytes):
                 return False
-            while self._bytes() + nbytes > self.budget_bytes:
-                self._entries.popitem(last=False)
+            while self._bytes + nbytes > self.budget_bytes:
+                self._remove(next(iter(self._entries)))
             self._entries[name] = packed
+            self._bytes += nbytes
             return True
 
     def drop(self, name: str) -> None:
         with self._lock:
-            self._entries.pop(name, None)
+            self._remove(name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -51,8 +53,9 @@ class HostTier:
 
     @property
     def resident_bytes(self) -> int:
-        with self._lock:
-            return self._bytes()
+        return self._bytes
 
-    def _bytes(self) -> int:
-        return sum(p.nbytes for p in self._entries.values())
+    def _remove(self, name: str) -> None:
+        packed = self._entries.pop(name, None)
+        if packed is not None:
+            self._bytes -= packed.nbytes

@@ -96,10 +96,16 @@ class ExpertWeaveLLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         outputs: list = [None] * len(prompts)
         for k, wave in enumerate(self._waves(names)):
-            self._make_resident(wave)
-            chosen = [i for i, name in enumerate(names) if name in wave or (k == 0 and name is None)]
-            done = self._generate([prompts[i] for i in chosen], [params[i] for i in chosen],
-                                  [names[i] for i in chosen], use_tqdm)
+            for name in wave:
+                self.residency.lease(name)  # not evicted while the wave is loaded and runs
+            try:
+                self._make_resident(wave)
+                chosen = [i for i, name in enumerate(names) if name in wave or (k == 0 and name is None)]
+                done = self._generate([prompts[i] for i in chosen], [params[i] for i in chosen],
+                                      [names[i] for i in chosen], use_tqdm)
+            finally:
+                for name in wave:
+                    self.residency.release(name)
             for i, output in zip(chosen, done):
                 outputs[i] = output
         return outputs[0] if single else outputs
@@ -117,22 +123,16 @@ class ExpertWeaveLLM:
         return [set(needed[i:i + room]) for i in range(0, len(needed), room)] or [set()]
 
     def _make_resident(self, wave: set[str]) -> None:
-        """Loads the wave's adapters, evicting idle adapters outside it (by the policy) for room."""
-        for name in wave:
-            self.residency.lease(name)  # not evicted while the wave is being made resident
-        try:
-            for name in sorted(wave - set(self._adapters)):
-                while True:
-                    if not self.residency.has_room():
-                        self._evict_one(wave)
-                    try:
-                        self.load_adapter(name, self.catalogue.path(name), pinned=False)
-                        break
-                    except CapacityError:
-                        self._evict_one(wave)
-        finally:
-            for name in wave:
-                self.residency.release(name)
+        """Loads the wave's adapters (leased by the caller), evicting idle adapters outside it by the policy."""
+        for name in sorted(wave - set(self._adapters)):
+            while True:
+                if not self.residency.has_room():
+                    self._evict_one(wave)
+                try:
+                    self.load_adapter(name, self.catalogue.path(name), pinned=False)
+                    break
+                except CapacityError:
+                    self._evict_one(wave)
 
     def _evict_one(self, wave: set[str]) -> None:
         victim = self.residency.victim()
@@ -167,13 +167,7 @@ class ExpertWeaveLLM:
                 prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
-        for name in set(names) - {None}:
-            self.residency.lease(name)
-        try:
-            return self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
-        finally:
-            for name in set(names) - {None}:
-                self.residency.release(name)
+        return self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
 
     def _refusal(self, name: str) -> str | None:
         """Why a request for this adapter may not start now, or None."""

@@ -292,8 +292,7 @@ class ExpertWeaveFrontEnd:
         options = self.options
         catalogue = AdapterCatalogue(options.adapter_root, options.catalogue)
         residency = Residency(options.max_adapters, options.eviction_policy)
-        self.tiers = TieredAdapters(self, catalogue, residency, options.adapter_wait_s)
-        self.tiers.host_budget_bytes = options.host_adapter_bytes
+        self.tiers = TieredAdapters(self, catalogue, residency, options.adapter_wait_s, options.host_adapter_bytes)
         admission.set_gate(self._refusal)
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
             self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"])

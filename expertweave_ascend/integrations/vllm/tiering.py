@@ -59,7 +59,8 @@ class Lease:
 
 
 class TieredAdapters:
-    def __init__(self, front_end, catalogue: AdapterCatalogue, residency: Residency, wait_s: float):
+    def __init__(self, front_end, catalogue: AdapterCatalogue, residency: Residency, wait_s: float,
+                 host_budget_bytes: int = 0):
         self.front_end = front_end  # its engine, registry (what is on the device) and metrics
         self.catalogue = catalogue
         self.residency = residency
@@ -72,7 +73,7 @@ class TieredAdapters:
         self._changed = asyncio.Event()
         self._prefetched: set[str] = set()
         self._mean_packed_bytes: float | None = None
-        self.host_budget_bytes = 0
+        self.host_budget_bytes = host_budget_bytes  # the workers' host tier: bounds the prefetch horizon
 
     # -- requests -----------------------------------------------------------------------------
     async def known(self, name: str) -> bool:
