@@ -22,11 +22,12 @@ demo: env
 test: env
 	$(PY) -m pytest -q tests
 
+ONLY ?=
 bench: env
-	$(PY) -m perf.run
+	$(PY) -m perf.run $(if $(ONLY),--only $(ONLY))
 
 bench-quick: env
-	$(PY) -m perf.run --quick
+	$(PY) -m perf.run --quick $(if $(ONLY),--only $(ONLY))
 
 SOAK_S ?= 180
 soak: env

@@ -37,6 +37,31 @@ def _size(text: str) -> int:
     return int(t)
 
 
+CONSOLIDATE_HELP = ("serve an adapter expert whose relative L2 distance to the base's expert (or a loaded "
+                    "adapter's, at the same layer and id) is at most X by that expert: saves memory, changes "
+                    "outputs (verify reports by how much); default off: outputs equal the merged models")
+
+
+def _rel_l2(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
+    return value
+
+
+def _spread(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI, two relative sizes such as 0.001:1") from None
+    if not 0 < lo <= hi < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < LO <= HI")
+    return lo, hi
+
+
 def _named_paths(values: list[str] | None, adapters_dir: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     if adapters_dir:
@@ -57,7 +82,8 @@ def _named_paths(values: list[str] | None, adapters_dir: str | None) -> dict[str
 def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
 
-    paths = make_tiny(args.out, adapters=args.adapters, seed=args.seed, decisive=args.decisive)
+    paths = make_tiny(args.out, adapters=args.adapters, seed=args.seed, decisive=args.decisive,
+                      delta_spread=args.delta_spread)
     print(f"base model: {Path(args.out) / 'base'}")
     for name, path in paths.items():
         print(f"adapter {name}: {path}")
@@ -121,7 +147,7 @@ def cmd_verify(args) -> int:
     with _stdout_to_stderr(args.json):
         report = _verify(args, adapters)
     print(json.dumps(report.to_json(), indent=2) if args.json else format_verify(report))
-    return 0 if report.ok else 1
+    return 0 if report.ok or report.consolidate_rel_l2 is not None else 1
 
 
 def _verify(args, adapters: dict[str, str]):
@@ -132,11 +158,13 @@ def _verify(args, adapters: dict[str, str]):
 
         return verify_vllm(args.base, adapters, DEFAULT_PROMPTS, args.max_new_tokens, dtype=args.dtype or "auto",
                            enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                           kv_cache_memory_bytes=args.kv_cache_memory, granularity=args.granularity)
+                           kv_cache_memory_bytes=args.kv_cache_memory, granularity=args.granularity,
+                           consolidate_rel_l2=args.consolidate_rel_l2)
     import torch
 
     return verify_hf(args.base, adapters, max_new_tokens=args.max_new_tokens,
-                     dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity, device=args.device)
+                     dtype=getattr(torch, args.dtype or "float32"), granularity=args.granularity, device=args.device,
+                     consolidate_rel_l2=args.consolidate_rel_l2)
 
 
 def cmd_memory_plan(args) -> int:
@@ -205,7 +233,8 @@ def cmd_serve(args) -> int:
         validate_adapter(path, geometry)
     options = ServerOptions(args.allow_runtime_loading, None if root is None else str(root),
                             {name: str(Path(path).resolve()) for name, path in named.items()}, args.max_adapters,
-                            args.eviction_policy, args.adapter_wait, args.host_adapter_bytes, args.warm_host_tier)
+                            args.eviction_policy, args.adapter_wait, args.host_adapter_bytes, args.warm_host_tier,
+                            args.consolidate_rel_l2)
     preload = dict(list(named.items())[:args.max_adapters])
     code = serve(args.base, preload, args.host, args.port, args.vllm_args,
                  max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
@@ -221,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("out")
     t.add_argument("--adapters", type=int, default=3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--delta-spread", type=_spread, metavar="LO:HI",
+                   help="tuned expert = base expert + a delta of relative size drawn log-uniformly from LO..HI "
+                        "(e.g. 0.001:1, for consolidation experiments); default: a strong fine-tune")
     t.add_argument("--decisive", action="store_true",
                    help="the next token depends on the current one and the adapter only, with a wide top-1 lead: "
                         "greedy outputs do not change with how requests are batched")
@@ -257,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--kv-cache-memory", type=_size, default=256 << 20, help="vllm: KV cache size, e.g. 256MiB")
     f.add_argument("--granularity", type=_size, help="VMM granule, e.g. 64KiB (default 2MiB, as on devices)")
     f.add_argument("--device", default="cpu", help="hf: cpu or cuda[:N] (CUDA virtual memory, Triton reroute)")
+    f.add_argument("--consolidate-rel-l2", type=_rel_l2, metavar="X", help=CONSOLIDATE_HELP)
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_verify)
 
@@ -293,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="at start, pack catalogued adapters into the host tier in the background while it has room")
     sv.add_argument("--eviction-policy", choices=list(POLICIES), default="lru",
                     help="which idle adapter leaves the device for another: lru, or demand (recent request rate)")
+    sv.add_argument("--consolidate-rel-l2", type=_rel_l2, metavar="X", help=CONSOLIDATE_HELP)
     sv.add_argument("--adapter-wait", type=float, default=60.0, metavar="SECONDS",
                     help="how long a request may wait for its adapter to be loaded before a 503")
     sv.set_defaults(func=cmd_serve, vllm_args=[])

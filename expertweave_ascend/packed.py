@@ -22,6 +22,7 @@ class PackedAdapter:
     path: Path
     experts: dict[int, tuple[int, ...]]  # MoE layer -> tuned expert ids (layers that tune some only)
     weights: dict[int, dict[str, torch.Tensor]]  # layer -> weight name -> [len(experts[layer]), *slot_shape]
+    expert_sha256: dict[int, tuple[str, ...]]  # layer -> content identity of each of experts[layer]
     sha256: str
     files: tuple[FileIdentity, ...]
 

@@ -20,6 +20,10 @@ class AdapterMemory:
     row: int | None = None  # its routing-table row, once loaded
     added_mapped_bytes: int | None = None  # granules its allocation mapped (the memory plan records it)
     sha256: str | None = None  # its content identity, once loaded
+    base_experts: int = 0  # tuned experts served by the base's own expert (identical, or consolidated)
+    shared_experts: int = 0  # tuned experts in a slot other loaded adapters hold too
+    saved_bytes: int = 0  # bytes its experts would take alone, less its share of the slots it holds
+    consolidated: dict[str, float] | None = None  # "layer.expert" -> relative L2 distance, lossy ones only
 
     @classmethod
     def of(cls, memory: ExpertMemory, experts_per_layer: dict[int, int], **kwargs) -> "AdapterMemory":
@@ -50,6 +54,7 @@ class MemoryReport:
     budget_bytes: int | None
     adapters: dict[str, AdapterMemory]
     warm_bytes: int = 0  # mapped granules no slot occupies, kept for the next load (not in adapter_mapped_bytes)
+    adapter_slot_bytes: int | None = None  # occupied adapter slots, each once however many adapters share it
 
     @classmethod
     def of(cls, memory: ExpertMemory, adapters: dict[str, AdapterMemory], adapter_slots: int,
@@ -69,12 +74,22 @@ class MemoryReport:
             budget_bytes=memory.pool.budget_bytes,
             adapters=adapters,
             warm_bytes=memory.warm_bytes,
+            adapter_slot_bytes=memory.occupied_slot_bytes(),
         )
 
     @property
+    def slot_bytes(self) -> int:
+        return self.adapter_expert_bytes if self.adapter_slot_bytes is None else self.adapter_slot_bytes
+
+    @property
+    def saved_bytes(self) -> int:
+        """Adapter expert bytes not held in memory: served by the base or by a slot another adapter holds."""
+        return self.adapter_expert_bytes - self.slot_bytes
+
+    @property
     def fragmentation(self) -> float | None:
-        """Mapped adapter bytes over their experts' bytes (1.0: no granule holds anything else)."""
-        return self.adapter_mapped_bytes / self.adapter_expert_bytes if self.adapter_expert_bytes else None
+        """Mapped adapter bytes over their slots' bytes (1.0: no granule holds anything else)."""
+        return self.adapter_mapped_bytes / self.slot_bytes if self.slot_bytes else None
 
     @property
     def padded_fragmentation(self) -> float | None:
@@ -84,6 +99,7 @@ class MemoryReport:
         data = asdict(self)
         data["fragmentation"] = self.fragmentation
         data["padded_fragmentation"] = self.padded_fragmentation
+        data["saved_bytes"] = self.saved_bytes
         for name, adapter in self.adapters.items():
             data["adapters"][name].update(experts=adapter.experts, max_per_layer=adapter.max_per_layer)
         return data
@@ -107,6 +123,8 @@ class VerifyRow:
     tokens_equal: bool
     max_abs_diff: float  # of the compared values, over the tokens both runs share
     differs_from_base: bool | None = None  # the merged model's own tokens differ from the base's (hf)
+    agreement: float | None = None  # greedy token agreement with the merged model over the prompt set (hf)
+    mean_kl: float | None = None  # mean KL(merged || served) per token over the prompt set (hf)
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,8 @@ class VerifyReport:
     base: VerifyRow
     adapters: dict[str, VerifyRow]
     memory: MemoryReport
+    consolidate_rel_l2: float | None = None  # near-duplicate experts were served by one copy (lossy)
+    prompts: int | None = None  # prompts of the divergence figures (hf)
 
     @property
     def ok(self) -> bool:
@@ -132,23 +152,47 @@ class VerifyReport:
 def format_verify(report: VerifyReport) -> str:
     lines = [f"ExpertWeave verify ({report.engine}, {report.device}, {report.dtype}, {report.max_new_tokens} greedy "
              f"tokens)",
-             f"{'model':<14}{'experts':>8}{'bytes':>12}  {'equal':<6}{f'max|d {report.compared}|':>18}  output"]
+             f"{'model':<14}{'experts':>8}{'bytes':>12}  {'equal':<6}{f'max|d {report.compared}|':>18}"
+             f"{'agree':>7}{'mean KL':>10}  output"]
     m = report.memory
     for name, row in [("base", report.base), *report.adapters.items()]:
         adapter = m.adapters.get(name) if name in report.adapters else None
         experts, nbytes = (adapter.experts, adapter.bytes) if adapter else ("-", "-")
+        agree = "-" if row.agreement is None else f"{row.agreement:.3f}"
+        kl = "-" if row.mean_kl is None else f"{row.mean_kl:.2e}"
         lines.append(f"{name:<14}{experts:>8}{nbytes:>12}  {'yes' if row.tokens_equal else 'NO':<6}"
-                     f"{row.max_abs_diff:>18.2e}  {row.output[:40]!r}")
+                     f"{row.max_abs_diff:>18.2e}{agree:>7}{kl:>10}  {row.output[:40]!r}")
     frag = "n/a" if m.fragmentation is None else f"{m.fragmentation:.3f}"
     lines += [
         f"memory: base experts {_mib(m.base_expert_bytes)} (mapped {_mib(m.base_mapped_bytes)}), "
-        f"adapter experts {_mib(m.adapter_expert_bytes)}, mapped {_mib(m.adapter_mapped_bytes)} "
-        f"(fragmentation {frag}, granule {_mib(m.granularity)})",
+        f"adapter experts {_mib(m.adapter_expert_bytes)}, in slots {_mib(m.slot_bytes)}, mapped "
+        f"{_mib(m.adapter_mapped_bytes)} (fragmentation {frag}, granule {_mib(m.granularity)})",
         f"        padded to E_max {_mib(m.padded_bytes)}, merged copies "
         f"{_mib(m.merged_bytes) if m.merged_bytes is not None else 'n/a'}",
-        "all outputs equal the merged models" if report.ok else "MISMATCH: some outputs differ",
+        *format_sharing(m),
     ]
+    if report.prompts:
+        lines.append(f"agree / mean KL: greedy next-token agreement and KL(merged || served) per token, on the "
+                     f"merged model's own continuations of {report.prompts} prompts")
+    if report.consolidate_rel_l2 is not None:
+        lines.append(f"consolidation on (relative L2 <= {report.consolidate_rel_l2:g}): outputs may differ from "
+                     "the merged models by the divergence shown")
+    lines.append("all outputs equal the merged models" if report.ok else "MISMATCH: some outputs differ")
     return "\n".join(lines)
+
+
+def format_sharing(m: MemoryReport) -> list[str]:
+    """One line per adapter that does not hold all its experts alone; none when no adapter shares."""
+    lines = []
+    for name, a in m.adapters.items():
+        if a.base_experts or a.shared_experts or a.consolidated:
+            worst = f", largest distance {max(a.consolidated.values()):.2e}" if a.consolidated else ""
+            lines.append(f"  {name}: {a.base_experts} experts served by the base's, {a.shared_experts} in slots "
+                         f"shared with other adapters, {len(a.consolidated or ())} consolidated{worst}; "
+                         f"saves {_mib(a.saved_bytes)}")
+    if lines:
+        lines.insert(0, f"shared experts: {_mib(m.saved_bytes)} of adapter experts not held twice")
+    return lines
 
 
 def format_plan(plan: MemoryReport) -> str:

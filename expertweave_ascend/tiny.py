@@ -104,19 +104,25 @@ def _adapter_layout(index: int, moe_layers: list[int], num_experts: int, rng: ra
     return layout
 
 
-def make_tiny(out: str | Path, adapters: int = 3, seed: int = 0, decisive: bool = False) -> dict[str, Path]:
-    """Writes OUT/base and OUT/adapters/<name>; returns {name: adapter path}. decisive: see make_decisive."""
+def make_tiny(out: str | Path, adapters: int = 3, seed: int = 0, decisive: bool = False,
+              delta_spread: tuple[float, float] | None = None) -> dict[str, Path]:
+    """Writes OUT/base and OUT/adapters/<name>; returns {name: adapter path}. decisive: see make_decisive;
+    delta_spread: see make_model."""
     names = [ADAPTER_NAMES[i] if i < len(ADAPTER_NAMES) else f"task{i}" for i in range(adapters)]
     config = tiny_config(0)
     moe_layers = list(range(config["first_k_dense_replace"], config["num_hidden_layers"]))
     layouts = {name: _adapter_layout(i, moe_layers, config["n_routed_experts"], random.Random(f"{seed}-{name}"))
                for i, name in enumerate(names)}
-    return make_model(out, layouts, seed=seed, decisive=decisive)
+    return make_model(out, layouts, seed=seed, decisive=decisive, delta_spread=delta_spread)
 
 
 def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: int = 0, decisive: bool = False,
-               **config_overrides) -> dict[str, Path]:
-    """A base checkpoint of tiny_config (with overrides) and one adapter per layout {layer: expert ids}."""
+               delta_spread: tuple[float, float] | None = None, **config_overrides) -> dict[str, Path]:
+    """A base checkpoint of tiny_config (with overrides) and one adapter per layout {layer: expert ids}.
+    Each tuned expert is its base expert plus a random delta: by default a strong fine-tune (several
+    times the weights' own scale); with delta_spread (lo, hi) the delta's relative size ||delta|| / ||w||
+    is drawn log-uniformly from [lo, hi] per expert, as fine-tuning leaves some experts nearly untouched
+    and changes others much (in bfloat16, deltas below about 0.2% leave many weights unchanged)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     out = Path(out)
@@ -142,9 +148,14 @@ def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: 
             for e in ids:
                 gate, up = fused.gate_up_proj[e].detach().float().chunk(2, dim=0)
                 down = fused.down_proj[e].detach().float()
-                # A strong fine-tune: the tuned expert moves by several times the weights' own scale.
-                experts[layer][e] = tuple((w + 4 * std * torch.randn(w.shape, generator=noise)).to(torch.bfloat16)
-                                          for w in (gate, up, down))
+                deltas = [torch.randn(w.shape, generator=noise) for w in (gate, up, down)]
+                if delta_spread is None:
+                    scale = 4 * std  # a strong fine-tune: several times the weights' own scale
+                else:
+                    lo, hi = delta_spread
+                    relative = lo * (hi / lo) ** float(torch.rand((), generator=noise))
+                    scale = relative * _norm((gate, up, down)) / _norm(deltas)
+                experts[layer][e] = tuple((w + scale * d).to(torch.bfloat16) for w, d in zip((gate, up, down), deltas))
         paths[name] = save_adapter(out / "adapters" / name, experts, config=config, listed_layers=moe_layers)
         tuned[name] = experts
     if decisive:
@@ -152,6 +163,10 @@ def make_model(out: str | Path, layouts: dict[str, dict[int, list[int]]], seed: 
         model.save_pretrained(base_dir)
         (base_dir / "generation_config.json").unlink(missing_ok=True)
     return paths
+
+
+def _norm(tensors) -> float:
+    return float(sum(t.square().sum() for t in tensors)) ** 0.5
 
 
 # -- decisive logits -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBacken
 from .packed import PackedAdapter, file_identities
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
+from .sharing import ExpertIndex, Placement, base_distances, check_rel_l2, place
 
 
 class MoELayerHandle(Protocol):
@@ -53,6 +54,7 @@ class WeaveConfig:
     adapter_memory_bytes: int | None = None  # physical budget for adapter experts; None: unbounded
     granularity: int = DEFAULT_GRANULARITY
     warm_bytes: int = 0  # freed granules kept mapped for the next load (ExpertMemory); 0: unmapped at once
+    consolidate_rel_l2: float | None = None  # serve near-duplicate experts by one copy (sharing.py); None: off
 
 
 @dataclass
@@ -61,9 +63,11 @@ class LoadedAdapter:
     path: Path
     row: int
     experts: dict[int, tuple[int, ...]]
-    slots: dict[int, list[int]]
+    slots: dict[int, list[int]]  # layer -> the slot serving each of experts[layer] (< M: the base's own)
     nbytes: int  # engine-layout bytes of its experts
     sha256: str  # its identity: expert_cfg.json and expert tensors as read (AdapterReader)
+    base_experts: int = 0  # experts served by the base's own (identical, or consolidated) expert
+    distances: dict[str, float] = field(default_factory=dict)  # "layer.expert" -> rel L2 of consolidated ones
     in_flight: int = 0
     unloading: bool = False
 
@@ -78,7 +82,7 @@ class PendingLoad:
     name: str
     packed: PackedAdapter
     row: int
-    slots: dict[int, list[int]]
+    placement: Placement
 
 
 @dataclass
@@ -90,6 +94,7 @@ class ExpertWeave:
     device: torch.device | str = "cpu"
 
     def __post_init__(self):
+        check_rel_l2(self.config.consolidate_rel_l2)
         self._owns_backend = self.backend is None
         if self._owns_backend:
             self.backend = HostBackend(self.config.granularity)
@@ -107,6 +112,7 @@ class ExpertWeave:
         self.adapters: dict[str, LoadedAdapter] = {}
         self._changing = threading.Lock()  # guards rows and slots while they are taken or given back
         self._pending: set[str] = set()  # names of loads prepared or being prepared, not yet published
+        self._index = ExpertIndex()  # published adapter slots by content, for sharing (guarded by _changing)
         self._requests = threading.Condition()  # guards adapters' in_flight / unloading and self.adapters
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -122,7 +128,7 @@ class ExpertWeave:
         in pinned memory when the weave's device is not the CPU."""
         adapter = validate_adapter(path, self.base)
         pin = torch.device(self.device).type != "cpu"
-        weights = {}
+        weights, expert_sha256 = {}, {}
         with adapter.reading() as read:
             for layer, ids in adapter.experts.items():
                 if not ids:
@@ -134,56 +140,70 @@ class ExpertWeave:
                     for weight, value in handle.pack_expert(*read(layer, expert)).items():
                         packed[weight][i].copy_(value)
                 weights[layer] = packed
+                expert_sha256[layer] = tuple(read.expert_sha256(layer, expert) for expert in ids)
             sha256 = read.sha256()
         return PackedAdapter(adapter.path.resolve(), {l: ids for l, ids in adapter.experts.items() if ids}, weights,
-                             sha256, file_identities(adapter))
+                             expert_sha256, sha256, file_identities(adapter))
 
     def prepare(self, name: str, packed: PackedAdapter) -> "PendingLoad":
-        """Takes a row and slots for the adapter and copies its experts in; publish() or abandon() it."""
+        """Takes a row and slots for the adapter and copies its new experts in; publish() or abandon() it.
+        Experts the base or a resident adapter already holds are not copied (sharing.py)."""
         self.check_new_name(name)
         with self._requests:
             self._pending.add(name)
         try:
+            rel_l2 = self.config.consolidate_rel_l2
+            to_base = base_distances(packed, self.memory, rel_l2)
             with self._changing:
+                placement = place(packed, self.memory, self._index, rel_l2, to_base)
                 row = self.tables.take_row(f"adapter {name}")
                 try:
-                    slots = self.memory.allocate(name, {layer: len(ids) for layer, ids in packed.experts.items()})
+                    new = self.memory.allocate(name, placement.new_counts(), placement.shared)
                 except BaseException:
                     self.tables.give_back_row(row)
                     raise
-            pending = PendingLoad(name, packed, row, slots)
+            pending = PendingLoad(name, packed, row, placement)
             try:
-                self._copy_experts(packed, slots)
+                copied = placement.fill(new)
+                self._copy_experts(packed, copied, new)
             except BaseException:
                 self._give_back(pending)
                 raise
+            with self._changing:  # its copies are issued: later loads may share these slots (sharing.py)
+                for layer, indices in copied.items():
+                    for i, slot in zip(indices, new[layer]):
+                        self._index.add(layer, packed.experts[layer][i], packed.expert_sha256[layer][i], slot)
         except BaseException:
             with self._requests:
                 self._pending.discard(name)
             raise
         return pending
 
-    def _copy_experts(self, packed: PackedAdapter, slots: dict[int, list[int]]) -> None:
-        """One copy per run of consecutive slots (allocate() hands out the lowest free slots, in order)."""
+    def _copy_experts(self, packed: PackedAdapter, indices: dict[int, list[int]], slots: dict[int, list[int]]) -> None:
+        """Copies packed expert indices[layer][j] into slots[layer][j]: one copy per run where both are
+        consecutive (allocate() hands out the lowest free slots, in order)."""
         for layer, layer_slots in slots.items():
             views = self.memory.views(layer)
+            picks = indices[layer]
             start = 0
             for end in range(1, len(layer_slots) + 1):
-                if end == len(layer_slots) or layer_slots[end] != layer_slots[end - 1] + 1:
-                    first = layer_slots[start]
+                if (end == len(layer_slots) or layer_slots[end] != layer_slots[end - 1] + 1
+                        or picks[end] != picks[end - 1] + 1):
+                    first, count = layer_slots[start], end - start
                     for weight, values in packed.weights[layer].items():
-                        views[weight][first:first + end - start].copy_(values[start:end])
+                        views[weight][first:first + count].copy_(values[picks[start]:picks[start] + count])
                     start = end
 
     def publish(self, pending: "PendingLoad") -> LoadedAdapter:
-        """Writes the adapter's row once its experts are on the device (I1), then makes its name known."""
-        packed = pending.packed
+        """Writes the adapter's row once its experts are on the device (I1), then makes its name known. The
+        device-wide synchronize also completes the copies of loads whose slots this one shares."""
+        packed, placement = pending.packed, pending.placement
         self.backend.synchronize()
-        self.tables.write_row(pending.row, {layer: dict(zip(packed.experts[layer], pending.slots[layer]))
-                                            for layer in pending.slots})
-        nbytes = sum(len(s) * self.memory.expert_nbytes(layer) for layer, s in pending.slots.items())
-        loaded = LoadedAdapter(pending.name, packed.path, pending.row, dict(packed.experts), pending.slots, nbytes,
-                               packed.sha256)
+        self.tables.write_row(pending.row, {layer: dict(zip(packed.experts[layer], placement.slots[layer]))
+                                            for layer in placement.slots})
+        nbytes = sum(len(ids) * self.memory.expert_nbytes(layer) for layer, ids in packed.experts.items())
+        loaded = LoadedAdapter(pending.name, packed.path, pending.row, dict(packed.experts), placement.slots, nbytes,
+                               packed.sha256, placement.base, placement.distances)
         with self._requests:
             self._pending.discard(pending.name)
             self.adapters[pending.name] = loaded
@@ -198,7 +218,7 @@ class ExpertWeave:
     def _give_back(self, pending: "PendingLoad") -> None:
         with self._changing:
             self.tables.give_back_row(pending.row)
-            self.memory.release(pending.name)
+            self._index.drop(self.memory.release(pending.name))
 
     def check_new_name(self, name: str) -> None:
         with self._requests:
@@ -224,7 +244,7 @@ class ExpertWeave:
         # asynchronously); unmap only once the device has finished it.
         self.backend.synchronize()
         with self._changing:
-            self.memory.release(name)
+            self._index.drop(self.memory.release(name))
             self.tables.give_back_row(loaded.row)
 
     def adapter(self, name: str) -> LoadedAdapter:
@@ -258,10 +278,22 @@ class ExpertWeave:
         """Byte accounting; model_bytes (all base weights) lets it price one merged copy per adapter."""
         with self._requests:
             adapters = list(self.adapters.values())
-        return MemoryReport.of(self.memory, {a.name: AdapterMemory(
-            {layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row, sha256=a.sha256)
-            for a in adapters},
-            self.adapter_slots, model_bytes)
+        with self._changing:
+            return MemoryReport.of(self.memory, {a.name: self._adapter_memory(a) for a in adapters},
+                                   self.adapter_slots, model_bytes)
+
+    def _adapter_memory(self, a: LoadedAdapter) -> AdapterMemory:
+        m = self.base.num_experts
+        shared = charged = 0.0
+        for layer, slots in a.slots.items():
+            for slot in slots:
+                if slot >= m:
+                    sharers = self.memory.slots[layer].sharers(slot)
+                    shared += sharers > 1
+                    charged += self.memory.expert_nbytes(layer) / sharers
+        return AdapterMemory({layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row,
+                             sha256=a.sha256, base_experts=a.base_experts, shared_experts=int(shared),
+                             saved_bytes=round(a.nbytes - charged), consolidated=dict(a.distances) or None)
 
     def close(self) -> None:
         self.memory.close()

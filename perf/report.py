@@ -52,6 +52,12 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
         rows.append(("tiering, alpha 1: throughput within 10% of all resident",
                      f"x{full['throughput_vs_all_resident']:.3f}", "full policy / all 100 resident",
                      full["throughput_vs_all_resident"] >= 0.9))
+    if "consolidation" in s:
+        exact = [r for r in s["consolidation"]["rows"] if r["rel_l2"] in (None, 0.0)]
+        rows.append(("consolidation off or at 0: outputs equal the merged models",
+                     f"{sum(r['outputs_equal'] for r in exact)} of {len(exact) * s['consolidation']['adapters']}",
+                     "tiny model, spread adapters", all(r["outputs_equal"] == s["consolidation"]["adapters"]
+                                                        and r["saved_bytes"] == 0 for r in exact)))
     return rows
 
 
@@ -173,6 +179,22 @@ def markdown(results: dict, stem: str) -> str:
                             f"{x['server']['loads_disk']:.0f} / {x['server']['loads_host']:.0f} / "
                             f"{x['server']['loads_prefetch']:.0f}", f"{x['server']['evictions']:.0f}"]
                            for variant, cells in t["variants"].items() for alpha, x in cells.items()]))
+    if "consolidation" in s:
+        c = s["consolidation"]
+        lines += _section("Near-duplicate consolidation (--consolidate-rel-l2)",
+                  f"Tiny model, {c['adapters']} adapters made with `make-tiny --delta-spread "
+                  f"{c['spread'][0]:g}:{c['spread'][1]:g}` (each tuned expert = base + a delta of relative size drawn "
+                  f"log-uniformly from that range); `verify` per threshold: one mixed batch, and agreement and KL "
+                  f"per token on the merged models' own {c['max_new_tokens']}-token continuations of "
+                  f"{c['prompts']} prompts. A random tiny model is far less sensitive than a trained one: read the "
+                  "divergence as this method's scale, not as what a real adapter loses.",
+                  _table(["relative L2 <=", "experts consolidated", "adapter bytes saved", "token agreement (min)",
+                          "mean KL per token (max)", "outputs equal"],
+                         [["off" if r["rel_l2"] is None else f"{r['rel_l2']:g}",
+                           f"{r['consolidated']} of {r['experts']}",
+                           f"{r['saved_share']:.1%}", f"{r['agreement']:.4f} ({r['min_agreement']:.4f})",
+                           f"{r['mean_kl']:.2e} ({r['max_kl']:.2e})", f"{r['outputs_equal']} of {c['adapters']}"]
+                          for r in c["rows"]]), plot="consolidation", stem=stem)
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +258,22 @@ def plots(results: dict, out: Path, stem: str) -> list[Path]:
             ax.bar(labels, [mg["other"][key], mg["expertweave"][key]], color=["tab:grey", "tab:blue"])
             ax.set(title=title)
         save(fig, "merged")
+    if "consolidation" in s:
+        rows = [r for r in s["consolidation"]["rows"] if r["rel_l2"]]
+        x = [r["rel_l2"] for r in rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(x, [100 * r["saved_share"] for r in rows], marker="o")
+        a.set(xscale="log", xlabel="--consolidate-rel-l2", ylabel="adapter expert bytes saved (%)",
+              title="memory saved")
+        b.plot(x, [r["mean_kl"] for r in rows], marker="o", label="mean KL per token")
+        b.set(xscale="log", yscale="log", xlabel="--consolidate-rel-l2", ylabel="KL(merged || served)",
+              title="divergence")
+        twin = b.twinx()
+        twin.plot(x, [r["agreement"] for r in rows], marker="s", color="tab:orange", label="token agreement")
+        twin.set(ylabel="greedy token agreement", ylim=(0, 1.05))
+        b.legend(loc="center left")
+        twin.legend(loc="lower right")
+        save(fig, "consolidation")
     return written
 
 

@@ -1,12 +1,13 @@
 """`make bench` / `make bench-quick`: every benchmark of perf/ in one run, on this machine.
 
-    .venv/bin/python -m perf.run [--quick] [--only memory,reroute,hotload,serving,tiering] [--out perf/results]
+    .venv/bin/python -m perf.run [--quick] [--only memory,reroute,...] [--out perf/results]
 
-Writes perf/results/<date>-<machine>[-quick].{json,md} and <same>-<plot>.png (perf/report.py).
+Writes perf/results/<date>-<machine>[-quick][-<only>].{json,md} and <same>-<plot>.png (perf/report.py).
 Sections: memory (DeepSeek-V2-Lite shapes, real ESFT geometries, KV capacity on a 64 GB device),
 reroute (share of a CPU MoE layer at DeepSeek-V2-Lite shapes), hotload (adapter load vs copy bandwidth),
 serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP),
-tiering (100 catalogued adapters with room for 8: all resident vs on-demand LRU vs the full policy).
+tiering (100 catalogued adapters with room for 8: all resident vs on-demand LRU vs the full policy),
+consolidation (near-duplicate experts served by one copy: bytes saved vs divergence, per threshold).
 --quick: fewer and shorter replays, eager engines (no torch.compile), fewer token counts; under 10
 minutes on 2 cores. Check for stale vLLM processes first (`ps aux | grep -i vllm`): they busy-poll.
 """
@@ -22,13 +23,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import hotload, memory, report, reroute_share, serving, tiering
+from . import consolidation, hotload, memory, report, reroute_share, serving, tiering
 from . import servers as srv
 from .bench_model import BUILT, build, merged
 from .serving import ServingConfig
 from .tiering import TieringConfig
 
-SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering")
+SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering", "consolidation")
 KV_CACHE_BYTES = 256 << 20  # per engine side: ExpertWeave and base-only each; merged engines split it
 
 
@@ -103,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     info = machine()
     stem = f"{datetime.date.today().isoformat()}-{info['tag']}{'-quick' if args.quick else ''}"
+    if args.only:  # a partial run never overwrites the full run's results
+        stem += "-" + "-".join(s for s in SECTIONS if s in only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "make bench-quick" if args.quick else "make bench"
+    if args.only:
+        command += f" ONLY={','.join(s for s in SECTIONS if s in only)}"
     results = {"command": command, "date": datetime.date.today().isoformat(), "machine": info,
                "settings": asdict(settings), "sections": {}}
     started = time.perf_counter()
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             results["sections"]["tiering"] = tiering.measure(cfg, base, adapters,
                                                              srv.engine_args(KV_CACHE_BYTES, settings.eager),
                                                              Path(logs), progress)
+    if "consolidation" in only:
+        results["sections"]["consolidation"] = consolidation.measure(progress=progress)
     results["elapsed_s"] = time.perf_counter() - started
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")

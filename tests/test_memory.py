@@ -59,8 +59,20 @@ def test_a_released_hole_is_filled_first():
     assert slots.choose(2, "d") == [4, 5]
     assert slots.choose(4, "d") == [4, 5, 6, 8]
     slots.take("d", [4, 5])
-    assert slots.owners == ["a", "a", "d", "d", None, "c", None, None]
+    assert slots.owners == [("a",), ("a",), ("d",), ("d",), None, ("c",), None, None]
     assert slots.release("nobody") == []
+
+
+def test_a_shared_slot_is_free_only_after_its_last_owner_releases_it():
+    slots = SlotAllocator(num_base=2, num_adapter_slots=4)
+    slots.take("law", [2, 3])
+    slots.share("law-v2", [3])
+    assert slots.sharers(3) == 2 and slots.sharers(2) == 1
+    assert slots.slots_of("law-v2") == [3]
+    assert slots.release("law") == [2]
+    assert slots.owners == [None, ("law-v2",), None, None]
+    assert slots.release("law-v2") == [3]
+    assert slots.free_count == 4
 
 
 def test_slot_capacity_error_names_what_and_changes_nothing():

@@ -66,7 +66,8 @@ def test_verify_report_is_ok_only_when_every_row_is_equal(memory):
                           {"law": VerifyRow("q", "text", True, 0.0)}, MemoryReport.of(memory, planned(memory), 6))
     assert report.ok and report.to_json()["ok"] is True
     assert report.to_json()["adapters"]["law"] == {"prompt": "q", "output": "text", "tokens_equal": True,
-                                                  "max_abs_diff": 0.0, "differs_from_base": None}
+                                                  "max_abs_diff": 0.0, "differs_from_base": None,
+                                                  "agreement": None, "mean_kl": None}
     wrong = VerifyReport(**{**vars(report), "adapters": {"law": VerifyRow("q", "text", False, 0.5)}})
     assert not wrong.ok
     text = format_verify(wrong)

@@ -169,6 +169,27 @@ def test_an_adapter_with_an_hf_style_name_is_served(server, tiny):
     assert r.status_code == 200, r.text
 
 
+def test_the_same_adapter_under_a_second_name_maps_nothing_and_is_listed_as_shared(server, tiny):
+    before = requests.get(f"{server}/v1/esft_adapters").json()["memory"]
+    r = requests.post(f"{server}/v1/load_esft_adapter",
+                      json={"adapter_name": "law-again", "adapter_path": str(tiny / "adapters" / "law")})
+    assert r.status_code == 200, r.text
+    try:
+        memory = requests.get(f"{server}/v1/esft_adapters").json()["memory"]
+        assert memory["adapter_mapped_bytes"] == before["adapter_mapped_bytes"]
+        assert memory["adapter_slot_bytes"] == before["adapter_slot_bytes"]
+        law, again = memory["adapters"]["law"], memory["adapters"]["law-again"]
+        assert again["shared_experts"] == law["shared_experts"] == law["experts"]
+        assert memory["saved_bytes"] == before["saved_bytes"] + law["bytes"]
+        assert again["saved_bytes"] + law["saved_bytes"] == law["bytes"]
+        assert complete(server, "law-again").json()["choices"][0]["text"] == complete(server, "law").json()[
+            "choices"][0]["text"]
+    finally:
+        assert requests.post(f"{server}/v1/unload_esft_adapter",
+                             json={"adapter_name": "law-again"}).status_code == 200
+    assert requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]["law"]["shared_experts"] == 0
+
+
 def test_load_serve_unload_at_run_time(server, tiny):
     report = requests.get(f"{server}/v1/esft_adapters").json()
     assert set(report["adapters"]) == {"law", "math"}

@@ -121,6 +121,15 @@ class AdapterReader:
         self.digests[key] = hashlib.sha256(tensor.view(torch.uint8).numpy()).digest()
         return tensor
 
+    def expert_sha256(self, layer: int, expert: int) -> str:
+        """One read expert's content identity (its gate, up and down bytes), the same in any adapter."""
+        identity = hashlib.sha256()
+        for proj in PROJS:
+            key = self.adapter.keys[layer, expert, proj]
+            info = self.adapter.checkpoint.tensors[key]
+            identity.update(f"{proj} {info.dtype} {list(info.shape)} ".encode() + self.digests[key])
+        return identity.hexdigest()
+
     def sha256(self) -> str:
         unread = set(self.adapter.keys.values()) - set(self.digests)
         if unread:

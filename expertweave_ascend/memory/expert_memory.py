@@ -62,8 +62,10 @@ class ExpertMemory:
     def base_expert_bytes(self) -> int:
         return sum(self.num_base * self.expert_nbytes(layer) for layer in self.tensors)
 
-    def allocate(self, owner: str, counts: dict[int, int]) -> dict[int, list[int]]:
-        """Takes and maps counts[layer] slots per layer for owner; all or nothing."""
+    def allocate(self, owner: str, counts: dict[int, int],
+                 shared: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+        """Takes and maps counts[layer] new slots per layer for owner, and makes owner a sharer of the
+        occupied slots shared[layer] (nothing mapped for those); all or nothing. Returns the new slots."""
         chosen = {layer: self.slots[layer].choose(n, f"layer {layer}") for layer, n in counts.items() if n}
         extra = sum(vt.new_granules(slots) for layer, slots in chosen.items()
                     for vt in self.tensors[layer].values()) * self.backend.granularity
@@ -90,13 +92,25 @@ class ExpertMemory:
                 for vt in self.tensors[layer].values():
                     vt.unmap_slots(chosen[layer])
             raise
+        for layer, slots in (shared or {}).items():
+            self.slots[layer].share(owner, slots)
         return chosen
 
-    def release(self, owner: str) -> None:
+    def release(self, owner: str) -> dict[int, list[int]]:
+        """Drops owner from its slots and unmaps the ones no other owner holds; returns those per layer."""
+        freed = {}
         for layer, alloc in self.slots.items():
             slots = alloc.release(owner)
             for vt in self.tensors[layer].values():
                 vt.unmap_slots(slots)
+            if slots:
+                freed[layer] = slots
+        return freed
+
+    def occupied_slot_bytes(self) -> int:
+        """Bytes of the occupied adapter slots, each counted once however many owners share it."""
+        return sum((alloc.num_slots - alloc.num_base - alloc.free_count) * self.expert_nbytes(layer)
+                   for layer, alloc in self.slots.items())
 
     def _cool(self, nbytes: int) -> None:
         """Gives back warm granules (nbytes, or all there are) so a load fits the physical budget."""

@@ -11,6 +11,7 @@ from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...reports import MemoryReport
 from ...residency import Residency
+from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, shutdown_llm
@@ -20,18 +21,22 @@ WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorke
 
 def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters: int,
                   adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
-                  granularity: int | None = None, host_adapter_bytes: int = 0, warm: bool = False) -> dict:
+                  granularity: int | None = None, host_adapter_bytes: int = 0, warm: bool = False,
+                  consolidate_rel_l2: float | None = None) -> dict:
     """The engine's `additional_config["expertweave"]`; adapters are validated here, before any engine
     starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row.
     host_adapter_bytes: the workers' host tier; warm: keep freed granules mapped for the next load (the
-    workers size the budget: twice an adapter row's share of the slots)."""
+    workers size the budget: twice an adapter row's share of the slots); consolidate_rel_l2: serve adapter
+    experts this near the base's (or a resident adapter's) by that expert (sharing.py; None: off)."""
+    check_rel_l2(consolidate_rel_l2)
     checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
     if adapter_slots is None:
         adapter_slots = max(slots_needed((a.experts for a in checked.values()), geometry.moe_layers),
                             max_adapters * geometry.num_experts // 4)
     return {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
             "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
-            "granularity": granularity, "host_adapter_bytes": host_adapter_bytes, "warm": warm}
+            "granularity": granularity, "host_adapter_bytes": host_adapter_bytes, "warm": warm,
+            "consolidate_rel_l2": consolidate_rel_l2}
 
 
 class ExpertWeaveLLM:
@@ -51,7 +56,8 @@ class ExpertWeaveLLM:
     def __init__(self, model: str, adapters: dict[str, str] | None = None, *, max_adapters: int = 8,
                  adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
                  granularity: int | None = None, adapter_root: str | Path | None = None,
-                 host_adapter_bytes: int = 0, eviction_policy: str = "lru", **llm_kwargs):
+                 host_adapter_bytes: int = 0, eviction_policy: str = "lru",
+                 consolidate_rel_l2: float | None = None, **llm_kwargs):
         from vllm import LLM
 
         self.model = model
@@ -65,7 +71,8 @@ class ExpertWeaveLLM:
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
         additional["expertweave"] = engine_config(
             self.geometry, preload, max_adapters, adapter_slots, adapter_memory_bytes, granularity,
-            host_adapter_bytes, warm=adapter_root is not None or len(adapters) > max_adapters)
+            host_adapter_bytes, warm=adapter_root is not None or len(adapters) > max_adapters,
+            consolidate_rel_l2=consolidate_rel_l2)
         for key, value in platforms.current().engine_defaults(set(llm_kwargs)).items():
             llm_kwargs.setdefault(key, value)
         llm_kwargs["logits_processors"] = admission.with_admission(llm_kwargs.get("logits_processors"))

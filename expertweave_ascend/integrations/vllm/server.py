@@ -75,6 +75,7 @@ class ServerOptions:
     adapter_wait_s: float = 60.0  # how long a request may wait for its adapter to be loaded (then 503)
     host_adapter_bytes: int = 0  # the workers' host tier (reported; the workers are given it in the engine config)
     warm_host_tier: bool = False  # fill the host tier from the catalogue at start, in the background
+    consolidate_rel_l2: float | None = None  # near-duplicate experts share one copy (the workers are given it)
 
     @classmethod
     def of(cls, args) -> "ServerOptions":

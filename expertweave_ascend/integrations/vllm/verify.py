@@ -44,7 +44,8 @@ def _in_process_engines():
 
 
 def verify_vllm(base: str | Path, adapters: dict[str, str | Path], prompts: list[str],
-                max_new_tokens: int = 32, granularity: int | None = None, **engine_kwargs) -> VerifyReport:
+                max_new_tokens: int = 32, granularity: int | None = None, consolidate_rel_l2: float | None = None,
+                **engine_kwargs) -> VerifyReport:
     from vllm import SamplingParams
 
     geometry = BaseGeometry.from_checkpoint(base)
@@ -55,16 +56,16 @@ def verify_vllm(base: str | Path, adapters: dict[str, str | Path], prompts: list
 
     with _in_process_engines():
         return _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tokens, granularity,
-                       engine_kwargs)
+                       consolidate_rel_l2, engine_kwargs)
 
 
 def _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tokens, granularity,
-            engine_kwargs) -> VerifyReport:
+            consolidate_rel_l2, engine_kwargs) -> VerifyReport:
     from vllm import LLM
     from vllm.platforms import current_platform
 
     weave = ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, max_adapters=max(1, len(adapters)),
-                           granularity=granularity, **engine_kwargs)
+                           granularity=granularity, consolidate_rel_l2=consolidate_rel_l2, **engine_kwargs)
     try:
         served = _run(weave, batch_prompts, params, adapter=entries)
         memory = weave.memory_report()
@@ -86,4 +87,4 @@ def _verify(base, adapters, checked, entries, batch_prompts, params, max_new_tok
                                    max((abs(a - b) for a, b in zip(logprobs[:same + 1], want_logprobs)), default=0.0))
     base_row = rows.pop(None)
     return VerifyReport("vllm", "logprobs", current_platform.device_type, str(base), str(engine_kwargs.get("dtype", "auto")),
-                        max_new_tokens, base_row, rows, memory)
+                        max_new_tokens, base_row, rows, memory, consolidate_rel_l2)

@@ -28,7 +28,8 @@ class WorkerWeave:
     def __init__(self, model_runner, config: dict):
         self.api = platforms.current()
         weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
-                                                             "granularity") if config.get(k) is not None})
+                                                             "granularity", "consolidate_rel_l2")
+                                          if config.get(k) is not None})
         self.api.check_engine(model_runner, weave_config.max_adapters)
         self.layers = {index: VllmMoELayer(runner, index, self.api)
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
