@@ -15,6 +15,7 @@ class BaseGeometry:
     hidden_size: int
     moe_intermediate_size: int
     dtype: str  # safetensors dtype name of the base experts, e.g. "BF16"
+    shared_intermediate_size: int = 0  # of each MoE layer's shared-expert MLP (n_shared_experts * I); 0: none
 
     @property
     def expert_nbytes(self) -> int:
@@ -26,6 +27,11 @@ class BaseGeometry:
             return (self.hidden_size, self.moe_intermediate_size)
         return (self.moe_intermediate_size, self.hidden_size)
 
+    def shared_proj_shape(self, proj: str) -> tuple[int, int]:
+        if proj == "down_proj":
+            return (self.hidden_size, self.shared_intermediate_size)
+        return (self.shared_intermediate_size, self.hidden_size)
+
     @classmethod
     def from_config(cls, config: dict, dtype: str, source: str = "config.json") -> "BaseGeometry":
         try:
@@ -35,11 +41,12 @@ class BaseGeometry:
             freq = int(config.get("moe_layer_freq", 1))
             hidden = int(config["hidden_size"])
             inter = int(config["moe_intermediate_size"])
+            shared = int(config.get("n_shared_experts") or 0) * inter
         except (KeyError, TypeError, ValueError) as e:
             raise AdapterError(source, f"not a DeepSeek-V2 style MoE config ({e!r} missing or invalid)",
                                "not a DeepSeek-V2 style MoE config") from None
         moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
-        return cls(num_layers, moe_layers, num_experts, hidden, inter, dtype)
+        return cls(num_layers, moe_layers, num_experts, hidden, inter, dtype, shared)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "BaseGeometry":

@@ -6,7 +6,7 @@ the files it was read from, so a copy whose files changed on disk is not served.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +25,19 @@ class PackedAdapter:
     expert_sha256: dict[int, tuple[str, ...]]  # layer -> content identity of each of experts[layer]
     sha256: str
     files: tuple[FileIdentity, ...]
+    shared: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> tuned shared experts
 
     @property
     def nbytes(self) -> int:
+        return self.expert_nbytes + self.shared_nbytes
+
+    @property
+    def expert_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.weights.values() for t in layer.values())
+
+    @property
+    def shared_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.shared.values() for t in layer.values())
 
     @property
     def num_experts(self) -> int:

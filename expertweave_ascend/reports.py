@@ -24,6 +24,7 @@ class AdapterMemory:
     shared_experts: int = 0  # tuned experts in a slot other loaded adapters hold too
     saved_bytes: int = 0  # bytes its experts would take alone, less its share of the slots it holds
     consolidated: dict[str, float] | None = None  # "layer.expert" -> relative L2 distance, lossy ones only
+    shared_expert_bytes: int = 0  # its tuned shared experts (device tensors, not in the expert slots)
 
     @classmethod
     def of(cls, memory: ExpertMemory, experts_per_layer: dict[int, int], **kwargs) -> "AdapterMemory":
@@ -78,6 +79,11 @@ class MemoryReport:
         )
 
     @property
+    def shared_expert_bytes(self) -> int:
+        """Tuned shared experts of every adapter (device tensors beside the expert slots)."""
+        return sum(a.shared_expert_bytes for a in self.adapters.values())
+
+    @property
     def slot_bytes(self) -> int:
         return self.adapter_expert_bytes if self.adapter_slot_bytes is None else self.adapter_slot_bytes
 
@@ -100,6 +106,7 @@ class MemoryReport:
         data["fragmentation"] = self.fragmentation
         data["padded_fragmentation"] = self.padded_fragmentation
         data["saved_bytes"] = self.saved_bytes
+        data["shared_expert_bytes"] = self.shared_expert_bytes
         for name, adapter in self.adapters.items():
             data["adapters"][name].update(experts=adapter.experts, max_per_layer=adapter.max_per_layer)
         return data

@@ -24,6 +24,7 @@ from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBacken
 from .packed import PackedAdapter, file_identities
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
+from .shared_experts import SharedExpertRows
 from .sharing import ExpertIndex, Placement, base_distances, check_rel_l2, place
 
 
@@ -33,12 +34,17 @@ class MoELayerHandle(Protocol):
     def weight_specs(self) -> list[WeightSpec]:
         """The per-expert weights of this layer in the engine's storage layout."""
 
-    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor) -> None:
+    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor, shared: SharedExpertRows) -> None:
         """Copies the base experts into views[name][:M], then makes the layer compute with the views
-        (M + S slots) and reroute its top-k ids through table [rows, M] (updated in place)."""
+        (M + S slots) and reroute its top-k ids through table [rows, M] (updated in place); and, where
+        the engine can, serve tuned shared experts per token through shared.apply."""
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         """One expert's ESFT weights in the engine's storage layout, exactly as base experts are packed."""
+
+    def pack_shared(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The layer's tuned shared-expert MLP in the layout its shared.apply forward takes; raises
+        ExpertWeaveError naming the engine where it cannot serve tuned shared experts."""
 
 
 def slots_needed(selections: Iterable[dict[int, Sequence[int]]], moe_layers: Iterable[int]) -> int:
@@ -68,6 +74,7 @@ class LoadedAdapter:
     sha256: str  # its identity: expert_cfg.json and expert tensors as read (AdapterReader)
     base_experts: int = 0  # experts served by the base's own (identical, or consolidated) expert
     distances: dict[str, float] = field(default_factory=dict)  # "layer.expert" -> rel L2 of consolidated ones
+    shared_bytes: int = 0  # its tuned shared experts, on the device (shared_experts.py)
     in_flight: int = 0
     unloading: bool = False
 
@@ -83,6 +90,7 @@ class PendingLoad:
     packed: PackedAdapter
     row: int
     placement: Placement
+    shared: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # on the device
 
 
 @dataclass
@@ -107,8 +115,9 @@ class ExpertWeave:
         self.memory = ExpertMemory(self.backend, {h.layer: h.weight_specs() for h in self.layers}, m, slots,
                                    self.config.adapter_memory_bytes, self.config.warm_bytes)
         self.tables = RoutingTables(list(self.handles), m, self.config.max_adapters, self.device)
+        self.shared_rows = SharedExpertRows()
         for layer, handle in self.handles.items():
-            handle.install(self.memory.views(layer), self.tables.layer(layer))
+            handle.install(self.memory.views(layer), self.tables.layer(layer), self.shared_rows)
         self.adapters: dict[str, LoadedAdapter] = {}
         self._changing = threading.Lock()  # guards rows and slots while they are taken or given back
         self._pending: set[str] = set()  # names of loads prepared or being prepared, not yet published
@@ -141,9 +150,12 @@ class ExpertWeave:
                         packed[weight][i].copy_(value)
                 weights[layer] = packed
                 expert_sha256[layer] = tuple(read.expert_sha256(layer, expert) for expert in ids)
+            shared = {layer: {name: _host_copy(t, pin) for name, t in
+                              self.handles[layer].pack_shared(*read.shared(layer)).items()}
+                      for layer in adapter.shared_layers}
             sha256 = read.sha256()
         return PackedAdapter(adapter.path.resolve(), {l: ids for l, ids in adapter.experts.items() if ids}, weights,
-                             expert_sha256, sha256, file_identities(adapter))
+                             expert_sha256, sha256, file_identities(adapter), shared)
 
     def prepare(self, name: str, packed: PackedAdapter) -> "PendingLoad":
         """Takes a row and slots for the adapter and copies its new experts in; publish() or abandon() it.
@@ -166,6 +178,8 @@ class ExpertWeave:
             try:
                 copied = placement.fill(new)
                 self._copy_experts(packed, copied, new)
+                pending.shared = {layer: {w: t.to(self.device, non_blocking=True) for w, t in weights.items()}
+                                  for layer, weights in packed.shared.items()}
             except BaseException:
                 self._give_back(pending)
                 raise
@@ -201,9 +215,11 @@ class ExpertWeave:
         self.backend.synchronize()
         self.tables.write_row(pending.row, {layer: dict(zip(packed.experts[layer], placement.slots[layer]))
                                             for layer in placement.slots})
+        if pending.shared:
+            self.shared_rows.add(pending.row, pending.shared)
         nbytes = sum(len(ids) * self.memory.expert_nbytes(layer) for layer, ids in packed.experts.items())
         loaded = LoadedAdapter(pending.name, packed.path, pending.row, dict(packed.experts), placement.slots, nbytes,
-                               packed.sha256, placement.base, placement.distances)
+                               packed.sha256, placement.base, placement.distances, packed.shared_nbytes)
         with self._requests:
             self._pending.discard(pending.name)
             self.adapters[pending.name] = loaded
@@ -243,6 +259,7 @@ class ExpertWeave:
         # I6: a step queued before the row was cleared may still read the slots (vLLM schedules
         # asynchronously); unmap only once the device has finished it.
         self.backend.synchronize()
+        self.shared_rows.remove(loaded.row)
         with self._changing:
             self._index.drop(self.memory.release(name))
             self.tables.give_back_row(loaded.row)
@@ -293,9 +310,14 @@ class ExpertWeave:
                     charged += self.memory.expert_nbytes(layer) / sharers
         return AdapterMemory({layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row,
                              sha256=a.sha256, base_experts=a.base_experts, shared_experts=int(shared),
+                             shared_expert_bytes=a.shared_bytes,
                              saved_bytes=round(a.nbytes - charged), consolidated=dict(a.distances) or None)
 
     def close(self) -> None:
         self.memory.close()
         if self._owns_backend:
             self.backend.close()
+
+
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin).copy_(tensor)

@@ -43,7 +43,7 @@ class TransformersLayoutLayer:
     def weight_specs(self) -> list[WeightSpec]:
         return self.specs
 
-    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor) -> None:
+    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor, shared) -> None:
         pass
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -148,7 +148,7 @@ class GranuleSizedLayer:
     def weight_specs(self):
         return [WeightSpec("w", (self.elements,), torch.float32)]
 
-    def install(self, views, table):
+    def install(self, views, table, shared):
         self.table = table
 
     def pack_expert(self, gate, up, down):

@@ -355,12 +355,52 @@ def test_layer_that_does_not_exist(capsys, adapter_copy, base):
     assert_one_error(rc, err, path / "expert_cfg.json", "layer 9 does not exist")
 
 
-@pytest.mark.parametrize("flag", ["shared_experts", "non_expert_modules"])
-def test_flags_refused(capsys, adapter_copy, base, flag):
+def test_non_expert_modules_refused(capsys, adapter_copy, base):
     path = adapter_copy()
-    edit_cfg(path, **{flag: True})
+    edit_cfg(path, non_expert_modules=True)
     rc, _, err = validate_cli(capsys, path, base)
-    assert_one_error(rc, err, path / "expert_cfg.json", f"{flag} is true")
+    assert_one_error(rc, err, path / "expert_cfg.json", "non_expert_modules is true")
+
+
+def shared_tensors(layer: int, inter: int = INTER, dtype=torch.bfloat16, projs=("gate_proj", "up_proj", "down_proj")):
+    shapes = {"gate_proj": (inter, HIDDEN), "up_proj": (inter, HIDDEN), "down_proj": (HIDDEN, inter)}
+    return {f"model.layers.{layer}.mlp.shared_experts.{p}.weight": torch.zeros(shapes[p], dtype=dtype) for p in projs}
+
+
+def test_shared_experts_are_accepted_under_the_flag(capsys, adapter_copy, base, geometry):
+    path = adapter_copy()
+    edit_cfg(path, shared_experts=True)
+    add_tensors(path, {**shared_tensors(1), **shared_tensors(3)})
+    rc, out, _ = validate_cli(capsys, path, base)
+    assert rc == 0 and out.startswith("ok")
+    adapter = validate_adapter(path, geometry)
+    assert adapter.shared_layers == (1, 3)
+    assert adapter.nbytes == adapter.num_experts * EXPERT_BYTES + 2 * EXPERT_BYTES  # one shared expert a layer
+
+
+@pytest.mark.parametrize("tensors,phrase", [
+    ({}, '"shared_experts" is true but the adapter holds no shared-expert tensor'),
+    (shared_tensors(1, projs=("gate_proj", "up_proj")), "layer 1's shared experts have no down_proj tensor"),
+])
+def test_shared_expert_flag_without_its_tensors(capsys, adapter_copy, base, tensors, phrase):
+    path = adapter_copy()
+    edit_cfg(path, shared_experts=True)
+    add_tensors(path, tensors)
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, path if tensors else path / "expert_cfg.json", phrase)
+
+
+@pytest.mark.parametrize("tensors,phrase", [
+    (shared_tensors(1, inter=32), "shared_experts.down_proj.weight has shape [128, 32], expected [128, 64]"),
+    (shared_tensors(1, dtype=torch.float16), "has dtype F16, the base experts are BF16"),
+    (shared_tensors(0), "layer 0 is not a MoE layer"),
+])
+def test_bad_shared_expert_tensors(capsys, adapter_copy, base, tensors, phrase):
+    path = adapter_copy()
+    edit_cfg(path, shared_experts=True)
+    add_tensors(path, tensors)
+    rc, _, err = validate_cli(capsys, path, base)
+    assert_one_error(rc, err, weights_file(path), phrase)
 
 
 @pytest.mark.parametrize("field,value", [("hidden_size", 256), ("moe_intermediate_size", 32),
@@ -379,17 +419,18 @@ def test_non_expert_tensor_refused(capsys, adapter_copy, base):
     path = adapter_copy()
     add_tensors(path, {"model.layers.1.mlp.gate.weight": torch.zeros(NUM_EXPERTS, HIDDEN, dtype=torch.bfloat16)})
     rc, _, err = validate_cli(capsys, path, base)
-    assert_one_error(rc, err, weights_file(path), "model.layers.1.mlp.gate.weight is not a routed-expert weight")
+    assert_one_error(rc, err, weights_file(path), "model.layers.1.mlp.gate.weight is not a routed- or shared-expert weight")
 
 
-def test_shared_expert_tensor_refused(adapter_copy, geometry):
+def test_shared_expert_tensor_refused_without_the_flag(adapter_copy, geometry):
     path = adapter_copy()
     add_tensors(path, {"model.layers.1.mlp.shared_experts.up_proj.weight":
                        torch.zeros(INTER, HIDDEN, dtype=torch.bfloat16)})
     with pytest.raises(AdapterError) as info:
         validate_adapter(path, geometry)
     assert info.value.file == str(weights_file(path))
-    assert "shared_experts.up_proj.weight is not a routed-expert weight" in info.value.problem
+    assert ('shared_experts.up_proj.weight is a shared-expert weight, but expert_cfg.json says "shared_experts": '
+            "false") in info.value.problem
 
 
 def test_validate_not_a_directory(capsys, tmp_path, base):
@@ -446,6 +487,7 @@ def test_inspect_json(capsys, tiny, name):
 def test_inspect_json_reports_flags(capsys, adapter_copy):
     path = adapter_copy("code")
     edit_cfg(path, shared_experts=True)
+    add_tensors(path, shared_tensors(2))
     rc, out, _ = cli(capsys, "adapter", "inspect", str(path), "--json")
     assert rc == 0
     info = json.loads(out)

@@ -18,7 +18,7 @@ def fail_allocations_on_rank_1(worker) -> int:
     from expertweave_ascend.integrations.vllm import worker as expertweave_worker
 
     if worker.rank == 1:
-        def refuse(owner, counts):
+        def refuse(owner, counts, shared=None):
             raise CapacityError(f"adapter {owner} needs adapter slots (injected on rank 1)")
 
         expertweave_worker._ACTIVE.weave.memory.allocate = refuse

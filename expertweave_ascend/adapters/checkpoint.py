@@ -14,6 +14,7 @@ from ..files import directory, os_problem, regular_file
 
 # ESFT has written routed experts both with and without the leading "model." (REFERENCE.md).
 EXPERT_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+SHARED_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight$")
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 TORCH_DTYPES = {

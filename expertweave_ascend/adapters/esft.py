@@ -1,4 +1,5 @@
-"""The ESFT adapter format: expert_cfg.json plus safetensors holding only the tuned routed experts."""
+"""The ESFT adapter format: expert_cfg.json plus safetensors holding the tuned routed experts, and the
+tuned shared experts when expert_cfg.json says `"shared_experts": true`."""
 
 import hashlib
 import json
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 from ..errors import AdapterError
 from ..files import MAX_JSON_BYTES, directory, parse_json, read_bytes, read_json
 from ..geometry import DTYPE_SIZES
-from .checkpoint import EXPERT_KEY, PROJS, Checkpoint
+from .checkpoint import EXPERT_KEY, PROJS, SHARED_KEY, Checkpoint
 
 CFG_NAME = "expert_cfg.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -27,6 +28,7 @@ class EsftAdapter:
     shared_experts: bool
     non_expert_modules: bool
     keys: dict[tuple[int, int, str], str]  # (layer, expert, proj) -> tensor name
+    shared_keys: dict[tuple[int, str], str]  # (layer, proj) -> tensor name of a tuned shared-expert weight
     checkpoint: Checkpoint
     config: dict | None  # the adapter's own config.json, when it ships one
     cfg_bytes: bytes  # expert_cfg.json as read, part of the adapter's identity
@@ -41,16 +43,21 @@ class EsftAdapter:
         return sum(len(ids) for ids in self.experts.values())
 
     @property
+    def shared_layers(self) -> tuple[int, ...]:
+        """Layers whose shared experts the adapter tunes."""
+        return tuple(sorted({layer for layer, _ in self.shared_keys}))
+
+    @property
     def nbytes(self) -> int:
         total = 0
-        for key in self.keys.values():
+        for key in (*self.keys.values(), *self.shared_keys.values()):
             info = self.checkpoint.tensors[key]
             total += DTYPE_SIZES[info.dtype] * _numel(info.shape)
         return total
 
     @property
     def dtypes(self) -> set[str]:
-        return {self.checkpoint.tensors[k].dtype for k in self.keys.values()}
+        return {self.checkpoint.tensors[k].dtype for k in (*self.keys.values(), *self.shared_keys.values())}
 
     @classmethod
     def open(cls, path: str | Path) -> "EsftAdapter":
@@ -62,12 +69,24 @@ class EsftAdapter:
         experts, shared, non_expert = _parse_expert_cfg(parse_json(cfg_path, cfg_bytes), cfg_path)
         checkpoint = Checkpoint.open(path)
         keys: dict[tuple[int, int, str], str] = {}
+        shared_keys: dict[tuple[int, str], str] = {}
         for key, info in checkpoint.tensors.items():
+            s = SHARED_KEY.match(key)
+            if s:
+                if not shared:
+                    raise AdapterError(info.file, f"tensor {key} is a shared-expert weight, but {CFG_NAME} "
+                                       'says "shared_experts": false',
+                                       f'holds a shared-expert weight, but {CFG_NAME} says "shared_experts": false')
+                if (int(s.group(1)), s.group(2)) in shared_keys:
+                    raise AdapterError(info.file, f"tensor {key} duplicates {shared_keys[int(s.group(1)), s.group(2)]}",
+                                       "holds one shared-expert weight twice")
+                shared_keys[int(s.group(1)), s.group(2)] = key
+                continue
             m = EXPERT_KEY.match(key)
             if not m:
-                raise AdapterError(info.file, f"tensor {key} is not a routed-expert weight; "
-                                   "ESFT adapters served by ExpertWeave hold only routed experts",
-                                   "holds a tensor that is not a routed-expert weight")
+                raise AdapterError(info.file, f"tensor {key} is not a routed- or shared-expert weight; "
+                                   "ESFT adapters served by ExpertWeave tune experts only",
+                                   "holds a tensor that is not an expert weight")
             layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
             if expert not in experts.get(layer, ()):
                 raise AdapterError(info.file, f"tensor {key} is for layer {layer} expert {expert}, "
@@ -83,9 +102,17 @@ class EsftAdapter:
                     raise AdapterError(path, f"layer {layer} expert {expert} is listed in {CFG_NAME} "
                                        f"but has no {', '.join(missing)} tensor",
                                        f"an expert {CFG_NAME} lists has no weights")
+        if shared and not shared_keys:
+            raise AdapterError(cfg_path, '"shared_experts" is true but the adapter holds no shared-expert tensor',
+                               '"shared_experts" is true but the adapter holds no shared-expert tensor')
+        for layer in sorted({layer for layer, _ in shared_keys}):
+            missing = [p for p in PROJS if (layer, p) not in shared_keys]
+            if missing:
+                raise AdapterError(path, f"layer {layer}'s shared experts have no {', '.join(missing)} tensor",
+                                   "a layer's shared experts miss a weight")
         config_path = path / "config.json"
         config = read_json(config_path) if config_path.exists() else None
-        return cls(path, experts, shared, non_expert, keys, checkpoint, config, cfg_bytes)
+        return cls(path, experts, shared, non_expert, keys, shared_keys, checkpoint, config, cfg_bytes)
 
     def file_of(self, key: str) -> Path:
         return self.checkpoint.tensors[key].file
@@ -110,6 +137,10 @@ class AdapterReader:
     def __call__(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self.read_tensor(self.adapter.keys[layer, expert, proj]) for proj in PROJS)
 
+    def shared(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's tuned shared-expert MLP: (gate, up, down)."""
+        return tuple(self.read_tensor(self.adapter.shared_keys[layer, proj]) for proj in PROJS)
+
     def read_tensor(self, key: str) -> torch.Tensor:
         tensor = self.read_key(key).contiguous()
         exponent = NON_FINITE_EXPONENT.get(tensor.dtype)
@@ -131,7 +162,7 @@ class AdapterReader:
         return identity.hexdigest()
 
     def sha256(self) -> str:
-        unread = set(self.adapter.keys.values()) - set(self.digests)
+        unread = {*self.adapter.keys.values(), *self.adapter.shared_keys.values()} - set(self.digests)
         if unread:
             raise RuntimeError(f"{self.adapter.path}: identity asked before {len(unread)} tensors were read")
         identity = hashlib.sha256(self.adapter.cfg_bytes)
@@ -181,14 +212,15 @@ def _parse_expert_cfg(cfg: dict, cfg_path: Path) -> tuple[dict[int, tuple[int, .
 
 def save_adapter(out: str | Path, experts: dict[int, dict[int, tuple[torch.Tensor, ...]]],
                  config: dict | None = None, listed_layers: list[int] | None = None,
-                 name: str | None = None) -> Path:
-    """Writes an ESFT adapter directory: experts[layer][expert] = (gate, up, down)."""
+                 name: str | None = None, shared: dict[int, tuple[torch.Tensor, ...]] | None = None) -> Path:
+    """Writes an ESFT adapter directory: experts[layer][expert] = (gate, up, down); shared[layer] = the
+    layer's tuned shared-expert MLP (gate, up, down), which sets "shared_experts": true."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layers = sorted(set(listed_layers or []) | set(experts))
     cfg = {
         "experts": {str(layer): sorted(experts.get(layer, {})) for layer in layers},
-        "shared_experts": False,
+        "shared_experts": bool(shared),
         "non_expert_modules": False,
     }
     tensors = {}
@@ -196,6 +228,9 @@ def save_adapter(out: str | Path, experts: dict[int, dict[int, tuple[torch.Tenso
         for expert in sorted(experts[layer]):
             for proj, weight in zip(PROJS, experts[layer][expert]):
                 tensors[f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"] = weight.contiguous()
+    for layer, weights in sorted((shared or {}).items()):
+        for proj, weight in zip(PROJS, weights):
+            tensors[f"model.layers.{layer}.mlp.shared_experts.{proj}.weight"] = weight.contiguous()
     metadata = {"format": "pt", **({NAME_METADATA: name} if name else {})}
     save_file(tensors, out / WEIGHTS_NAME, metadata=metadata)
     (out / CFG_NAME).write_text(json.dumps(cfg) + "\n")

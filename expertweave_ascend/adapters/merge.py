@@ -1,4 +1,5 @@
-"""The ESFT merged model: the base checkpoint with an adapter's experts written over the base experts.
+"""The ESFT merged model: the base checkpoint with an adapter's experts (routed, and shared where it tunes
+them) written over the base's.
 
 This is the model an adapter was trained as, and the oracle ExpertWeave's outputs are compared to.
 Written shard by shard; files other than safetensors (config, tokenizer) are copied unchanged.
@@ -10,7 +11,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import EXPERT_KEY
+from .checkpoint import EXPERT_KEY, SHARED_KEY
 from .esft import EsftAdapter
 
 
@@ -30,5 +31,9 @@ def write_merged_checkpoint(base_dir: str | Path, adapter: EsftAdapter, out: str
                 if m and int(m.group(2)) in adapter.experts.get(int(m.group(1)), ()):
                     gate, up, down = read(int(m.group(1)), int(m.group(2)))
                     tensors[key] = {"gate_proj": gate, "up_proj": up, "down_proj": down}[m.group(3)]
+                s = SHARED_KEY.match(key)
+                if s and int(s.group(1)) in adapter.shared_layers:
+                    gate, up, down = read.shared(int(s.group(1)))
+                    tensors[key] = {"gate_proj": gate, "up_proj": up, "down_proj": down}[s.group(2)]
             save_file(tensors, out / shard.name, metadata=metadata)
     return out

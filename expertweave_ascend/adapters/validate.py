@@ -13,12 +13,9 @@ BASE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts")
 def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
     adapter = EsftAdapter.open(path)
     cfg_path = adapter.path / CFG_NAME
-    if adapter.shared_experts:
-        raise AdapterError(cfg_path, "shared_experts is true: ExpertWeave serves adapters that tune routed "
-                           "experts only (shared experts are part of the base)")
     if adapter.non_expert_modules:
         raise AdapterError(cfg_path, "non_expert_modules is true: ExpertWeave serves adapters that tune routed "
-                           "experts only (attention, router and norms are shared with the base)")
+                           "and shared experts only (attention, router, norms and embeddings are the base's)")
     if adapter.config is not None:
         base_values = {"hidden_size": base.hidden_size, "moe_intermediate_size": base.moe_intermediate_size,
                        "n_routed_experts": base.num_experts}
@@ -39,7 +36,29 @@ def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
         if info.dtype != base.dtype:
             raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}",
                                f"an expert tensor's dtype is not the base experts' {base.dtype}")
+    check_shared(adapter, base)
     return adapter
+
+
+def check_shared(adapter: EsftAdapter, base: BaseGeometry) -> None:
+    """Tuned shared experts: only in MoE layers of a base that has shared experts, shaped and typed as its."""
+    cfg_path = adapter.path / CFG_NAME
+    if adapter.shared_keys and not base.shared_intermediate_size:
+        raise AdapterError(cfg_path, '"shared_experts" is true but the base model has no shared experts',
+                           '"shared_experts" is true but the base model has no shared experts')
+    for (layer, proj), key in adapter.shared_keys.items():
+        info = adapter.checkpoint.tensors[key]
+        if layer not in base.moe_layers:
+            raise AdapterError(info.file, f"tensor {key}: layer {layer} is not a MoE layer (MoE layers are "
+                               f"{_ranges(base.moe_layers)})", "holds shared experts of a layer that is not a MoE layer")
+        expected = base.shared_proj_shape(proj)
+        if info.shape != expected:
+            raise AdapterError(info.file, f"tensor {key} has shape {list(info.shape)}, expected {list(expected)} "
+                               f"(base hidden_size {base.hidden_size}, shared experts' intermediate size "
+                               f"{base.shared_intermediate_size})", "a shared-expert tensor's shape does not fit the base")
+        if info.dtype != base.dtype:
+            raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}",
+                               f"a shared-expert tensor's dtype is not the base experts' {base.dtype}")
 
 
 def check_selection(experts: dict[int, tuple[int, ...]], base: BaseGeometry, cfg_path: str | Path) -> None:

@@ -9,10 +9,12 @@ import copy
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import EsftAdapter
 from ..memory import WeightSpec
+from ..shared_experts import SharedExpertRows
 
 
 class TokenAdapterRows:
@@ -28,21 +30,34 @@ class TokenAdapterRows:
 
 
 class ReroutedMoe(nn.Module):
-    """DeepseekV2Moe whose top-k expert ids go through reroute before the experts run."""
+    """DeepseekV2Moe whose top-k expert ids go through reroute before the experts run, and whose shared
+    experts are the adapter's own for the rows of adapters that tune them."""
 
-    def __init__(self, moe: nn.Module, table: torch.Tensor, adapter_rows: TokenAdapterRows):
+    def __init__(self, moe: nn.Module, table: torch.Tensor, adapter_rows: TokenAdapterRows,
+                 shared_rows: SharedExpertRows, layer: int):
         super().__init__()
         self.moe = moe
         self.table = table
         self.adapter_rows = adapter_rows
+        self.shared_rows = shared_rows
+        self.layer = layer
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = hidden_states.shape
         _, topk_weights, topk_ids = self.moe.gate(hidden_states)
         token_adapter = self.adapter_rows.per_token(batch, seq).to(topk_ids.device)
         topk_ids = torch.ops.expertweave.reroute(topk_ids, token_adapter, self.table)
-        routed = self.moe.experts(hidden_states.reshape(-1, hidden), topk_ids, topk_weights)
-        return routed.view(batch, seq, hidden) + self.moe.shared_experts(hidden_states)
+        flat = hidden_states.reshape(-1, hidden)
+        routed = self.moe.experts(flat, topk_ids, topk_weights)
+        shared = self.moe.shared_experts(hidden_states).reshape(-1, hidden)
+        if self.shared_rows.active(self.layer):
+            self.shared_rows.apply(self.layer, shared, flat, token_adapter, self.shared_forward)
+        return (routed + shared).view(batch, seq, hidden)
+
+    def shared_forward(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """DeepseekV2MLP's computation with an adapter's weights: down(act(gate x) * up x)."""
+        act = self.moe.shared_experts.act_fn
+        return F.linear(act(F.linear(x, weights["gate"])) * F.linear(x, weights["up"]), weights["down"])
 
 
 class HfMoELayer:
@@ -60,7 +75,7 @@ class HfMoELayer:
     def weight_specs(self) -> list[WeightSpec]:
         return self.specs
 
-    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor) -> None:
+    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor, shared: SharedExpertRows) -> None:
         moe = self.decoder_layer.mlp
         experts = moe.experts
         m = experts.num_experts
@@ -71,10 +86,13 @@ class HfMoELayer:
         experts.gate_up_proj = views["w13"]
         experts.down_proj = views["w2"]
         experts.num_experts = views["w13"].shape[0]
-        self.decoder_layer.mlp = ReroutedMoe(moe, table, self.adapter_rows)
+        self.decoder_layer.mlp = ReroutedMoe(moe, table, self.adapter_rows, shared, self.layer)
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"w13": torch.cat([gate, up], dim=0).to(self.dtype), "w2": down.to(self.dtype)}
+
+    def pack_shared(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"gate": gate.to(self.dtype), "up": up.to(self.dtype), "down": down.to(self.dtype)}
 
 
 def load_model(base: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -91,7 +109,8 @@ def moe_layer_handles(model: nn.Module) -> tuple[list[HfMoELayer], TokenAdapterR
 
 
 def merge_adapter(model: nn.Module, adapter: EsftAdapter) -> nn.Module:
-    """A copy of model with the adapter's experts written over the base experts: the ESFT merged model."""
+    """A copy of model with the adapter's experts (routed, and shared where it tunes them) written over
+    the base's: the ESFT merged model."""
     merged = copy.deepcopy(model)
     with torch.no_grad(), adapter.reading() as read:
         for layer, ids in adapter.experts.items():
@@ -100,6 +119,10 @@ def merge_adapter(model: nn.Module, adapter: EsftAdapter) -> nn.Module:
                 gate, up, down = read(layer, e)
                 experts.gate_up_proj[e].copy_(torch.cat([gate, up], dim=0))
                 experts.down_proj[e].copy_(down)
+        for layer in adapter.shared_layers:
+            mlp = merged.model.layers[layer].mlp.shared_experts
+            for proj, weight in zip(("gate_proj", "up_proj", "down_proj"), read.shared(layer)):
+                getattr(mlp, proj).weight.copy_(weight)
     return merged
 
 

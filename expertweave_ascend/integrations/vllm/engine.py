@@ -69,6 +69,15 @@ class EnginePlatform(Protocol):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert ([2I, H] gate rows first, [H, I]) in the layout the engine gave the layer's experts."""
 
+    def serve_shared_experts(self, layer: torch.nn.Module, hook: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Makes the layer's shared-expert MLP call hook(output, input) on every forward, where this
+        platform serves tuned shared experts (otherwise nothing)."""
+
+    def pack_shared(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tuned shared-expert MLP ([2I', H] gate rows first, [H, I']) as this rank computes it; one
+        clear ExpertWeaveError where the platform does not serve tuned shared experts."""
+
     def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
         """This step's requests in batch order and how many tokens each has in the flattened batch."""
 

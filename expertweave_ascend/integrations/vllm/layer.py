@@ -1,8 +1,10 @@
 """MoELayerHandle over one vLLM fused-MoE layer."""
 
 import torch
+import torch.nn.functional as F
 
 from ...memory import WeightSpec
+from ...shared_experts import SharedExpertRows
 from .engine import EnginePlatform
 
 
@@ -19,7 +21,7 @@ class VllmMoELayer:
         return [WeightSpec("w13", tuple(module.w13_weight.shape[1:]), module.w13_weight.dtype),
                 WeightSpec("w2", tuple(module.w2_weight.shape[1:]), module.w2_weight.dtype)]
 
-    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor) -> None:
+    def install(self, views: dict[str, torch.Tensor], table: torch.Tensor, shared: SharedExpertRows) -> None:
         module = self.api.expert_module(self.runner)
         num_experts = module.w13_weight.shape[0]
         with torch.no_grad():
@@ -30,7 +32,20 @@ class VllmMoELayer:
         self.table = table
         layer = self.layer
         self.api.reroute_topk(self.runner, lambda ids: torch.ops.expertweave.reroute_layer(ids, layer))
+        self.api.serve_shared_experts(self.runner,
+                                      lambda out, x: torch.ops.expertweave.shared_experts_rows(out, x, layer))
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         w13, w2 = self.api.pack_expert(self.runner, torch.cat([gate, up], dim=0), down)
         return {"w13": w13, "w2": w2}
+
+    def pack_shared(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        w13, w2 = self.api.pack_shared(self.runner, torch.cat([gate, up], dim=0), down)
+        return {"w13": w13, "w2": w2}
+
+    @staticmethod
+    def shared_forward(weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """vLLM's DeepseekV2MLP with an adapter's weights: down(silu(gate x) * up x), this rank's part."""
+        h = F.linear(x, weights["w13"])
+        half = h.shape[-1] // 2
+        return F.linear(F.silu(h[..., :half]) * h[..., half:], weights["w2"])

@@ -31,6 +31,10 @@ class WorkerWeave:
                                                              "granularity", "consolidate_rel_l2")
                                           if config.get(k) is not None})
         self.api.check_engine(model_runner, weave_config.max_adapters)
+        if weave_config.consolidate_rel_l2 is not None and model_runner.parallel_config.tensor_parallel_size > 1:
+            raise ExpertWeaveError("--consolidate-rel-l2 with tensor parallelism: each rank would measure the "
+                                   "distance of its own shard of an expert and could decide differently; serve "
+                                   "with one rank per engine, or without consolidation")
         self.layers = {index: VllmMoELayer(runner, index, self.api)
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
@@ -66,6 +70,13 @@ class WorkerWeave:
         if layer == self.first_layer:
             self.moe_rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
         return torch.ops.expertweave.reroute(topk_ids, self.moe_rows, self.layers[layer].table)
+
+    def shared_experts(self, out: torch.Tensor, x: torch.Tensor, layer: int) -> None:
+        """Overwrites the shared-expert output of tokens whose adapter tunes this layer's shared experts."""
+        shared = self.weave.shared_rows
+        if shared.active(layer):
+            rows = self.api.moe_token_rows(self.token_adapter, x.shape[0])
+            shared.apply(layer, out, x, rows, self.layers[layer].shared_forward)
 
     def on_schedule(self, scheduler_output) -> None:
         """Request accounting from the scheduler's output: a request begins when first scheduled and ends
@@ -147,6 +158,17 @@ _lib.impl("reroute_layer", lambda topk_ids, layer: _ACTIVE.reroute(topk_ids, lay
 @torch.library.register_fake("expertweave::reroute_layer")
 def _(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.empty_like(topk_ids)
+
+
+# Opaque to the compiler as reroute_layer is: which tokens take an adapter's shared experts changes per step.
+_lib.define("shared_experts_rows(Tensor(a!) out, Tensor x, int layer) -> ()")
+_lib.impl("shared_experts_rows", lambda out, x, layer: _ACTIVE.shared_experts(out, x, layer),
+          "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("expertweave::shared_experts_rows")
+def _(out: torch.Tensor, x: torch.Tensor, layer: int) -> None:
+    return None
 
 
 def on_load(runner) -> None:

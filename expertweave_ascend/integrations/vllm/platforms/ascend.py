@@ -197,6 +197,15 @@ class VllmAscend:
         w13, w2 = shard_transposed(w13, w2, moe.tp_rank, moe.tp_size)
         return w13.to(layer.w13_weight.dtype), w2.to(layer.w2_weight.dtype)
 
+    def serve_shared_experts(self, layer: torch.nn.Module, hook: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Not yet: vllm-ascend runs shared experts inside its own MoE paths (and ACL graphs would replay
+        the per-token selection as captured); pack_shared refuses such adapters."""
+
+    def pack_shared(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ExpertWeaveError("ExpertWeave on vllm-ascend: adapters that tune shared experts are not served on "
+                               "the NPU yet (served on vLLM CPU and in the transformers engine)")
+
     # -- rerouting --------------------------------------------------------------------------------------
     def reroute_topk(self, layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Also makes the layer's dispatch count every slot of its (enlarged) expert tensors."""

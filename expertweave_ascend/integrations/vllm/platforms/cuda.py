@@ -16,6 +16,9 @@ class VllmCuda(Vllm032):
     MODEL_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
     REROUTABLE_KERNELS = ("TRITON",)
     kernel_advice = "start the engine with --moe-backend triton"
+    shared_experts_refusal = ("adapters that tune shared experts are not served on CUDA yet: the per-token "
+                              "selection is dynamic, and the CUDA graphs vLLM captures would replay it as it was "
+                              "at capture (unverified on a GPU)")
 
     def engine_defaults(self, given: set[str]) -> dict:
         return {} if "moe_backend" in given else {"moe_backend": "triton"}

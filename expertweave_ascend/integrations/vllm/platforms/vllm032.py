@@ -12,6 +12,7 @@
 | per-step token layout     | private `_prepare_inputs(scheduler_output, num_scheduled_tokens)`: `input_batch.req_ids` order, `query_start_loc` |
 | tokens at the MoE layer   | the step's tokens                                            |
 | per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             |
+| shared experts            | `runner.shared_experts` (`SharedExperts`) calls the model's MLP, its private `_layer`, inside the MoE forward; on the CPU that forward is traced by Dynamo, not an opaque op |
 
 The per-step rows must be written before the forward starts, outside it: the CUDA graphs vLLM captures
 replay the reroute kernel on the buffers it read at capture, and no Python runs then. vLLM offers no
@@ -35,7 +36,9 @@ class Vllm032:
     MODEL_RUNNER_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"  # the CPU one derives from it
     MOE_RUNNER = "vllm.model_executor.layers.fused_moe.runner.moe_runner:MoERunner"
     LOAD_MODEL, EXECUTE_MODEL, PREPARE_INPUTS = "load_model", "execute_model", "_prepare_inputs"
+    SHARED_MLP = "_layer"  # SharedExperts' attribute holding the model's shared-expert MLP
     REROUTABLE_KERNELS: tuple[str, ...]  # UnquantizedMoeBackend names whose kernel runs after select_experts
+    shared_experts_refusal: str | None = None  # why tuned shared experts are not served here (None: they are)
     kernel_advice = "serve unquantized experts with vLLM's default MoE kernel"
 
     def engine_defaults(self, given: set[str]) -> dict:
@@ -128,6 +131,28 @@ class Vllm032:
             w13 = torch.cat([torch.nn.functional.pad(w13[:inter], (0, 0, 0, padded - inter)),
                              torch.nn.functional.pad(w13[inter:], (0, 0, 0, padded - inter))])
             w2 = torch.nn.functional.pad(w2, (0, padded - inter))
+        return w13.to(module.w13_weight.dtype), w2.to(module.w2_weight.dtype)
+
+    def serve_shared_experts(self, layer: torch.nn.Module, hook: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        wrapper = layer.shared_experts
+        if wrapper is None or self.shared_experts_refusal is not None:
+            return
+        mlp = getattr(wrapper, self.SHARED_MLP)
+        forward = mlp.forward
+
+        def forward_with_rows(x: torch.Tensor) -> torch.Tensor:
+            out = forward(x)
+            hook(out, x)
+            return out
+
+        mlp.forward = forward_with_rows
+
+    def pack_shared(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shared_experts_refusal is not None:
+            raise ExpertWeaveError(f"ExpertWeave on vLLM {self.name}: {self.shared_experts_refusal}")
+        module = self.expert_module(layer)
+        w13, w2 = shard_expert(w13, w2, module.moe_config.tp_rank, module.moe_config.tp_size)
         return w13.to(module.w13_weight.dtype), w2.to(module.w2_weight.dtype)
 
     def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:

@@ -1,0 +1,67 @@
+"""Adapters that tune shared experts in the real vLLM engine, in this process: one batch mixing the base,
+routed-only adapters and shared-expert adapters, each row equal to its merged model, eager and compiled
+(where vLLM's CPU MoE forward is traced by Dynamo and the per-token selection must stay an opaque op)."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from catalogue_variants import merged_tokens  # noqa: E402
+from expertweave_ascend.integrations.hf import load_model  # noqa: E402
+from test_shared_experts import with_shared_experts  # noqa: E402
+
+PROMPTS = ([5, 17, 42, 99], [3, 250, 7], [8, 8, 31])
+TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_decisive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared")
+    return {"law": tiny_decisive / "adapters" / "law",
+            "law-shared": with_shared_experts(tiny_decisive, "law", out / "law-shared", (1, 3)),
+            "shared-only": with_shared_experts(tiny_decisive, None, out / "shared-only", (1, 2, 3), seed=1),
+            "code": tiny_decisive / "adapters" / "code"}
+
+
+def engine(base, adapters, enforce_eager: bool):
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+    return ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, max_adapters=len(adapters),
+                          dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20,
+                          enforce_eager=enforce_eager, granularity=64 << 10)
+
+
+def check_mixed_batch(llm, base, adapters, names):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(len(names))]
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, adapter=names, use_tqdm=False)]
+    base_model = load_model(base, torch.float32)
+    wants = []
+    for i, name in enumerate(names):
+        wants.append(merged_tokens(base_model, None if name is None else adapters[name], PROMPTS[i % len(PROMPTS)],
+                                   TOKENS))
+        assert got[i] == wants[-1], name
+    return wants
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_shared_expert_adapters_in_a_mixed_batch_equal_their_merged_models(tiny_decisive, adapters, enforce_eager):
+    base = tiny_decisive / "base"
+    llm = engine(base, adapters, enforce_eager)
+    try:
+        names = [None, "law-shared", "law", "shared-only", "code", "law-shared", None, "shared-only"]
+        wants = check_mixed_batch(llm, base, adapters, names)
+        assert wants[3] != merged_tokens(load_model(base, torch.float32), None, PROMPTS[0], TOKENS), \
+            "the shared-only adapter's tuned shared experts change its outputs"
+        report = llm.memory_report()
+        assert report.adapters["shared-only"].shared_expert_bytes == 3 * 3 * 128 * 64 * 4
+        llm.unload_adapter("law-shared")
+        check_mixed_batch(llm, base, adapters, ["shared-only", "law", None])
+    finally:
+        llm.shutdown()
