@@ -1,6 +1,6 @@
 """What ExpertWeave needs to know about a base MoE model, read from its checkpoint directory."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import AdapterError
@@ -16,6 +16,8 @@ class BaseGeometry:
     moe_intermediate_size: int
     dtype: str  # safetensors dtype name of the base experts, e.g. "BF16"
     shared_intermediate_size: int = 0  # of each MoE layer's shared-expert MLP (n_shared_experts * I); 0: none
+    # every other tensor of the base checkpoint: name -> (shape, dtype); None when built from a config alone
+    non_expert: dict[str, tuple[tuple[int, ...], str]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def expert_nbytes(self) -> int:
@@ -61,7 +63,12 @@ class BaseGeometry:
             break
         if dtype is None:
             raise AdapterError(path, "no routed-expert tensors found; is this a DeepSeek-V2 MoE checkpoint?")
-        return cls.from_config(config, dtype, str(path / "config.json"))
+        from .adapters.checkpoint import EXPERT_KEY, SHARED_KEY
+
+        geometry = cls.from_config(config, dtype, str(path / "config.json"))
+        non_expert = {key: (info.shape, info.dtype) for key, info in ckpt.tensors.items()
+                      if not EXPERT_KEY.match(key) and not SHARED_KEY.match(key)}
+        return replace(geometry, non_expert=non_expert)
 
 
 # Every dtype name the safetensors format defines, with its size in bytes.

@@ -100,7 +100,8 @@ class BackgroundLoader:
             loaded = self.weave.publish(pending)
             self.prefetched.discard(name)
             results[name] = {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes,
-                             "sha256": loaded.sha256, "slots": {str(l): s for l, s in loaded.slots.items()}, **facts}
+                             "sha256": loaded.sha256, "slots": {str(l): s for l, s in loaded.slots.items()},
+                             "variant": bool(loaded.non_expert), **facts}
         return results
 
     def wait(self, names: set[str], poll_s: float = 0.005) -> dict[str, dict]:

@@ -26,10 +26,15 @@ class PackedAdapter:
     sha256: str
     files: tuple[FileIdentity, ...]
     shared: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> tuned shared experts
+    non_expert: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint name -> tuned tensor, as read
 
     @property
     def nbytes(self) -> int:
-        return self.expert_nbytes + self.shared_nbytes
+        return self.expert_nbytes + self.shared_nbytes + self.non_expert_nbytes
+
+    @property
+    def non_expert_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.non_expert.values())
 
     @property
     def expert_nbytes(self) -> int:

@@ -25,6 +25,7 @@ class AdapterMemory:
     saved_bytes: int = 0  # bytes its experts would take alone, less its share of the slots it holds
     consolidated: dict[str, float] | None = None  # "layer.expert" -> relative L2 distance, lossy ones only
     shared_expert_bytes: int = 0  # its tuned shared experts (device tensors, not in the expert slots)
+    non_expert_bytes: int = 0  # its tuned non-expert tensors (host; switched in for its steps)
 
     @classmethod
     def of(cls, memory: ExpertMemory, experts_per_layer: dict[int, int], **kwargs) -> "AdapterMemory":

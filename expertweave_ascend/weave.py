@@ -18,7 +18,8 @@ from typing import Iterable, Protocol, Sequence
 import torch
 
 from .adapters import validate_adapter
-from .errors import AdapterStateError
+from .adapters.esft import CFG_NAME
+from .errors import AdapterError, AdapterStateError
 from .geometry import BaseGeometry
 from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
 from .packed import PackedAdapter, file_identities
@@ -61,6 +62,9 @@ class WeaveConfig:
     granularity: int = DEFAULT_GRANULARITY
     warm_bytes: int = 0  # freed granules kept mapped for the next load (ExpertMemory); 0: unmapped at once
     consolidate_rel_l2: float | None = None  # serve near-duplicate experts by one copy (sharing.py); None: off
+    # the engine runs each step with one set of non-expert weights and switches them between steps, so
+    # adapters that tune non-expert modules can be served (integrations/vllm/variants.py)
+    non_expert_variants: bool = False
 
 
 @dataclass
@@ -75,6 +79,11 @@ class LoadedAdapter:
     base_experts: int = 0  # experts served by the base's own (identical, or consolidated) expert
     distances: dict[str, float] = field(default_factory=dict)  # "layer.expert" -> rel L2 of consolidated ones
     shared_bytes: int = 0  # its tuned shared experts, on the device (shared_experts.py)
+    non_expert: dict[str, torch.Tensor] = field(default_factory=dict)  # its tuned non-expert tensors (host)
+
+    @property
+    def non_expert_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.non_expert.values())
     in_flight: int = 0
     unloading: bool = False
 
@@ -136,6 +145,10 @@ class ExpertWeave:
         """Reads and checks the adapter's files (validate_adapter) and packs its experts on the host,
         in pinned memory when the weave's device is not the CPU."""
         adapter = validate_adapter(path, self.base)
+        if adapter.non_expert_keys and not self.config.non_expert_variants:
+            raise AdapterError(adapter.path / CFG_NAME, '"non_expert_modules" is true: this engine runs every request '
+                               "with the base's non-expert weights; such adapters are served by vLLM on the CPU "
+                               "(expertweave serve, ExpertWeaveLLM), which runs each step with one adapter's")
         pin = torch.device(self.device).type != "cpu"
         weights, expert_sha256 = {}, {}
         with adapter.reading() as read:
@@ -153,9 +166,10 @@ class ExpertWeave:
             shared = {layer: {name: _host_copy(t, pin) for name, t in
                               self.handles[layer].pack_shared(*read.shared(layer)).items()}
                       for layer in adapter.shared_layers}
+            non_expert = read.non_expert()
             sha256 = read.sha256()
         return PackedAdapter(adapter.path.resolve(), {l: ids for l, ids in adapter.experts.items() if ids}, weights,
-                             expert_sha256, sha256, file_identities(adapter), shared)
+                             expert_sha256, sha256, file_identities(adapter), shared, non_expert)
 
     def prepare(self, name: str, packed: PackedAdapter) -> "PendingLoad":
         """Takes a row and slots for the adapter and copies its new experts in; publish() or abandon() it.
@@ -219,7 +233,8 @@ class ExpertWeave:
             self.shared_rows.add(pending.row, pending.shared)
         nbytes = sum(len(ids) * self.memory.expert_nbytes(layer) for layer, ids in packed.experts.items())
         loaded = LoadedAdapter(pending.name, packed.path, pending.row, dict(packed.experts), placement.slots, nbytes,
-                               packed.sha256, placement.base, placement.distances, packed.shared_nbytes)
+                               packed.sha256, placement.base, placement.distances, packed.shared_nbytes,
+                               packed.non_expert)
         with self._requests:
             self._pending.discard(pending.name)
             self.adapters[pending.name] = loaded
@@ -310,7 +325,7 @@ class ExpertWeave:
                     charged += self.memory.expert_nbytes(layer) / sharers
         return AdapterMemory({layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row,
                              sha256=a.sha256, base_experts=a.base_experts, shared_experts=int(shared),
-                             shared_expert_bytes=a.shared_bytes,
+                             shared_expert_bytes=a.shared_bytes, non_expert_bytes=a.non_expert_bytes,
                              saved_bytes=round(a.nbytes - charged), consolidated=dict(a.distances) or None)
 
     def close(self) -> None:

@@ -195,6 +195,23 @@ def markdown(results: dict, stem: str) -> str:
                            f"{r['saved_share']:.1%}", f"{r['agreement']:.4f} ({r['min_agreement']:.4f})",
                            f"{r['mean_kl']:.2e} ({r['max_kl']:.2e})", f"{r['outputs_equal']} of {c['adapters']}"]
                           for r in c["rows"]]), plot="consolidation", stem=stem)
+    if "reconfiguration" in s:
+        rc = s["reconfiguration"]
+        w, o, ratio = rc["expertweave"], rc["other"], rc["ratio"]
+        row = lambda label, d: [label, f"{d['mean_e2el_ms']:.0f}", f"{d['median_ttft_ms']:.0f}",  # noqa: E731
+                                f"{d['mean_ttft_ms']:.0f}", f"{d['p99_ttft_ms']:.0f}", f"{d['output_throughput']:.1f}"]
+        lines += _section("Partial runtime reconfiguration: adapters tuning non-expert modules",
+                  f"{rc['variants']} bench-model adapters that also tune every non-expert tensor "
+                  f"({sum(rc['non_expert_bytes'].values()) / rc['variants'] / 1e6:.1f} MB each), requests "
+                  f"{rc['requests_per_variant']} per variant on one trace: one ExpertWeave engine (steps never mix "
+                  f"variants; {rc['switches']:.0f} weight switches taking {rc['switch_s']:.2f} s in all, "
+                  f"{1000 * rc['switch_s'] / max(rc['switches'], 1):.1f} ms each) against one vLLM engine per merged "
+                  f"model (1/{rc['variants']} of the KV budget each). Turnaround is the mean end-to-end latency.",
+                  _table(["server", "turnaround ms", "TTFT p50 ms", "TTFT mean ms", "TTFT p99 ms", "output tok/s"],
+                         [row("ExpertWeave", w), row(f"{rc['variants']} merged engines", o),
+                          ["ExpertWeave / merged", f"x{ratio['mean_e2el_ms']:.3f}", f"x{ratio['median_ttft_ms']:.3f}",
+                           f"x{ratio['mean_ttft_ms']:.3f}", f"x{ratio['p99_ttft_ms']:.3f}",
+                           f"x{ratio['output_throughput']:.3f}"]]), plot="reconfiguration", stem=stem)
     return "\n".join(lines) + "\n"
 
 
@@ -274,6 +291,20 @@ def plots(results: dict, out: Path, stem: str) -> list[Path]:
         b.legend(loc="center left")
         twin.legend(loc="lower right")
         save(fig, "consolidation")
+    if "reconfiguration" in s:
+        rc = s["reconfiguration"]
+        keys = (("mean_e2el_ms", "turnaround"), ("median_ttft_ms", "TTFT p50"), ("mean_ttft_ms", "TTFT mean"),
+                ("p99_ttft_ms", "TTFT p99"))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = range(len(keys))
+        ax.bar([i - 0.2 for i in x], [rc["expertweave"][k] for k, _ in keys], width=0.4, label="ExpertWeave")
+        ax.bar([i + 0.2 for i in x], [rc["other"][k] for k, _ in keys], width=0.4, color="tab:grey",
+               label=f"{rc['variants']} merged engines")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([label for _, label in keys])
+        ax.set(ylabel="ms", title="non-expert variants: one engine vs merged engines")
+        ax.legend()
+        save(fig, "reconfiguration")
     return written
 
 

@@ -7,7 +7,8 @@ Sections: memory (DeepSeek-V2-Lite shapes, real ESFT geometries, KV capacity on 
 reroute (share of a CPU MoE layer at DeepSeek-V2-Lite shapes), hotload (adapter load vs copy bandwidth),
 serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP),
 tiering (100 catalogued adapters with room for 8: all resident vs on-demand LRU vs the full policy),
-consolidation (near-duplicate experts served by one copy: bytes saved vs divergence, per threshold).
+consolidation (near-duplicate experts served by one copy: bytes saved vs divergence, per threshold),
+reconfiguration (adapters tuning non-expert modules: one ExpertWeave engine vs one engine per merged model).
 --quick: fewer and shorter replays, eager engines (no torch.compile), fewer token counts; under 10
 minutes on 2 cores. Check for stale vLLM processes first (`ps aux | grep -i vllm`): they busy-poll.
 """
@@ -23,13 +24,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import consolidation, hotload, memory, report, reroute_share, serving, tiering
+from . import consolidation, hotload, memory, reconfiguration, report, reroute_share, serving, tiering
 from . import servers as srv
-from .bench_model import BUILT, build, merged
+from .bench_model import BUILT, build, cache_dir, merged
 from .serving import ServingConfig
 from .tiering import TieringConfig
 
-SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering", "consolidation")
+SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering", "consolidation", "reconfiguration")
 KV_CACHE_BYTES = 256 << 20  # per engine side: ExpertWeave and base-only each; merged engines split it
 
 
@@ -138,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
                                                              Path(logs), progress)
     if "consolidation" in only:
         results["sections"]["consolidation"] = consolidation.measure(progress=progress)
+    if "reconfiguration" in only:
+        progress(f"reconfiguration: {reconfiguration.VARIANTS} variants tuning non-expert modules")
+        base, adapters = build()
+        cfg = replace(settings.serving, vocab_size=json.loads((base / "config.json").read_text())["vocab_size"])
+        with tempfile.TemporaryDirectory(prefix="expertweave-bench-logs-") as logs:
+            results["sections"]["reconfiguration"] = reconfiguration.measure(
+                cfg, base, adapters, cache_dir() / "variants", KV_CACHE_BYTES, settings.eager, Path(logs), progress)
     results["elapsed_s"] = time.perf_counter() - started
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -88,6 +88,14 @@ def get(server: Server, path: str) -> dict:
         return json.loads(response.read())
 
 
+def metrics(server: Server) -> dict[str, float]:
+    """The server's unlabelled /metrics series, by name."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=60) as response:
+        lines = response.read().decode().splitlines()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines
+                                                    if line and not line.startswith("#") and "{" not in line)}
+
+
 def stop(servers: list[Server]) -> None:
     for server in servers:
         server.proc.terminate()

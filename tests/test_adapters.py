@@ -355,13 +355,6 @@ def test_layer_that_does_not_exist(capsys, adapter_copy, base):
     assert_one_error(rc, err, path / "expert_cfg.json", "layer 9 does not exist")
 
 
-def test_non_expert_modules_refused(capsys, adapter_copy, base):
-    path = adapter_copy()
-    edit_cfg(path, non_expert_modules=True)
-    rc, _, err = validate_cli(capsys, path, base)
-    assert_one_error(rc, err, path / "expert_cfg.json", "non_expert_modules is true")
-
-
 def shared_tensors(layer: int, inter: int = INTER, dtype=torch.bfloat16, projs=("gate_proj", "up_proj", "down_proj")):
     shapes = {"gate_proj": (inter, HIDDEN), "up_proj": (inter, HIDDEN), "down_proj": (HIDDEN, inter)}
     return {f"model.layers.{layer}.mlp.shared_experts.{p}.weight": torch.zeros(shapes[p], dtype=dtype) for p in projs}

@@ -190,6 +190,33 @@ def test_the_same_adapter_under_a_second_name_maps_nothing_and_is_listed_as_shar
     assert requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]["law"]["shared_experts"] == 0
 
 
+def test_an_adapter_tuning_non_expert_modules_is_served_beside_the_base(server, tiny, tmp_path):
+    """Its requests and the base's, sent together, run in steps of their own (ExpertWeave's scheduler, the
+    server's default on the CPU), so each gets what it gets served alone; the client cannot pick a variant."""
+    from test_variants import with_non_expert
+
+    path = with_non_expert(tiny, "law", tmp_path / "law-ne")
+    r = requests.post(f"{server}/v1/load_esft_adapter", json={"adapter_name": "law-ne", "adapter_path": str(path)})
+    assert r.status_code == 200, r.text
+    try:
+        alone = {m: complete(server, m, max_tokens=12).json()["choices"][0]["text"] for m in ("law-ne", "base", "law")}
+        assert alone["law-ne"] != alone["law"]
+        together = {}
+        threads = [threading.Thread(target=lambda m=m: together.__setitem__(
+            m, complete(server, m, max_tokens=12).json()["choices"][0]["text"])) for m in ("law-ne", "base")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert together == {m: alone[m] for m in ("law-ne", "base")}
+        memory = requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]
+        assert memory["law-ne"]["non_expert_bytes"] > 0 and memory["law"]["non_expert_bytes"] == 0
+        r = complete(server, "base", vllm_xargs={"esft_variant": "law-ne"})
+        assert r.status_code == 400 and "vllm_xargs.esft_variant is set by the server" in r.text
+    finally:
+        assert requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "law-ne"}).status_code == 200
+
+
 def test_load_serve_unload_at_run_time(server, tiny):
     report = requests.get(f"{server}/v1/esft_adapters").json()
     assert set(report["adapters"]) == {"law", "math"}

@@ -83,8 +83,9 @@ def test_a_load_every_rank_agrees_on_serves_and_unloads_everywhere(engine, tiny)
 def test_ranks_that_place_an_adapter_differently_are_undone_everywhere():
     from expertweave_ascend.integrations.vllm.agreement import check_load
 
-    same = {"row": 1, "experts": 2, "bytes": 10, "sha256": "ab" * 32, "slots": {"1": [16, 17]}}
-    assert check_load("law", [same, dict(same)]).info == {"row": 1, "experts": 2, "bytes": 10, "sha256": "ab" * 32}
+    same = {"row": 1, "experts": 2, "bytes": 10, "sha256": "ab" * 32, "slots": {"1": [16, 17]}, "variant": False}
+    assert check_load("law", [same, dict(same)]).info == {"row": 1, "experts": 2, "bytes": 10, "sha256": "ab" * 32,
+                                                          "variant": False}
     outcome = check_load("law", [same, {**same, "slots": {"1": [16, 18]}}])
     assert outcome.roll_back and outcome.info is None
     assert outcome.error == "adapter 'law': the ranks placed it differently (rank 0: row 1; rank 1: row 1); undone on every rank"

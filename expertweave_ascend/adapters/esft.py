@@ -1,5 +1,7 @@
-"""The ESFT adapter format: expert_cfg.json plus safetensors holding the tuned routed experts, and the
-tuned shared experts when expert_cfg.json says `"shared_experts": true`."""
+"""The ESFT adapter format: expert_cfg.json plus safetensors holding the tuned routed experts, the tuned
+shared experts when expert_cfg.json says `"shared_experts": true`, and tuned non-expert tensors (named as
+in the base checkpoint: attention, norms, dense layers, embeddings, head) when it says
+`"non_expert_modules": true`."""
 
 import hashlib
 import json
@@ -29,6 +31,7 @@ class EsftAdapter:
     non_expert_modules: bool
     keys: dict[tuple[int, int, str], str]  # (layer, expert, proj) -> tensor name
     shared_keys: dict[tuple[int, str], str]  # (layer, proj) -> tensor name of a tuned shared-expert weight
+    non_expert_keys: tuple[str, ...]  # tuned non-expert tensors, named as in the base checkpoint
     checkpoint: Checkpoint
     config: dict | None  # the adapter's own config.json, when it ships one
     cfg_bytes: bytes  # expert_cfg.json as read, part of the adapter's identity
@@ -50,14 +53,15 @@ class EsftAdapter:
     @property
     def nbytes(self) -> int:
         total = 0
-        for key in (*self.keys.values(), *self.shared_keys.values()):
+        for key in (*self.keys.values(), *self.shared_keys.values(), *self.non_expert_keys):
             info = self.checkpoint.tensors[key]
             total += DTYPE_SIZES[info.dtype] * _numel(info.shape)
         return total
 
     @property
     def dtypes(self) -> set[str]:
-        return {self.checkpoint.tensors[k].dtype for k in (*self.keys.values(), *self.shared_keys.values())}
+        return {self.checkpoint.tensors[k].dtype
+                for k in (*self.keys.values(), *self.shared_keys.values(), *self.non_expert_keys)}
 
     @classmethod
     def open(cls, path: str | Path) -> "EsftAdapter":
@@ -70,6 +74,7 @@ class EsftAdapter:
         checkpoint = Checkpoint.open(path)
         keys: dict[tuple[int, int, str], str] = {}
         shared_keys: dict[tuple[int, str], str] = {}
+        non_expert_keys: list[str] = []
         for key, info in checkpoint.tensors.items():
             s = SHARED_KEY.match(key)
             if s:
@@ -83,9 +88,12 @@ class EsftAdapter:
                 shared_keys[int(s.group(1)), s.group(2)] = key
                 continue
             m = EXPERT_KEY.match(key)
+            if not m and non_expert:
+                non_expert_keys.append(key)
+                continue
             if not m:
-                raise AdapterError(info.file, f"tensor {key} is not a routed- or shared-expert weight; "
-                                   "ESFT adapters served by ExpertWeave tune experts only",
+                raise AdapterError(info.file, f"tensor {key} is not a routed- or shared-expert weight, and "
+                                   f'{CFG_NAME} says "non_expert_modules": false',
                                    "holds a tensor that is not an expert weight")
             layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
             if expert not in experts.get(layer, ()):
@@ -105,6 +113,9 @@ class EsftAdapter:
         if shared and not shared_keys:
             raise AdapterError(cfg_path, '"shared_experts" is true but the adapter holds no shared-expert tensor',
                                '"shared_experts" is true but the adapter holds no shared-expert tensor')
+        if non_expert and not non_expert_keys:
+            raise AdapterError(cfg_path, '"non_expert_modules" is true but the adapter holds no non-expert tensor',
+                               '"non_expert_modules" is true but the adapter holds no non-expert tensor')
         for layer in sorted({layer for layer, _ in shared_keys}):
             missing = [p for p in PROJS if (layer, p) not in shared_keys]
             if missing:
@@ -112,7 +123,8 @@ class EsftAdapter:
                                    "a layer's shared experts miss a weight")
         config_path = path / "config.json"
         config = read_json(config_path) if config_path.exists() else None
-        return cls(path, experts, shared, non_expert, keys, shared_keys, checkpoint, config, cfg_bytes)
+        return cls(path, experts, shared, non_expert, keys, shared_keys, tuple(sorted(non_expert_keys)), checkpoint,
+                   config, cfg_bytes)
 
     def file_of(self, key: str) -> Path:
         return self.checkpoint.tensors[key].file
@@ -161,8 +173,13 @@ class AdapterReader:
             identity.update(f"{proj} {info.dtype} {list(info.shape)} ".encode() + self.digests[key])
         return identity.hexdigest()
 
+    def non_expert(self) -> dict[str, torch.Tensor]:
+        """The tuned non-expert tensors, by their names in the base checkpoint."""
+        return {key: self.read_tensor(key) for key in self.adapter.non_expert_keys}
+
     def sha256(self) -> str:
-        unread = {*self.adapter.keys.values(), *self.adapter.shared_keys.values()} - set(self.digests)
+        unread = {*self.adapter.keys.values(), *self.adapter.shared_keys.values(),
+                  *self.adapter.non_expert_keys} - set(self.digests)
         if unread:
             raise RuntimeError(f"{self.adapter.path}: identity asked before {len(unread)} tensors were read")
         identity = hashlib.sha256(self.adapter.cfg_bytes)

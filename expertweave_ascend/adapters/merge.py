@@ -1,5 +1,5 @@
-"""The ESFT merged model: the base checkpoint with an adapter's experts (routed, and shared where it tunes
-them) written over the base's.
+"""The ESFT merged model: the base checkpoint with an adapter's tensors (routed experts, and shared experts
+and non-expert tensors where it tunes them) written over the base's.
 
 This is the model an adapter was trained as, and the oracle ExpertWeave's outputs are compared to.
 Written shard by shard; files other than safetensors (config, tokenizer) are copied unchanged.
@@ -31,6 +31,8 @@ def write_merged_checkpoint(base_dir: str | Path, adapter: EsftAdapter, out: str
                 if m and int(m.group(2)) in adapter.experts.get(int(m.group(1)), ()):
                     gate, up, down = read(int(m.group(1)), int(m.group(2)))
                     tensors[key] = {"gate_proj": gate, "up_proj": up, "down_proj": down}[m.group(3)]
+                if key in adapter.non_expert_keys:
+                    tensors[key] = read.read_tensor(key)
                 s = SHARED_KEY.match(key)
                 if s and int(s.group(1)) in adapter.shared_layers:
                     gate, up, down = read.shared(int(s.group(1)))

@@ -13,9 +13,6 @@ BASE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts")
 def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
     adapter = EsftAdapter.open(path)
     cfg_path = adapter.path / CFG_NAME
-    if adapter.non_expert_modules:
-        raise AdapterError(cfg_path, "non_expert_modules is true: ExpertWeave serves adapters that tune routed "
-                           "and shared experts only (attention, router, norms and embeddings are the base's)")
     if adapter.config is not None:
         base_values = {"hidden_size": base.hidden_size, "moe_intermediate_size": base.moe_intermediate_size,
                        "n_routed_experts": base.num_experts}
@@ -37,7 +34,29 @@ def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
             raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base experts are {base.dtype}",
                                f"an expert tensor's dtype is not the base experts' {base.dtype}")
     check_shared(adapter, base)
+    check_non_expert(adapter, base)
     return adapter
+
+
+def check_non_expert(adapter: EsftAdapter, base: BaseGeometry) -> None:
+    """Tuned non-expert tensors: each names a tensor of the base checkpoint, with its shape and dtype."""
+    if not adapter.non_expert_keys:
+        return
+    if base.non_expert is None:
+        raise AdapterError(adapter.path / CFG_NAME, '"non_expert_modules" is true: checking its tensors needs the '
+                           "base checkpoint, not only its config", '"non_expert_modules" needs the base checkpoint')
+    for key in adapter.non_expert_keys:
+        info = adapter.checkpoint.tensors[key]
+        if key not in base.non_expert:
+            raise AdapterError(info.file, f"tensor {key} is not a tensor of the base model",
+                               "holds a tensor the base model does not have")
+        shape, dtype = base.non_expert[key]
+        if info.shape != shape:
+            raise AdapterError(info.file, f"tensor {key} has shape {list(info.shape)}, the base's has {list(shape)}",
+                               "a non-expert tensor's shape is not the base's")
+        if info.dtype != dtype:
+            raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base's is {dtype}",
+                               "a non-expert tensor's dtype is not the base's")
 
 
 def check_shared(adapter: EsftAdapter, base: BaseGeometry) -> None:

@@ -109,8 +109,8 @@ def moe_layer_handles(model: nn.Module) -> tuple[list[HfMoELayer], TokenAdapterR
 
 
 def merge_adapter(model: nn.Module, adapter: EsftAdapter) -> nn.Module:
-    """A copy of model with the adapter's experts (routed, and shared where it tunes them) written over
-    the base's: the ESFT merged model."""
+    """A copy of model with the adapter's tensors (routed experts, and shared experts and non-expert
+    tensors where it tunes them) written over the base's: the ESFT merged model."""
     merged = copy.deepcopy(model)
     with torch.no_grad(), adapter.reading() as read:
         for layer, ids in adapter.experts.items():
@@ -123,6 +123,9 @@ def merge_adapter(model: nn.Module, adapter: EsftAdapter) -> nn.Module:
             mlp = merged.model.layers[layer].mlp.shared_experts
             for proj, weight in zip(("gate_proj", "up_proj", "down_proj"), read.shared(layer)):
                 getattr(mlp, proj).weight.copy_(weight)
+        state = merged.state_dict()
+        for key, weight in read.non_expert().items():
+            state[key].copy_(weight)
     return merged
 
 

@@ -35,4 +35,4 @@ def check_load(name: str, answers: list[dict]) -> LoadOutcome:
         return LoadOutcome(None, f"adapter {name!r}: the ranks placed it differently ({placed}); undone on every "
                                  "rank", True)
     first = loaded[0]
-    return LoadOutcome({k: first[k] for k in ("row", "experts", "bytes", "sha256")}, None, False)
+    return LoadOutcome({k: first[k] for k in ("row", "experts", "bytes", "sha256", "variant")}, None, False)

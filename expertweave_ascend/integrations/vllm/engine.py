@@ -78,6 +78,10 @@ class EnginePlatform(Protocol):
         """A tuned shared-expert MLP ([2I', H] gate rows first, [H, I']) as this rank computes it; one
         clear ExpertWeaveError where the platform does not serve tuned shared experts."""
 
+    def serves_non_expert_variants(self, runner) -> bool:
+        """Whether this engine runs each step with one adapter's non-expert weights, switched between steps
+        (variants.py, grouping.py), so adapters that tune non-expert modules can be served."""
+
     def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
         """This step's requests in batch order and how many tokens each has in the flattened batch."""
 

@@ -15,6 +15,7 @@ from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, shutdown_llm
+from .variants import VARIANT_ARG
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -80,8 +81,10 @@ class ExpertWeaveLLM:
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
-        # name -> content hash, of the adapters requests may name
-        self._adapters = {name: a["sha256"] for name, a in self._rpc("expertweave_list_adapters").items()}
+        # name -> content hash, of the adapters requests may name; those that tune non-expert modules
+        listed = self._rpc("expertweave_list_adapters")
+        self._adapters = {name: a["sha256"] for name, a in listed.items()}
+        self._variants = {name for name, a in listed.items() if a["variant"]}
         self.residency.resident |= set(self._adapters)
         self._unloading: set[str] = set()
         self._lock = threading.Lock()
@@ -156,6 +159,7 @@ class ExpertWeaveLLM:
             return []
         with self._lock:
             hashes = {name: self._adapters.get(name) for name in set(names) - {None}}
+            variants = set(self._variants)
         for name, sha256 in hashes.items():
             if sha256 is None:  # unloaded since the check
                 raise AdapterStateError(f"unknown adapter {name!r}")
@@ -163,14 +167,16 @@ class ExpertWeaveLLM:
         for prompt, name, sp in zip(prompts, names, params):
             sp = (sp or SamplingParams()).clone()
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            if (sp.extra_args or {}).get(ADAPTER_ARG) is not None:
-                raise ValueError(f"extra_args[{ADAPTER_ARG!r}] is set by ExpertWeaveLLM: pass adapter= instead")
+            for arg in (ADAPTER_ARG, VARIANT_ARG):
+                if (sp.extra_args or {}).get(arg) is not None:
+                    raise ValueError(f"extra_args[{arg!r}] is set by ExpertWeaveLLM: pass adapter= instead")
             if name is None:
                 problem = client_salt_problem(prompt.get("cache_salt"))
                 if problem is not None:
                     raise ValueError(problem)
             else:
-                sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name}
+                sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name,
+                                 **({VARIANT_ARG: name} if name in variants else {})}
                 prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
@@ -216,6 +222,8 @@ class ExpertWeaveLLM:
         info = outcome.info
         with self._lock:
             self._adapters[name] = info["sha256"]
+            if info["variant"]:
+                self._variants.add(name)
         self.residency.resident.add(name)
         self.residency.use(name).pinned = pinned
         return info
@@ -230,6 +238,7 @@ class ExpertWeaveLLM:
             lifetime.unload_when_idle(self.llm, name, timeout)
             with self._lock:
                 del self._adapters[name]
+                self._variants.discard(name)
             self.residency.resident.discard(name)
             self.residency.use(name).pinned = False
         finally:

@@ -44,6 +44,7 @@ class AdapterMetrics:
         self.requests: dict[str, int] = {}
         self.generated: dict[str, int] = {}
         self.resident: dict[str, int] = {}
+        self.switches = (0, 0.0)  # non-expert weight switches between steps, and their seconds
         registry.register(self)
 
     @contextmanager
@@ -65,6 +66,7 @@ class AdapterMetrics:
         self.resident = {name: adapter["bytes"] for name, adapter in memory["adapters"].items()}
         self.tier_bytes = {"device": sum(self.resident.values()), "host": tiers["host_bytes"],
                            "warm": tiers["warm_bytes"]}
+        self.switches = (served["variant_switches"], served["variant_switch_seconds"])
 
     def collect(self):
         requests = CounterMetricFamily("expertweave_requests", "Requests started, by adapter", labels=["adapter"])
@@ -82,7 +84,12 @@ class AdapterMetrics:
                                   labels=["tier"])
         for tier, nbytes in self.tier_bytes.items():
             tiers.add_metric([tier], nbytes)
-        yield from (requests, tokens, resident, tiers)
+        switches = CounterMetricFamily("expertweave_variant_switches", "Switches of the model's non-expert weights "
+                                       "between steps, for adapters that tune non-expert modules",
+                                       value=self.switches[0])
+        switch_seconds = CounterMetricFamily("expertweave_variant_switch_seconds", "Time those switches took",
+                                             value=self.switches[1])
+        yield from (requests, tokens, resident, tiers, switches, switch_seconds)
 
     def describe(self):
         return []

@@ -35,6 +35,7 @@ from ...geometry import BaseGeometry
 from ...residency import Residency
 from . import admission, agreement, lifetime
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem
+from .variants import VARIANT_ARG
 from .metrics import AdapterMetrics
 from .tiering import AdapterEntry, AdapterLoadFailed, AdapterNotFound, AdapterUnavailable, TieredAdapters
 
@@ -145,7 +146,8 @@ class AdapterModelMiddleware:
         except AdapterUnavailable as e:
             return await _error(503, str(e), "ServiceUnavailableError")(scope, receive, send)
         try:  # the lease keeps the adapter on the device until the response has ended
-            body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name}
+            body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name,
+                                  **({VARIANT_ARG: name} if lease.entry.variant else {})}
             body["cache_salt"] = adapter_cache_salt(lease.entry.sha256, body.get("cache_salt"))
             body["model"] = registry.base_name
             replay = _replay(json.dumps(body).encode(), receive)
@@ -156,8 +158,9 @@ class AdapterModelMiddleware:
     @staticmethod
     def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
         xargs = body.get("vllm_xargs")
-        if isinstance(xargs, dict) and ADAPTER_ARG in xargs:
-            return _error(400, f"vllm_xargs.{ADAPTER_ARG} is set by the server: name the adapter in \"model\"")
+        for arg in (ADAPTER_ARG, VARIANT_ARG):
+            if isinstance(xargs, dict) and arg in xargs:
+                return _error(400, f"vllm_xargs.{arg} is set by the server: name the adapter in \"model\"")
         problem = client_salt_problem(body.get("cache_salt"))
         if problem is not None:
             return _error(400, problem)
@@ -296,7 +299,7 @@ class ExpertWeaveFrontEnd:
         self.tiers = TieredAdapters(self, catalogue, residency, options.adapter_wait_s, options.host_adapter_bytes)
         admission.set_gate(self._refusal)
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
-            self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"])
+            self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"], info["variant"])
             residency.resident.add(name)
         if options.warm_host_tier:
             await self.tiers.warm_host_tier()
@@ -345,7 +348,7 @@ class ExpertWeaveFrontEnd:
             return _error(400, _within(root, getattr(e, "public_message", str(e))))
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
             return _error(400, _within(root, lifetime.worker_message(e)))
-        registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"])
+        registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"], outcome.info["variant"])
         self.tiers.residency.resident.add(name)
         self.tiers.residency.use(name).pinned = True  # loaded by hand: evicted never, unloaded by hand
         self.metrics.loads.labels(name).inc()

@@ -44,6 +44,7 @@ class AdapterEntry:
     """An adapter on the device, as the front-end knows it."""
     path: str
     sha256: str
+    variant: bool = False  # it tunes non-expert modules: its requests carry VARIANT_ARG (grouping.py)
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ class TieredAdapters:
             await asyncio.sleep(COLLECT_S)
 
     def _loaded(self, name: str, path: str, info: dict, answer: dict) -> None:
-        self.front_end.registry.adapters[name] = AdapterEntry(path, info["sha256"])
+        self.front_end.registry.adapters[name] = AdapterEntry(path, info["sha256"], info["variant"])
         self.residency.resident.add(name)
         source = answer.get("source")
         self._prefetched.discard(name)

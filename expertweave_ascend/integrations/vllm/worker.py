@@ -20,6 +20,7 @@ from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
 from .engine import expertweave_config, request_adapter
 from .layer import VllmMoELayer
+from .variants import VariantSwitcher
 
 logger = logging.getLogger("expertweave")
 
@@ -41,6 +42,7 @@ class WorkerWeave:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
         if config.get("warm"):
             weave_config.warm_bytes = 2 * warm_share(weave_config, self.layers.values())
+        weave_config.non_expert_variants = self.api.serves_non_expert_variants(model_runner)
         geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
         device_args = self.api.weave_device(model_runner)
         self.backend = device_args.get("backend")  # given to the weave, so closed here
@@ -59,6 +61,8 @@ class WorkerWeave:
         self.requests: dict[str, tuple[str | None, int, int]] = {}
         self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
         self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
+        self.switcher = VariantSwitcher(model_runner, model_runner.model_config.model) \
+            if weave_config.non_expert_variants else None
         self.host_tier = HostTier(config.get("host_adapter_bytes") or 0)
         self.loader = BackgroundLoader(self.weave, self.host_tier)
         for name, path in (config.get("adapters") or {}).items():
@@ -100,6 +104,25 @@ class WorkerWeave:
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, computed, outputs in zip(cached.req_ids, cached.num_computed_tokens, cached.num_output_tokens):
             self._count_sampled(req_id, computed, outputs, scheduler_output)
+        if self.switcher is not None:
+            self._switch_variant(scheduler_output)
+
+    def _switch_variant(self, scheduler_output) -> None:
+        """Makes the model's non-expert weights those of the step's requests (grouping.py gives a step the
+        requests of one variant)."""
+        variants = {}
+        for req_id in scheduler_output.num_scheduled_tokens:
+            seen = self.requests.get(req_id)
+            loaded = self.weave.adapters.get(seen[0]) if seen is not None and seen[0] is not None else None
+            key = (loaded.name, loaded.sha256) if loaded is not None and loaded.non_expert else None
+            variants[key] = loaded.non_expert if key is not None else {}
+        if len(variants) > 1:
+            names = sorted("the base's" if key is None else key[0] for key in variants)
+            raise ExpertWeaveError(f"a step mixes requests needing different non-expert weights ({', '.join(names)});"
+                                   " the engine must run ExpertWeave's scheduler (grouping.py)")
+        if variants:
+            (key, weights), = variants.items()
+            self.switcher.switch(key, weights)
 
     def _count_sampled(self, req_id: str, computed: int, outputs: int, scheduler_output) -> None:
         """A request samples a token in a step that computes its whole sequence so far (prompt and outputs)."""
@@ -202,7 +225,8 @@ class ExpertWeaveWorkerExtension:
             return {"error": str(e), "public_error": getattr(e, "public_message", str(e)),
                     "capacity": isinstance(e, CapacityError)}
         return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes, "sha256": loaded.sha256,
-                "slots": {str(layer): slots for layer, slots in loaded.slots.items()}, **facts}
+                "slots": {str(layer): slots for layer, slots in loaded.slots.items()},
+                "variant": bool(loaded.non_expert), **facts}
 
     def expertweave_start_load(self, name: str, path: str, evict: str | None = None,
                                live_request_ids: list[str] = ()) -> dict:
@@ -254,14 +278,18 @@ class ExpertWeaveWorkerExtension:
 
     def expertweave_list_adapters(self) -> dict:
         return {name: {"path": str(a.path), "sha256": a.sha256, "experts": a.num_experts, "bytes": a.nbytes,
-                       "requests": a.in_flight}
+                       "requests": a.in_flight, "variant": bool(a.non_expert)}
                 for name, a in _active().weave.adapters.items()}
 
     def expertweave_served(self) -> dict:
-        """Requests begun and tokens sampled per adapter since the engine started ("" is the base)."""
+        """Requests begun and tokens sampled per adapter since the engine started ("" is the base), and the
+        switches of non-expert weights between steps (variants.py) with the time they took."""
         active = _active()
+        switcher = active.switcher
         return {"requests": {name or "": n for name, n in active.started.items()},
-                "generated_tokens": {name or "": n for name, n in active.generated.items()}}
+                "generated_tokens": {name or "": n for name, n in active.generated.items()},
+                "variant_switches": switcher.switches if switcher else 0,
+                "variant_switch_seconds": switcher.switch_s if switcher else 0.0}
 
     def expertweave_close(self) -> None:
         """Unmaps and releases all expert memory; the engine must not run the model afterwards."""

@@ -201,6 +201,10 @@ class VllmAscend:
         """Not yet: vllm-ascend runs shared experts inside its own MoE paths (and ACL graphs would replay
         the per-token selection as captured); pack_shared refuses such adapters."""
 
+    def serves_non_expert_variants(self, runner) -> bool:
+        """Not yet: the switch between steps is written for vLLM's CPU layers and synchronous scheduling."""
+        return False
+
     def pack_shared(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise ExpertWeaveError("ExpertWeave on vllm-ascend: adapters that tune shared experts are not served on "

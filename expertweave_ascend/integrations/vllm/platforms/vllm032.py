@@ -155,6 +155,9 @@ class Vllm032:
         w13, w2 = shard_expert(w13, w2, module.moe_config.tp_rank, module.moe_config.tp_size)
         return w13.to(module.w13_weight.dtype), w2.to(module.w2_weight.dtype)
 
+    def serves_non_expert_variants(self, runner) -> bool:
+        return False
+
     def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
         return runner_batch_layout(runner)
 

@@ -1,0 +1,73 @@
+"""vLLM's scheduler, giving each step the requests of one non-expert variant (variants.py).
+
+A variant is an adapter that tunes non-expert modules; every other request (the base, adapters that tune
+experts only) belongs to the base's variant, None. Groups are served first come, first served: the
+variant whose oldest request arrived first runs, and keeps the engine while it has requests and for at
+most QUANTUM consecutive steps once another variant waits, so no group starves. Requests of other
+variants stay where they are: running ones keep their KV blocks and are left out of the step (vLLM leaves
+running requests unscheduled whenever its token budget runs out), waiting ones are skipped in order
+through vLLM's own skip path (as its max_loras limit skips requests).
+
+Passed to vLLM as its scheduler_cls by ExpertWeave's front-ends; on the CPU vLLM schedules synchronously
+(no async scheduling), so the worker switches weights for exactly the step scheduled.
+"""
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from .variants import request_variant
+
+QUANTUM = 16
+
+
+class VariantScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.variant: str | None = None  # the variant the last step ran
+        self.streak = 0  # consecutive steps it ran
+        self._step_variant: str | None = None
+
+    def schedule(self, *args, **kwargs):
+        queued = [*self.running, *self.waiting, *self.kv_holding_waiting]
+        if not queued:
+            self.variant, self.streak = None, 0
+        oldest: dict[str | None, float] = {}
+        for request in queued:
+            variant = request_variant(request.sampling_params)
+            oldest[variant] = min(oldest.get(variant, request.arrival_time), request.arrival_time)
+        if set(oldest) <= {None} and self.variant is None:
+            self._step_variant = None
+            return super().schedule(*args, **kwargs)
+        chosen = self._choose(oldest)
+        self._step_variant = chosen
+        hidden = [r for r in self.running if request_variant(r.sampling_params) != chosen]
+        original = list(self.running)
+        self.running[:] = [r for r in original if request_variant(r.sampling_params) == chosen]
+        self.max_num_active_reqs -= len(hidden)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_active_reqs += len(hidden)
+            now = {id(r) for r in self.running}
+            kept = {id(r) for r in hidden} | now
+            before = {id(r) for r in original}
+            self.running[:] = [r for r in original if id(r) in kept] + [r for r in self.running
+                                                                          if id(r) not in before]
+        if output.total_num_scheduled_tokens:
+            self.streak = self.streak + 1 if chosen == self.variant else 1
+            self.variant = chosen
+        else:  # nothing of this variant could run (e.g. no KV room): let the next step pick another
+            self.streak = QUANTUM
+        return output
+
+    def _choose(self, oldest: dict[str | None, float]) -> str | None:
+        others = {v: t for v, t in oldest.items() if v != self.variant}
+        if self.variant in oldest and (self.streak < QUANTUM or not others):
+            return self.variant
+        if not others:
+            return None
+        return min(others, key=others.get)
+
+    def _handle_blocked_waiting_request(self, request) -> bool:
+        if request_variant(request.sampling_params) != self._step_variant:
+            return False
+        return super()._handle_blocked_waiting_request(request)

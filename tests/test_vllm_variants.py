@@ -1,0 +1,104 @@
+"""Adapters that tune non-expert modules in the real vLLM engine, in this process: requests of the base,
+routed-only adapters and two non-expert variants submitted together run in steps that never mix variants
+(ExpertWeave's scheduler; the worker refuses a mixed step), the weights are switched between steps, and
+every output equals its merged model, eager and compiled. An engine without ExpertWeave's scheduler
+refuses such adapters in one line."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from catalogue_variants import merged_tokens  # noqa: E402
+from expertweave_ascend.errors import ExpertWeaveError  # noqa: E402
+from expertweave_ascend.integrations.hf import load_model  # noqa: E402
+from test_variants import with_non_expert  # noqa: E402
+
+PROMPTS = ([5, 17, 42, 99], [3, 250, 7], [8, 8, 31])
+TOKENS = 6
+ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20, granularity=64 << 10)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_decisive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("variants")
+    return {"law": tiny_decisive / "adapters" / "law",
+            "law-ne": with_non_expert(tiny_decisive, "law", out / "law-ne"),
+            "ne-only": with_non_expert(tiny_decisive, None, out / "ne-only", seed=1),
+            "code": tiny_decisive / "adapters" / "code"}
+
+
+def engine(base, adapters, **kwargs):
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+    return ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, max_adapters=max(1, len(adapters)),
+                          **ENGINE, **kwargs)
+
+
+def generate(llm, names):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(len(names))]
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, adapter=names, use_tqdm=False)]
+
+
+def check(llm, base, adapters, names) -> list[list[int]]:
+    """Generates for all names at once; every output equals its merged model's. Returns the outputs."""
+    got = generate(llm, names)
+    base_model = load_model(base, torch.float32)
+    for i, name in enumerate(names):
+        want = merged_tokens(base_model, None if name is None else adapters[name], PROMPTS[i % len(PROMPTS)], TOKENS)
+        assert got[i] == want, name
+    return got
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_variants_submitted_together_equal_their_merged_models(tiny_decisive, adapters, enforce_eager):
+    from expertweave_ascend.integrations.vllm import worker
+
+    base = tiny_decisive / "base"
+    llm = engine(base, adapters, enforce_eager=enforce_eager)
+    try:
+        got = check(llm, base, adapters, [None, "law-ne", "law", "ne-only", "code", "law-ne", None, "ne-only", "law"])
+        assert got[1] != merged_tokens(load_model(base, torch.float32), adapters["law"], PROMPTS[1], TOKENS), \
+            "the tuned non-expert tensors change law-ne's outputs"
+        switcher = worker._ACTIVE.switcher
+        assert switcher.switches >= 2, "law-ne's and ne-only's weights each had steps (the base's are in at start)"
+        assert llm.memory_report().adapters["law-ne"].non_expert_bytes == sum(
+            t.numel() * 2 for t in worker._ACTIVE.weave.adapters["law-ne"].non_expert.values())
+        llm.unload_adapter("ne-only")
+        check(llm, base, adapters, ["law-ne", None, "code", "law-ne"])
+    finally:
+        llm.shutdown()
+
+
+def test_an_engine_without_expertweaves_scheduler_refuses_them(tiny_decisive, adapters):
+    llm = engine(tiny_decisive / "base", {}, enforce_eager=True, adapter_slots=32,
+                 scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+    try:
+        with pytest.raises(ExpertWeaveError, match='"non_expert_modules" is true: this engine runs every request '
+                                                   "with the base's non-expert weights"):
+            llm.load_adapter("law-ne", adapters["law-ne"])
+        assert llm.list_adapters() == {}
+        llm.load_adapter("law", adapters["law"])
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("variant,streak,oldest,chosen", [
+    (None, 0, {None: 1.0, "law-ne": 0.5}, None),  # the running group keeps the engine
+    ("law-ne", 3, {"law-ne": 0.2}, "law-ne"),
+    ("law-ne", 16, {"law-ne": 0.2}, "law-ne"),  # past its quantum, but nobody else waits
+    ("law-ne", 16, {"law-ne": 0.2, None: 0.9, "ne-only": 0.4}, "ne-only"),  # past it: the oldest other group
+    ("law-ne", 2, {None: 0.9, "ne-only": 0.4}, "ne-only"),  # its requests are gone
+])
+def test_the_scheduler_serves_groups_first_come_first_served_within_a_quantum(variant, streak, oldest, chosen):
+    from expertweave_ascend.integrations.vllm.grouping import VariantScheduler
+
+    scheduler = VariantScheduler.__new__(VariantScheduler)  # the policy alone, without an engine
+    scheduler.variant, scheduler.streak = variant, streak
+    assert scheduler._choose(oldest) == chosen
