@@ -80,12 +80,12 @@ class LoadedAdapter:
     distances: dict[str, float] = field(default_factory=dict)  # "layer.expert" -> rel L2 of consolidated ones
     shared_bytes: int = 0  # its tuned shared experts, on the device (shared_experts.py)
     non_expert: dict[str, torch.Tensor] = field(default_factory=dict)  # its tuned non-expert tensors (host)
+    in_flight: int = 0
+    unloading: bool = False
 
     @property
     def non_expert_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.non_expert.values())
-    in_flight: int = 0
-    unloading: bool = False
 
     @property
     def num_experts(self) -> int:
