@@ -103,6 +103,8 @@ def cmd_adapter_inspect(args) -> int:
         "dtype": sorted(adapter.dtypes),
         "shared_experts": adapter.shared_experts,
         "non_expert_modules": adapter.non_expert_modules,
+        "shared_expert_layers": list(adapter.shared_layers),
+        "non_expert_tensors": list(adapter.non_expert_keys),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -113,6 +115,10 @@ def cmd_adapter_inspect(args) -> int:
           f"non_expert_modules={str(adapter.non_expert_modules).lower()}")
     for layer, ids in adapter.experts.items():
         print(f"  layer {layer:>3}: {len(ids):>3} experts {list(ids)}")
+    if adapter.shared_layers:
+        print(f"  shared experts tuned in layers {list(adapter.shared_layers)}")
+    if adapter.non_expert_keys:
+        print(f"  {len(adapter.non_expert_keys)} non-expert tensors: {', '.join(adapter.non_expert_keys)}")
     return 0
 
 

@@ -101,6 +101,25 @@ def test_the_flag_needs_non_expert_tensors_and_the_tensors_need_the_flag(tiny, g
         validate_adapter(path, geometry)
 
 
+def test_inspect_lists_the_tuned_shared_experts_and_non_expert_tensors(tiny, tmp_path, capsys):
+    from expertweave_ascend.cli import main
+    from test_shared_experts import with_shared_experts
+
+    path = with_non_expert(tiny, None, tmp_path / "ne", names=("model.norm.weight",))
+    both = with_shared_experts(tiny, None, tmp_path / "both", (2,))
+    tensors = load_file(both / "model.safetensors")
+    tensors.update(load_file(path / "model.safetensors"))
+    save_file(tensors, both / "model.safetensors")
+    (both / "expert_cfg.json").write_text(json.dumps({"experts": {}, "shared_experts": True,
+                                                      "non_expert_modules": True}))
+    assert main(["adapter", "inspect", str(both), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shared_expert_layers"] == [2] and info["non_expert_tensors"] == ["model.norm.weight"]
+    assert main(["adapter", "inspect", str(both)]) == 0
+    text = capsys.readouterr().out
+    assert "shared experts tuned in layers [2]" in text and "1 non-expert tensors: model.norm.weight" in text
+
+
 def test_the_transformers_engine_refuses_them_naming_the_flag(tiny, tmp_path):
     path = with_non_expert(tiny, "law", tmp_path / "law-ne")
     with pytest.raises(ExpertWeaveError) as info:
