@@ -21,7 +21,7 @@ class AdapterMemory:
     added_mapped_bytes: int | None = None  # granules its allocation mapped (the memory plan records it)
     sha256: str | None = None  # its content identity, once loaded
     base_experts: int = 0  # tuned experts served by the base's own expert (identical, or consolidated)
-    shared_experts: int = 0  # tuned experts in a slot other loaded adapters hold too
+    shared_slots: int = 0  # tuned experts in a slot other loaded adapters hold too
     saved_bytes: int = 0  # bytes its experts would take alone, less its share of the slots it holds
     consolidated: dict[str, float] | None = None  # "layer.expert" -> relative L2 distance, lossy ones only
     shared_expert_bytes: int = 0  # its tuned shared experts (device tensors, not in the expert slots)
@@ -60,7 +60,8 @@ class MemoryReport:
 
     @classmethod
     def of(cls, memory: ExpertMemory, adapters: dict[str, AdapterMemory], adapter_slots: int,
-           model_bytes: int | None = None) -> "MemoryReport":
+           model_bytes: int | None = None, slot_bytes: int | None = None) -> "MemoryReport":
+        """slot_bytes: the adapters' occupied slots, each once (default: every occupied slot)."""
         all_layers_bytes = sum(memory.expert_nbytes(layer) for layer in memory.tensors)
         return cls(
             granularity=memory.backend.granularity,
@@ -76,7 +77,7 @@ class MemoryReport:
             budget_bytes=memory.pool.budget_bytes,
             adapters=adapters,
             warm_bytes=memory.warm_bytes,
-            adapter_slot_bytes=memory.occupied_slot_bytes(),
+            adapter_slot_bytes=memory.occupied_slot_bytes() if slot_bytes is None else slot_bytes,
         )
 
     @property
@@ -153,6 +154,12 @@ class VerifyReport:
     def ok(self) -> bool:
         return self.base.tokens_equal and all(row.tokens_equal for row in self.adapters.values())
 
+    @property
+    def consolidated_only(self) -> bool:
+        """Every output that differs from its merged model is an adapter's with consolidated experts."""
+        return self.base.tokens_equal and all(row.tokens_equal or self.memory.adapters[name].consolidated
+                                              for name, row in self.adapters.items())
+
     def to_json(self) -> dict:
         return {**asdict(self), "memory": self.memory.to_json(), "ok": self.ok}
 
@@ -193,13 +200,13 @@ def format_sharing(m: MemoryReport) -> list[str]:
     """One line per adapter that does not hold all its experts alone; none when no adapter shares."""
     lines = []
     for name, a in m.adapters.items():
-        if a.base_experts or a.shared_experts or a.consolidated:
+        if a.base_experts or a.shared_slots or a.consolidated:
             worst = f", largest distance {max(a.consolidated.values()):.2e}" if a.consolidated else ""
-            lines.append(f"  {name}: {a.base_experts} experts served by the base's, {a.shared_experts} in slots "
+            lines.append(f"  {name}: {a.base_experts} experts served by the base's, {a.shared_slots} in slots "
                          f"shared with other adapters, {len(a.consolidated or ())} consolidated{worst}; "
                          f"saves {_mib(a.saved_bytes)}")
     if lines:
-        lines.insert(0, f"shared experts: {_mib(m.saved_bytes)} of adapter experts not held twice")
+        lines.insert(0, f"experts held once: {_mib(m.saved_bytes)} of adapter experts not held twice")
     return lines
 
 

@@ -53,18 +53,22 @@ class ExpertIndex:
         self.of_slot: dict[tuple[int, int], tuple[int, str]] = {}  # (layer, slot) -> (expert, sha256)
 
     def add(self, layer: int, expert: int, sha256: str, slot: int) -> None:
-        self.by_position.setdefault((layer, expert), {})[sha256] = slot
+        """Indexes a slot; two loads prepared at once may each hold a copy of the same expert: the first
+        indexed stays the one later loads share, the other is its owner's alone."""
+        self.by_position.setdefault((layer, expert), {}).setdefault(sha256, slot)
         self.of_slot[layer, slot] = (expert, sha256)
 
     def drop(self, freed: dict[int, list[int]]) -> None:
         for layer, slots in freed.items():
             for slot in slots:
                 entry = self.of_slot.pop((layer, slot), None)
-                if entry is not None:
-                    at = self.by_position[layer, entry[0]]
+                if entry is None:
+                    continue
+                at = self.by_position.get((layer, entry[0]), {})
+                if at.get(entry[1]) == slot:
                     del at[entry[1]]
-                    if not at:
-                        del self.by_position[layer, entry[0]]
+                if not at:
+                    self.by_position.pop((layer, entry[0]), None)
 
 
 def check_rel_l2(value: float | None, what: str = "consolidate_rel_l2") -> None:

@@ -11,6 +11,7 @@ I5 a rejected adapter leaves tables, memory and requests untouched.
 """
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -147,8 +148,8 @@ class ExpertWeave:
         adapter = validate_adapter(path, self.base)
         if adapter.non_expert_keys and not self.config.non_expert_variants:
             raise AdapterError(adapter.path / CFG_NAME, '"non_expert_modules" is true: this engine runs every request '
-                               "with the base's non-expert weights; such adapters are served by vLLM on the CPU "
-                               "(expertweave serve, ExpertWeaveLLM), which runs each step with one adapter's")
+                               "with the base's non-expert weights; such adapters need vLLM on the CPU with "
+                               "ExpertWeave's scheduler (expertweave serve, ExpertWeaveLLM; no --scheduler-cls)")
         pin = torch.device(self.device).type != "cpu"
         weights, expert_sha256 = {}, {}
         with adapter.reading() as read:
@@ -276,8 +277,10 @@ class ExpertWeave:
         self.backend.synchronize()
         self.shared_rows.remove(loaded.row)
         with self._changing:
-            self._index.drop(self.memory.release(name))
-            self.tables.give_back_row(loaded.row)
+            try:
+                self._index.drop(self.memory.release(name))
+            finally:
+                self.tables.give_back_row(loaded.row)
 
     def adapter(self, name: str) -> LoadedAdapter:
         """The loaded adapter of this name; AdapterStateError naming the loaded ones if there is none."""
@@ -310,21 +313,23 @@ class ExpertWeave:
         """Byte accounting; model_bytes (all base weights) lets it price one merged copy per adapter."""
         with self._requests:
             adapters = list(self.adapters.values())
+        # Slots counted over published adapters only: a load still being prepared holds slots no report shows.
+        owners = Counter((layer, slot) for a in adapters for layer, slots in a.slots.items() for slot in slots
+                         if slot >= self.base.num_experts)
+        slot_bytes = sum(self.memory.expert_nbytes(layer) for layer, _ in owners)
         with self._changing:
-            return MemoryReport.of(self.memory, {a.name: self._adapter_memory(a) for a in adapters},
-                                   self.adapter_slots, model_bytes)
+            return MemoryReport.of(self.memory, {a.name: self._adapter_memory(a, owners) for a in adapters},
+                                   self.adapter_slots, model_bytes, slot_bytes)
 
-    def _adapter_memory(self, a: LoadedAdapter) -> AdapterMemory:
-        m = self.base.num_experts
+    def _adapter_memory(self, a: LoadedAdapter, owners: Counter) -> AdapterMemory:
         shared = charged = 0.0
         for layer, slots in a.slots.items():
             for slot in slots:
-                if slot >= m:
-                    sharers = self.memory.slots[layer].sharers(slot)
-                    shared += sharers > 1
-                    charged += self.memory.expert_nbytes(layer) / sharers
+                if slot >= self.base.num_experts:
+                    shared += owners[layer, slot] > 1
+                    charged += self.memory.expert_nbytes(layer) / owners[layer, slot]
         return AdapterMemory({layer: len(ids) for layer, ids in a.experts.items()}, a.nbytes, row=a.row,
-                             sha256=a.sha256, base_experts=a.base_experts, shared_experts=int(shared),
+                             sha256=a.sha256, base_experts=a.base_experts, shared_slots=int(shared),
                              shared_expert_bytes=a.shared_bytes, non_expert_bytes=a.non_expert_bytes,
                              saved_bytes=round(a.nbytes - charged), consolidated=dict(a.distances) or None)
 

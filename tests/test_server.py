@@ -179,7 +179,7 @@ def test_the_same_adapter_under_a_second_name_maps_nothing_and_is_listed_as_shar
         assert memory["adapter_mapped_bytes"] == before["adapter_mapped_bytes"]
         assert memory["adapter_slot_bytes"] == before["adapter_slot_bytes"]
         law, again = memory["adapters"]["law"], memory["adapters"]["law-again"]
-        assert again["shared_experts"] == law["shared_experts"] == law["experts"]
+        assert again["shared_slots"] == law["shared_slots"] == law["experts"]
         assert memory["saved_bytes"] == before["saved_bytes"] + law["bytes"]
         assert again["saved_bytes"] + law["saved_bytes"] == law["bytes"]
         assert complete(server, "law-again").json()["choices"][0]["text"] == complete(server, "law").json()[
@@ -187,7 +187,7 @@ def test_the_same_adapter_under_a_second_name_maps_nothing_and_is_listed_as_shar
     finally:
         assert requests.post(f"{server}/v1/unload_esft_adapter",
                              json={"adapter_name": "law-again"}).status_code == 200
-    assert requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]["law"]["shared_experts"] == 0
+    assert requests.get(f"{server}/v1/esft_adapters").json()["memory"]["adapters"]["law"]["shared_slots"] == 0
 
 
 def test_an_adapter_tuning_non_expert_modules_is_served_beside_the_base(server, tiny, tmp_path):

@@ -82,7 +82,7 @@ def test_the_same_adapter_under_two_names_costs_the_bytes_of_one(make_weave, tin
     assert report.adapter_slot_bytes == first.nbytes and report.saved_bytes == first.nbytes
     for name in ("law", "law-copy"):
         entry = report.adapters[name]
-        assert entry.shared_experts == first.num_experts and entry.base_experts == 0
+        assert entry.shared_slots == first.num_experts and entry.base_experts == 0
         assert entry.saved_bytes == first.nbytes // 2
     assert torch.equal(weave.tables.tensor[:, first.row], weave.tables.tensor[:, second.row])
 
@@ -101,7 +101,7 @@ def test_unloading_one_sharer_keeps_the_others_experts(make_weave, tiny):
         for w, t in weave.memory.views(layer).items():
             assert torch.equal(t[slots], views_before[layer][w])
         assert all(weave.memory.slots[layer].owners[s - 16] == ("law-copy",) for s in slots)
-    assert weave.memory_report().adapters["law-copy"].shared_experts == 0
+    assert weave.memory_report().adapters["law-copy"].shared_slots == 0
     again = weave.load_adapter("law", law)  # shares law-copy's slots now
     assert again.slots == copy.slots and adapter_mapped(weave) == mapped
     weave.unload_adapter("law-copy")
@@ -134,7 +134,7 @@ def test_a_version_that_changes_a_few_experts_holds_only_those(make_weave, tiny,
     for layer, ids in law.experts.items():
         for expert, mine, theirs in zip(ids, v2.slots[layer], law.slots[layer]):
             assert (mine != theirs) == ((layer, expert) in changed)
-    assert weave.memory_report().adapters["law-v2"].shared_experts == law.num_experts - 3
+    assert weave.memory_report().adapters["law-v2"].shared_slots == law.num_experts - 3
 
 
 def test_an_abandoned_load_gives_back_only_its_share(make_weave, tiny):
@@ -160,7 +160,7 @@ def test_mixed_batch_with_sharers_equals_merged_models(tiny, tmp_path):
     assert all(row.agreement == 1.0 and row.mean_kl < 1e-9 for row in report.adapters.values())
     m = report.memory
     law = m.adapters["law"]
-    assert m.adapters["law-copy"].shared_experts == law.experts
+    assert m.adapters["law-copy"].shared_slots == law.experts
     assert m.adapters["same"].base_experts == m.adapters["same"].experts
     assert m.saved_bytes == law.bytes + m.adapters["same"].bytes + (law.experts - 3) * EXPERT_BYTES
     assert all(a.consolidated is None for a in m.adapters.values())
@@ -230,7 +230,7 @@ def test_consolidation_to_a_resident_adapters_expert(make_weave, tiny, tmp_path)
     assert set(v2.distances) == {f"{layer}.{e}" for layer, e in changed}
     assert all(0 < d <= 0.1 for d in v2.distances.values())
     entry = weave.memory_report().adapters["law-v2"]
-    assert entry.shared_experts == law.num_experts and entry.base_experts == 0
+    assert entry.shared_slots == law.num_experts and entry.base_experts == 0
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), True, "0.1"])
@@ -259,3 +259,39 @@ def test_cli_verify_prints_the_consolidation_report(spread, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["consolidate_rel_l2"] == 0.05 and report["memory"]["saved_bytes"] > 0
     assert all(0 <= row["agreement"] <= 1 for row in report["adapters"].values())
+
+
+def test_two_loads_of_the_same_expert_prepared_at_once_keep_the_index_whole(make_weave, tiny):
+    """The engine thread's load runs while the loader thread's copies of the same experts are in flight:
+    both hold their own copies; unloading both leaves nothing indexed, mapped or taken."""
+    law = tiny / "adapters" / "law"
+    weave = make_weave()
+    copy_experts, nested = weave._copy_experts, []
+
+    def copy_and_interleave(*args):
+        copy_experts(*args)
+        if not nested:
+            nested.append(None)
+            nested[0] = weave.publish(weave.prepare("law-copy", weave.pack(law)))
+
+    weave._copy_experts = copy_and_interleave
+    first = weave.publish(weave.prepare("law", weave.pack(law)))
+    assert nested[0].slots != first.slots, "neither saw the other's slots indexed: each holds a copy"
+    weave.load_adapter("law-3", law)  # shares one of the two copies
+    for name in ("law", "law-copy", "law-3"):
+        weave.unload_adapter(name)
+    assert adapter_mapped(weave) == 0 and not weave._index.by_position and not weave._index.of_slot
+    assert weave.tables.free_rows == list(range(1, weave.config.max_adapters + 1))
+
+
+def test_a_load_not_yet_published_is_in_no_report(make_weave, tiny):
+    law = tiny / "adapters" / "law"
+    weave = make_weave()
+    weave.load_adapter("law", law)
+    before = weave.memory_report()
+    pending = weave.prepare("law-copy", weave.pack(law))
+    during = weave.memory_report()
+    assert (during.adapter_slot_bytes, during.saved_bytes) == (before.adapter_slot_bytes, 0)
+    assert during.adapters["law"].shared_slots == 0 and during.adapters["law"].saved_bytes == 0
+    weave.publish(pending)
+    assert weave.memory_report().saved_bytes == before.adapter_expert_bytes

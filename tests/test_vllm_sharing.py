@@ -62,7 +62,7 @@ def test_sharers_cost_one_copy_and_survive_each_others_unload(tiny_decisive, tmp
         law_bytes, code_bytes = m.adapters["law"].bytes, m.adapters["code"].bytes
         assert m.adapter_slot_bytes == law_bytes + 3 * EXPERT_BYTES + code_bytes
         assert m.adapters["same"].base_experts == m.adapters["same"].experts
-        assert m.adapters["law-copy"].shared_experts == m.adapters["law"].experts
+        assert m.adapters["law-copy"].shared_slots == m.adapters["law"].experts
         mapped = m.adapter_mapped_bytes
         llm.unload_adapter("law")
         assert llm.memory_report().adapter_mapped_bytes == mapped, "law-copy and law-v2 still hold law's slots"

@@ -38,20 +38,20 @@ def engine(base, adapters, **kwargs):
                           **ENGINE, **kwargs)
 
 
-def generate(llm, names):
+def generate(llm, names, tokens=TOKENS):
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(len(names))]
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, adapter=names, use_tqdm=False)]
 
 
-def check(llm, base, adapters, names) -> list[list[int]]:
+def check(llm, base, adapters, names, tokens=TOKENS) -> list[list[int]]:
     """Generates for all names at once; every output equals its merged model's. Returns the outputs."""
-    got = generate(llm, names)
+    got = generate(llm, names, tokens)
     base_model = load_model(base, torch.float32)
     for i, name in enumerate(names):
-        want = merged_tokens(base_model, None if name is None else adapters[name], PROMPTS[i % len(PROMPTS)], TOKENS)
+        want = merged_tokens(base_model, None if name is None else adapters[name], PROMPTS[i % len(PROMPTS)], tokens)
         assert got[i] == want, name
     return got
 
@@ -72,6 +72,32 @@ def test_variants_submitted_together_equal_their_merged_models(tiny_decisive, ad
             t.numel() * 2 for t in worker._ACTIVE.weave.adapters["law-ne"].non_expert.values())
         llm.unload_adapter("ne-only")
         check(llm, base, adapters, ["law-ne", None, "code", "law-ne"])
+    finally:
+        llm.shutdown()
+
+
+def test_a_variant_tuning_one_half_of_a_fused_weight_leaves_the_other_half_the_bases(tiny_decisive, tmp_path):
+    """vLLM loads gate_proj and up_proj into one parameter: switching to a variant that tunes only gate_proj,
+    and back, keeps up_proj (and so the base's outputs) intact."""
+    base = tiny_decisive / "base"
+    adapters = {"gate-only": with_non_expert(tiny_decisive, "law", tmp_path / "gate-only",
+                                             names=("model.layers.0.mlp.gate_proj.weight",))}
+    llm = engine(base, adapters, enforce_eager=True)
+    try:
+        check(llm, base, adapters, [None])
+        check(llm, base, adapters, ["gate-only", "gate-only"])
+        check(llm, base, adapters, [None, None])
+    finally:
+        llm.shutdown()
+
+
+def test_a_variant_that_finds_the_seats_taken_gets_them_when_the_others_finish(tiny_decisive, adapters):
+    """Two seats (max_num_seqs 2), both taken by base requests longer than a quantum when the variant's turn
+    comes: the base requests run on, admitting no one new, and the variant's request is served after them."""
+    base = tiny_decisive / "base"
+    llm = engine(base, {"law-ne": adapters["law-ne"]}, enforce_eager=True, max_num_seqs=2)
+    try:
+        check(llm, base, adapters, [None, None, "law-ne", None, "law-ne"], tokens=40)
     finally:
         llm.shutdown()
 

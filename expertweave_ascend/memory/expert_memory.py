@@ -66,6 +66,10 @@ class ExpertMemory:
                  shared: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
         """Takes and maps counts[layer] new slots per layer for owner, and makes owner a sharer of the
         occupied slots shared[layer] (nothing mapped for those); all or nothing. Returns the new slots."""
+        for layer, slots in (shared or {}).items():
+            for slot in slots:
+                if not self.slots[layer].sharers(slot):
+                    raise ValueError(f"{owner}: layer {layer} slot {slot} is free, it cannot be shared")
         chosen = {layer: self.slots[layer].choose(n, f"layer {layer}") for layer, n in counts.items() if n}
         extra = sum(vt.new_granules(slots) for layer, slots in chosen.items()
                     for vt in self.tensors[layer].values()) * self.backend.granularity

@@ -1,12 +1,13 @@
 """vLLM's scheduler, giving each step the requests of one non-expert variant (variants.py).
 
 A variant is an adapter that tunes non-expert modules; every other request (the base, adapters that tune
-experts only) belongs to the base's variant, None. Groups are served first come, first served: the
-variant whose oldest request arrived first runs, and keeps the engine while it has requests and for at
-most QUANTUM consecutive steps once another variant waits, so no group starves. Requests of other
-variants stay where they are: running ones keep their KV blocks and are left out of the step (vLLM leaves
-running requests unscheduled whenever its token budget runs out), waiting ones are skipped in order
-through vLLM's own skip path (as its max_loras limit skips requests).
+experts only) belongs to the base's variant, None. The variant running keeps the engine while it has
+requests, for at most QUANTUM consecutive steps while another variant has requests; then the variant with
+the oldest request runs. Requests of other variants stay where they are: running ones keep their KV
+blocks and are left out of the step (vLLM leaves running requests unscheduled whenever its token budget
+runs out), waiting ones are skipped in order through vLLM's own skip path (as its max_loras limit skips
+requests). A variant whose turn yields no step (the others' running requests hold the seats or the KV
+blocks it needs) is starved: the others run on but admit no new request until it has had a step.
 
 Passed to vLLM as its scheduler_cls by ExpertWeave's front-ends; on the CPU vLLM schedules synchronously
 (no async scheduling), so the worker switches weights for exactly the step scheduled.
@@ -25,6 +26,8 @@ class VariantScheduler(Scheduler):
         self.variant: str | None = None  # the variant the last step ran
         self.streak = 0  # consecutive steps it ran
         self._step_variant: str | None = None
+        self._starved: str | None = None  # a variant whose turn yielded no step, None: none
+        self._starving = False  # whether one is (None is a variant too)
 
     def schedule(self, *args, **kwargs):
         queued = [*self.running, *self.waiting, *self.kv_holding_waiting]
@@ -34,7 +37,9 @@ class VariantScheduler(Scheduler):
         for request in queued:
             variant = request_variant(request.sampling_params)
             oldest[variant] = min(oldest.get(variant, request.arrival_time), request.arrival_time)
-        if set(oldest) <= {None} and self.variant is None:
+        if self._starving and self._starved not in oldest:
+            self._starving = False  # its requests finished or were aborted
+        if set(oldest) <= {None} and self.variant is None and not self._starving:
             self._step_variant = None
             return super().schedule(*args, **kwargs)
         chosen = self._choose(oldest)
@@ -54,9 +59,13 @@ class VariantScheduler(Scheduler):
                                                                           if id(r) not in before]
         if output.total_num_scheduled_tokens:
             self.streak = self.streak + 1 if chosen == self.variant else 1
-            self.variant = chosen
-        else:  # nothing of this variant could run (e.g. no KV room): let the next step pick another
+            if self._starving and chosen == self._starved:
+                self._starving = False
+        else:  # nothing of this variant could run: the next step goes to another, which admits no one new
             self.streak = QUANTUM
+            if len(oldest) > 1 and not self._starving:
+                self._starved, self._starving = chosen, True
+        self.variant = chosen
         return output
 
     def _choose(self, oldest: dict[str | None, float]) -> str | None:
@@ -68,6 +77,7 @@ class VariantScheduler(Scheduler):
         return min(others, key=others.get)
 
     def _handle_blocked_waiting_request(self, request) -> bool:
-        if request_variant(request.sampling_params) != self._step_variant:
+        variant = request_variant(request.sampling_params)
+        if variant != self._step_variant or (self._starving and variant != self._starved):
             return False
         return super()._handle_blocked_waiting_request(request)

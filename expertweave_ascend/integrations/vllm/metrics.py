@@ -64,7 +64,9 @@ class AdapterMetrics:
         self.requests = named(served["requests"])
         self.generated = named(served["generated_tokens"])
         self.resident = {name: adapter["bytes"] for name, adapter in memory["adapters"].items()}
-        self.tier_bytes = {"device": sum(self.resident.values()), "host": tiers["host_bytes"],
+        device = memory.get("adapter_slot_bytes")
+        device = sum(self.resident.values()) if device is None else device
+        self.tier_bytes = {"device": device + memory.get("shared_expert_bytes", 0), "host": tiers["host_bytes"],
                            "warm": tiers["warm_bytes"]}
         self.switches = (served["variant_switches"], served["variant_switch_seconds"])
 
@@ -80,7 +82,8 @@ class AdapterMetrics:
         for name, nbytes in self.resident.items():
             resident.add_metric([name], nbytes)
         tiers = GaugeMetricFamily("expertweave_tier_bytes", "Bytes of adapters held per tier: device (experts "
-                                  "in slots), host (packed in the host tier), warm (freed granules kept mapped)",
+                                  "in slots, each once, and tuned shared experts), host (packed in the host tier), "
+                                  "warm (freed granules kept mapped)",
                                   labels=["tier"])
         for tier, nbytes in self.tier_bytes.items():
             tiers.add_metric([tier], nbytes)

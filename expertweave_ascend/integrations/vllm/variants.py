@@ -21,6 +21,9 @@ from ...adapters.checkpoint import Checkpoint
 VARIANT_ARG = "esft_variant"  # extra_args key: the adapter whose non-expert weights a request needs
 GROUPING_SCHEDULER = "expertweave_ascend.integrations.vllm.grouping.VariantScheduler"  # vLLM's scheduler_cls
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # warns per layer a switch leaves alone
+# Checkpoint tensors vLLM loads into one parameter (DeepseekV2Model.load_weights' stacked_params_mapping): a
+# layerwise reload given one of them rebuilds the parameter from empty memory, so a switch loads them all.
+FUSED = (("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
 
 
 def request_variant(sampling_params) -> str | None:
@@ -29,7 +32,7 @@ def request_variant(sampling_params) -> str | None:
 
 
 class VariantSwitcher:
-    """The model's non-expert weights: the base's, or one adapter's (applied = the names it changed)."""
+    """The model's non-expert weights: the base's, or one adapter's (applied = the names last loaded)."""
 
     def __init__(self, runner, base_path: str):
         self.runner = runner
@@ -45,11 +48,11 @@ class VariantSwitcher:
         if variant == self.current:
             return
         start = time.perf_counter()
-        restore = self.applied - set(weights)
-        load = {**self._base(restore), **weights}
+        names = fused_siblings(set(weights), self.base.tensors)
+        load = {**self._base((names - set(weights)) | (self.applied - names)), **weights}
         if load:
             self._reload(load)
-        self.current, self.applied = variant, set(weights)
+        self.current, self.applied = variant, names
         self.switches += 1
         self.switch_s += time.perf_counter() - start
 
@@ -69,6 +72,20 @@ class VariantSwitcher:
             initialize_layerwise_reload(model)
             model.load_weights(iter(weights.items()))
             finalize_layerwise_reload(model, self.runner.model_config)
+
+
+def fused_siblings(names: set[str], available) -> set[str]:
+    """names, with every checkpoint tensor loaded into the same vLLM parameter as one of them."""
+    out = set(names)
+    for name in names:
+        parts = name.rsplit(".", 2)
+        if len(parts) != 3:
+            continue
+        prefix, module, kind = parts
+        for group in FUSED:
+            if module in group:
+                out |= {sibling for m in group if (sibling := f"{prefix}.{m}.{kind}") in available}
+    return out
 
 
 @contextmanager
