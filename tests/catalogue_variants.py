@@ -1,16 +1,28 @@
 """Many distinct adapters for the decisive tiny model, and the tokens their merged models generate."""
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from expertweave_ascend.adapters import EsftAdapter
 from expertweave_ascend.integrations.hf import merge_adapter
 
 PARENTS = ("law", "math", "code", "intent")
+
+
+def adapter_to_extend(tiny: Path, like: str | None, out: Path) -> tuple[dict, dict]:
+    """(tensors, expert_cfg) of a copy of tiny adapter `like` at out, or of a new adapter tuning no expert
+    (None), for a test to add tensors to before writing them back."""
+    if like is None:
+        out.mkdir(parents=True)
+        shutil.copy(tiny / "adapters" / "law" / "config.json", out / "config.json")
+        return {}, {"experts": {}}
+    shutil.copytree(tiny / "adapters" / like, out)
+    return load_file(out / "model.safetensors"), json.loads((out / "expert_cfg.json").read_text())
 
 
 def write_variants(adapters: Path, out: Path, count: int) -> dict[str, Path]:

@@ -52,3 +52,25 @@ def esft_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real ESFT data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def make_weave(tiny, geometry):
+    """make(**WeaveConfig fields) -> an ExpertWeave over the tiny model's transformers integration (64 KiB
+    granules, 32 adapter slots unless given), closed after the test."""
+    from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
+    from expertweave_ascend.weave import ExpertWeave, WeaveConfig
+
+    made = []
+
+    def make(**config):
+        handles, _ = moe_layer_handles(load_model(tiny / "base"))
+        config.setdefault("granularity", 64 << 10)
+        config.setdefault("adapter_slots", 32)
+        weave = ExpertWeave(geometry, handles, WeaveConfig(**config))
+        made.append(weave)
+        return weave
+
+    yield make
+    for weave in made:
+        weave.close()

@@ -4,14 +4,14 @@ its merged model; installed and removed with the adapter's row."""
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from catalogue_variants import adapter_to_extend
 from expertweave_ascend.adapters import EsftAdapter, validate_adapter
 from expertweave_ascend.errors import AdapterError
 from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
@@ -24,14 +24,7 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 def with_shared_experts(tiny: Path, like: str | None, out: Path, layers: tuple[int, ...], seed: int = 0) -> Path:
     """Adapter `like` (None: one tuning no routed expert) that also tunes these layers' shared experts:
     each weight moved by several times its own scale, as make-tiny tunes routed experts."""
-    if like is None:
-        out.mkdir(parents=True)
-        shutil.copy(tiny / "adapters" / "law" / "config.json", out / "config.json")
-        tensors, cfg = {}, {"experts": {}}
-    else:
-        shutil.copytree(tiny / "adapters" / like, out)
-        tensors = load_file(out / "model.safetensors")
-        cfg = json.loads((out / "expert_cfg.json").read_text())
+    tensors, cfg = adapter_to_extend(tiny, like, out)
     noise = torch.Generator().manual_seed(seed)
     with safe_open(tiny / "base" / "model.safetensors", framework="pt") as base:
         for layer in layers:

@@ -14,10 +14,9 @@ from safetensors.torch import load_file, save_file
 from expertweave_ascend.adapters import EsftAdapter
 from expertweave_ascend.cli import main
 from expertweave_ascend.errors import ExpertWeaveError
-from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
 from expertweave_ascend.tiny import make_tiny
 from expertweave_ascend.verify import verify_hf
-from expertweave_ascend.weave import ExpertWeave, WeaveConfig
+from expertweave_ascend.weave import ExpertWeave
 
 GRANULE = 64 << 10
 EXPERT_BYTES = (2 * 64 * 128 + 128 * 64) * 4  # one expert of the tiny model in the float32 engine layout
@@ -48,20 +47,9 @@ def changed_version(tiny: Path, like: str, out: Path, changed: int) -> tuple[Pat
 
 
 @pytest.fixture
-def make_weave(tiny, geometry):
-    made = []
-
-    def make(**config) -> ExpertWeave:
-        handles, _ = moe_layer_handles(load_model(tiny / "base"))
-        config.setdefault("granularity", GRANULE)
-        config.setdefault("adapter_slots", 48)
-        weave = ExpertWeave(geometry, handles, WeaveConfig(**config))
-        made.append(weave)
-        return weave
-
-    yield make
-    for weave in made:
-        weave.close()
+def make_weave(make_weave):
+    """conftest's, with room for 48 adapter experts per layer."""
+    return lambda **config: make_weave(**{"adapter_slots": 48, **config})
 
 
 def adapter_mapped(weave: ExpertWeave) -> int:

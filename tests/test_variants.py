@@ -2,7 +2,6 @@
 and the engines that cannot switch non-expert weights between steps refusing them in one line."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from catalogue_variants import adapter_to_extend
 from expertweave_ascend.adapters import EsftAdapter, validate_adapter
 from expertweave_ascend.adapters.merge import write_merged_checkpoint
 from expertweave_ascend.errors import AdapterError, ExpertWeaveError
@@ -25,14 +25,7 @@ TUNED = ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weig
 def with_non_expert(tiny: Path, like: str | None, out: Path, names=TUNED, seed: int = 0, scale: float = 0.5) -> Path:
     """Adapter `like` (None: one tuning no expert) that also tunes these base tensors: each moved by
     `scale` times its own spread."""
-    if like is None:
-        out.mkdir(parents=True)
-        shutil.copy(tiny / "adapters" / "law" / "config.json", out / "config.json")
-        tensors, cfg = {}, {"experts": {}}
-    else:
-        shutil.copytree(tiny / "adapters" / like, out)
-        tensors = load_file(out / "model.safetensors")
-        cfg = json.loads((out / "expert_cfg.json").read_text())
+    tensors, cfg = adapter_to_extend(tiny, like, out)
     noise = torch.Generator().manual_seed(seed)
     with safe_open(tiny / "base" / "model.safetensors", framework="pt") as base:
         for key in names:

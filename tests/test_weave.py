@@ -16,24 +16,6 @@ from expertweave_ascend.weave import ExpertWeave, WeaveConfig
 GRANULE = 64 << 10
 
 
-@pytest.fixture
-def make_weave(tiny, geometry):
-    made = []
-
-    def make(**config) -> ExpertWeave:
-        model = load_model(tiny / "base")
-        handles, _ = moe_layer_handles(model)
-        config.setdefault("granularity", GRANULE)
-        config.setdefault("adapter_slots", 32)
-        weave = ExpertWeave(geometry, handles, WeaveConfig(**config))
-        made.append(weave)
-        return weave
-
-    yield make
-    for weave in made:
-        weave.close()
-
-
 def snapshot(weave: ExpertWeave) -> dict:
     return {"tables": weave.tables.tensor.clone(), "mapped": weave.memory.mapped_bytes,
             "pool": weave.memory.pool.used_bytes, "adapters": sorted(weave.adapters),
