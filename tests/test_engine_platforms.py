@@ -29,7 +29,7 @@ from expertweave_ascend.integrations.vllm.platforms.cpu import VllmCpu  # noqa: 
 from expertweave_ascend.integrations.vllm.platforms.cuda import VllmCuda  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.vllm032 import refuse_model_runner_v2  # noqa: E402
 from expertweave_ascend.integrations.vllm.launch import serve_command, serve_environment  # noqa: E402
-from expertweave_ascend.integrations.vllm.variants import GROUPING_SCHEDULER  # noqa: E402
+from expertweave_ascend.integrations.vllm.engine import SCHEDULER  # noqa: E402
 
 PLATFORMS = (VllmCpu, VllmCuda, VllmAscend)
 PACKAGE = Path(expertweave_ascend.__file__).parent
@@ -227,15 +227,15 @@ def test_on_the_cpu_serve_sizes_the_kv_cache_unless_told(tiny_base, monkeypatch)
         assert not [a for a in serve_command(tiny_base, {}, "127.0.0.1", 8000, given, 4, None, None)
                     if a.startswith(("--kv-cache-memory-bytes=", "--max-model-len="))], given
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
-    assert VllmCpu().engine_defaults(set()) == {"scheduler_cls": GROUPING_SCHEDULER}
+    assert VllmCpu().engine_defaults(set()) == {"scheduler_cls": SCHEDULER}
 
 
 def test_on_the_cpu_engines_run_expertweaves_scheduler_unless_told(tiny_base):
     argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, [], 4, None, None)
-    assert f"--scheduler-cls={GROUPING_SCHEDULER}" in argv
-    assert resolve_obj_by_qualname(GROUPING_SCHEDULER).__name__ == "VariantScheduler"
+    assert f"--scheduler-cls={SCHEDULER}" in argv
+    assert resolve_obj_by_qualname(SCHEDULER).__name__ == "PairedScheduler"
     argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--scheduler-cls", "mine.Scheduler"], 4, None, None)
-    assert f"--scheduler-cls={GROUPING_SCHEDULER}" not in argv
+    assert f"--scheduler-cls={SCHEDULER}" not in argv
 
 
 def test_on_cuda_serve_asks_for_the_triton_moe_kernel_unless_told_otherwise(tiny_base, monkeypatch):

@@ -202,15 +202,17 @@ def test_no_endpoint_plugin_is_registered():
 def test_serve_starts_this_projects_api_server_module(tiny):
     argv = launch.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
     assert argv[1:3] == ["-m", "expertweave_ascend.integrations.vllm.server"]
-    assert argv[-3:] == ["--enforce-eager", "--logits-processors",
-                         "expertweave_ascend.integrations.vllm.admission:AdapterAdmission"]
+    assert argv[-4:] == ["--enforce-eager", "--logits-processors",
+                         "expertweave_ascend.integrations.vllm.admission:AdapterAdmission",
+                         "expertweave_ascend.integrations.vllm.contrastive:ContrastiveLogits"]
 
 
-def test_the_admission_processor_is_added_once_and_after_the_users_own():
-    from expertweave_ascend.integrations.vllm.admission import ADMISSION, with_admission, with_admission_args
+def test_expertweaves_processors_are_added_once_beside_the_users_own():
+    from expertweave_ascend.integrations.vllm.admission import PROCESSORS, with_processors, with_processors_args
 
-    assert with_admission(None) == [ADMISSION] and with_admission(["a", ADMISSION]) == ["a", ADMISSION]
-    assert with_admission_args(["--enforce-eager"]) == ["--enforce-eager", "--logits-processors", ADMISSION]
-    assert with_admission_args(["--logits-processors", "a", "b", "--x"]) == \
-        ["--logits-processors", ADMISSION, "a", "b", "--x"]
-    assert with_admission_args(["--logits-processors=a"]) == ["--logits-processors", "a", ADMISSION]
+    ours = list(PROCESSORS)
+    assert with_processors(None) == ours and with_processors(["a", ours[0]]) == ["a", *ours]
+    assert with_processors_args(["--enforce-eager"]) == ["--enforce-eager", "--logits-processors", *ours]
+    assert with_processors_args(["--logits-processors", "a", "b", "--x"]) == \
+        ["--logits-processors", *ours, "a", "b", "--x"]
+    assert with_processors_args(["--logits-processors=a"]) == ["--logits-processors", "a", *ours]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import EsftAdapter
+from ..contrastive import Contrastive, cold_choose, cold_scores
 from ..memory import WeightSpec
 from ..shared_experts import SharedExpertRows
 
@@ -127,6 +128,23 @@ def merge_adapter(model: nn.Module, adapter: EsftAdapter) -> nn.Module:
         for key, weight in read.non_expert().items():
             state[key].copy_(weight)
     return merged
+
+
+@torch.no_grad()
+def contrastive_tokens(adapter_model: nn.Module, base_model: nn.Module, prompt: list[int], count: int,
+                       contrastive: Contrastive) -> list[int]:
+    """The reference for contrastive decoding: greedy tokens of the CoLD rule (contrastive.py), the
+    adapter's merged model and the base model each run in full on the sequence so far."""
+    ids = torch.tensor([prompt])
+    alpha, beta = torch.tensor([contrastive.alpha]), torch.tensor([contrastive.beta])
+    out = []
+    for _ in range(count):
+        scores = cold_scores(adapter_model(input_ids=ids).logits[:, -1], base_model(input_ids=ids).logits[:, -1],
+                             alpha, beta)
+        token = int(cold_choose(scores, torch.zeros(1))[0])
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
 
 
 def model_nbytes(model: nn.Module) -> int:

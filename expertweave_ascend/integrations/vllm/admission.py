@@ -15,9 +15,11 @@ from typing import Callable
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
+from .contrastive import PROCESSOR as CONTRASTIVE_PROCESSOR
 from .engine import request_adapter
 
 ADMISSION = f"{__name__}:AdapterAdmission"  # what the engine's logits_processors gets (module:class)
+PROCESSORS = (ADMISSION, CONTRASTIVE_PROCESSOR)
 
 _gate: Callable[[str], str | None] | None = None  # adapter name -> why it may not start, or None
 
@@ -49,19 +51,20 @@ class AdapterAdmission(LogitsProcessor):
         return logits
 
 
-def with_admission(processors: list | None) -> list:
-    """The engine's logits_processors with AdapterAdmission added once."""
+def with_processors(processors: list | None) -> list:
+    """The engine's logits_processors with ExpertWeave's (admission, contrastive decoding) added once."""
     processors = list(processors or [])
-    return processors if ADMISSION in processors else [*processors, ADMISSION]
+    return processors + [p for p in PROCESSORS if p not in processors]
 
 
-def with_admission_args(vllm_args: list[str]) -> list[str]:
-    """vllm serve arguments with AdapterAdmission among --logits-processors (the flag's last use wins)."""
+def with_processors_args(vllm_args: list[str]) -> list[str]:
+    """vllm serve arguments with ExpertWeave's processors among --logits-processors (the flag's last use
+    wins)."""
     flag = "--logits-processors"
     args = list(vllm_args)
     for i in reversed(range(len(args))):
         if args[i] == flag:
-            return args[: i + 1] + [ADMISSION] + args[i + 1:]
+            return args[: i + 1] + list(PROCESSORS) + args[i + 1:]
         if args[i].startswith(flag + "="):
-            return args[:i] + [flag, args[i].partition("=")[2], ADMISSION] + args[i + 1:]
-    return args + [flag, ADMISSION]
+            return args[:i] + [flag, args[i].partition("=")[2], *PROCESSORS] + args[i + 1:]
+    return args + [flag, *PROCESSORS]

@@ -21,6 +21,10 @@ SALT_MARKER = "~esft:"
 SALT_HASH_CHARS = 32  # 128 bits of the adapter's sha256
 MAX_CACHE_SALT = 128  # vLLM's validate_cache_salt bound
 
+# vLLM's scheduler_cls: a step holds one non-expert variant (grouping.py), contrastive requests run with
+# their base twins (pairing.py)
+SCHEDULER = "expertweave_ascend.integrations.vllm.pairing.PairedScheduler"
+
 OnLoad = Callable[[object], None]  # (model runner) after the model is loaded, before warm-up
 OnSchedule = Callable[[object, object], None]  # (model runner, scheduler output) as a step starts
 OnStep = Callable[[object], None]  # (model runner) once the step's batch is laid out
@@ -113,6 +117,24 @@ def request_adapter(sampling_params) -> str | None:
     """The adapter a request names (None: the base) in its SamplingParams (None for pooling requests)."""
     extra = (sampling_params.extra_args if sampling_params is not None else None) or {}
     return extra.get(ADAPTER_ARG)
+
+
+def runs_expertweave_scheduler(vllm_config) -> bool:
+    return vllm_config.scheduler_config.scheduler_cls == SCHEDULER
+
+
+def contrastive_refusal(vllm_config) -> str | None:
+    """Why this engine cannot run contrastive requests (pairing.py), or None."""
+    scheduler = vllm_config.scheduler_config.scheduler_cls
+    if scheduler != SCHEDULER:
+        return f"contrastive decoding needs ExpertWeave's scheduler; this engine runs {scheduler} (leave scheduler_cls unset)"
+    tokens = (vllm_config.cache_config.num_gpu_blocks or 0) * vllm_config.cache_config.block_size
+    longest = vllm_config.model_config.max_model_len
+    if tokens < 2 * longest:
+        return (f"contrastive decoding runs each request beside a base-model twin, and this engine's KV cache holds "
+                f"{tokens} tokens, less than two sequences of max_model_len {longest}: raise the KV cache size or "
+                "lower max_model_len")
+    return None
 
 
 def expertweave_config(runner) -> dict | None:

@@ -13,11 +13,34 @@ Passed to vLLM as its scheduler_cls by ExpertWeave's front-ends; on the CPU vLLM
 (no async scheduling), so the worker switches weights for exactly the step scheduled.
 """
 
+from contextlib import contextmanager
+
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from .variants import request_variant
 
 QUANTUM = 16
+
+
+@contextmanager
+def sitting_out(scheduler: Scheduler, hidden: list):
+    """Leaves these running requests out of the steps scheduled inside: they keep their KV blocks, their
+    seats and their place in the running order."""
+    if not hidden:
+        yield
+        return
+    original = list(scheduler.running)
+    left_out = {id(r) for r in hidden}
+    scheduler.running[:] = [r for r in original if id(r) not in left_out]
+    scheduler.max_num_active_reqs -= len(hidden)
+    try:
+        yield
+    finally:
+        scheduler.max_num_active_reqs += len(hidden)
+        kept = left_out | {id(r) for r in scheduler.running}
+        before = {id(r) for r in original}
+        scheduler.running[:] = [r for r in original if id(r) in kept] + [r for r in scheduler.running
+                                                                          if id(r) not in before]
 
 
 class VariantScheduler(Scheduler):
@@ -44,19 +67,8 @@ class VariantScheduler(Scheduler):
             return super().schedule(*args, **kwargs)
         chosen = self._choose(oldest)
         self._step_variant = chosen
-        hidden = [r for r in self.running if request_variant(r.sampling_params) != chosen]
-        original = list(self.running)
-        self.running[:] = [r for r in original if request_variant(r.sampling_params) == chosen]
-        self.max_num_active_reqs -= len(hidden)
-        try:
+        with sitting_out(self, [r for r in self.running if request_variant(r.sampling_params) != chosen]):
             output = super().schedule(*args, **kwargs)
-        finally:
-            self.max_num_active_reqs += len(hidden)
-            now = {id(r) for r in self.running}
-            kept = {id(r) for r in hidden} | now
-            before = {id(r) for r in original}
-            self.running[:] = [r for r in original if id(r) in kept] + [r for r in self.running
-                                                                          if id(r) not in before]
         if output.total_num_scheduled_tokens:
             self.streak = self.streak + 1 if chosen == self.variant else 1
             if self._starving and chosen == self._starved:

@@ -48,7 +48,7 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
     return [sys.executable, "-m", server.__name__, "--model", base,
             "--served-model-name", base_name or Path(base).name, "--host", host, "--port", str(port),
             "--additional-config", json.dumps(config), "--worker-extension-cls", WORKER_EXTENSION, *defaults,
-            *admission.with_admission_args(vllm_args)]
+            *admission.with_processors_args(vllm_args)]
 
 
 def serve_environment(environ: dict[str, str]) -> dict[str, str]:

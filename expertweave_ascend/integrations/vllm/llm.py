@@ -7,6 +7,7 @@ from typing import Sequence
 
 from ...adapters import validate_adapter
 from ...catalogue import AdapterCatalogue
+from ...contrastive import Contrastive, parse_contrastive
 from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...reports import MemoryReport
@@ -14,7 +15,8 @@ from ...residency import Residency
 from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
-from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, shutdown_llm
+from .contrastive import CONTRASTIVE_ARG, PAIR_ARG, contrastive_arg, variant_refusal
+from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal, shutdown_llm
 from .variants import VARIANT_ARG
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
@@ -76,7 +78,7 @@ class ExpertWeaveLLM:
             consolidate_rel_l2=consolidate_rel_l2)
         for key, value in platforms.current().engine_defaults(set(llm_kwargs)).items():
             llm_kwargs.setdefault(key, value)
-        llm_kwargs["logits_processors"] = admission.with_admission(llm_kwargs.get("logits_processors"))
+        llm_kwargs["logits_processors"] = admission.with_processors(llm_kwargs.get("logits_processors"))
         for key, value in platforms.current().engine_environment().items():
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
@@ -95,14 +97,20 @@ class ExpertWeaveLLM:
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, adapter: str | None | Sequence[str | None] = None,
-                 use_tqdm: bool = True):
-        """adapter: one name (or None: the base) for every prompt, or one per prompt."""
+                 use_tqdm: bool = True, contrastive: dict | None | Sequence[dict | None] = None):
+        """adapter: one name (or None: the base) for every prompt, or one per prompt. contrastive: decode
+        against the base model, {"alpha": (0, 1], "beta": >= 0} (contrastive.py), for every prompt or one
+        per prompt (None: plain decoding); only for adapters that tune experts alone."""
 
         single = isinstance(prompts, (str, dict))
         prompts = [prompts] if single else list(prompts)
         names = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
         if len(names) != len(prompts):
             raise ValueError(f"{len(names)} adapters given for {len(prompts)} prompts")
+        options = list(contrastive) if isinstance(contrastive, (list, tuple)) else [contrastive] * len(prompts)
+        if len(options) != len(prompts):
+            raise ValueError(f"{len(options)} contrastive options given for {len(prompts)} prompts")
+        options = [self._contrastive(option, name) for option, name in zip(options, names)]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         outputs: list = [None] * len(prompts)
         for k, wave in enumerate(self._waves(names)):
@@ -112,13 +120,24 @@ class ExpertWeaveLLM:
                 self._make_resident(wave)
                 chosen = [i for i, name in enumerate(names) if name in wave or (k == 0 and name is None)]
                 done = self._generate([prompts[i] for i in chosen], [params[i] for i in chosen],
-                                      [names[i] for i in chosen], use_tqdm)
+                                      [names[i] for i in chosen], [options[i] for i in chosen], use_tqdm)
             finally:
                 for name in wave:
                     self.residency.release(name)
             for i, output in zip(chosen, done):
                 outputs[i] = output
         return outputs[0] if single else outputs
+
+    def _contrastive(self, option, name: str | None) -> Contrastive | None:
+        if option is None:
+            return None
+        option = parse_contrastive(option)
+        if name is None:
+            raise ValueError("contrastive decoding contrasts an adapter with its base model: name an adapter")
+        refusal = contrastive_refusal(self.llm.llm_engine.vllm_config)
+        if refusal is not None:
+            raise ValueError(refusal)
+        return option
 
     def _waves(self, names: list[str | None]) -> list[set[str]]:
         """The adapters named, in groups of at most max_adapters (one group, maybe empty, when they fit)."""
@@ -152,7 +171,8 @@ class ExpertWeaveLLM:
                                 "adapter_slots")
         self.unload_adapter(victim)
 
-    def _generate(self, prompts: list, params: list, names: list[str | None], use_tqdm: bool) -> list:
+    def _generate(self, prompts: list, params: list, names: list[str | None], options: list[Contrastive | None],
+                  use_tqdm: bool) -> list:
         from vllm import SamplingParams
 
         if not prompts:
@@ -164,10 +184,12 @@ class ExpertWeaveLLM:
             if sha256 is None:  # unloaded since the check
                 raise AdapterStateError(f"unknown adapter {name!r}")
         requests, per_request = [], []
-        for prompt, name, sp in zip(prompts, names, params):
+        for prompt, name, sp, option in zip(prompts, names, params, options):
             sp = (sp or SamplingParams()).clone()
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            for arg in (ADAPTER_ARG, VARIANT_ARG):
+            if option is not None and name in variants:
+                raise ValueError(variant_refusal(name))
+            for arg in (ADAPTER_ARG, VARIANT_ARG, CONTRASTIVE_ARG, PAIR_ARG):
                 if (sp.extra_args or {}).get(arg) is not None:
                     raise ValueError(f"extra_args[{arg!r}] is set by ExpertWeaveLLM: pass adapter= instead")
             if name is None:
@@ -176,7 +198,8 @@ class ExpertWeaveLLM:
                     raise ValueError(problem)
             else:
                 sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name,
-                                 **({VARIANT_ARG: name} if name in variants else {})}
+                                 **({VARIANT_ARG: name} if name in variants else {}),
+                                 **({CONTRASTIVE_ARG: contrastive_arg(option)} if option is not None else {})}
                 prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)

@@ -6,7 +6,8 @@ vLLM's API-server code builds the app and runs it; this module adds, to the app 
   POST /v1/unload_esft_adapter {"adapter_name", "timeout"?}            (waits for the adapter's requests)
 and an ASGI middleware (AdapterModelMiddleware) that turns `"model": "<adapter>"` into that request's
 adapter on completions and chat completions, refuses it on every other route, and lists adapters in
-/v1/models. It needs no endpoint plugin (vLLM 0.23 has no such plugin group) and leaves VLLM_PLUGINS as
+/v1/models. On those two routes a top-level `"contrastive": {"alpha", "beta"}` decodes the adapter against
+its base model (contrastive.py; the response carries x-esft-contrastive). It needs no endpoint plugin (vLLM 0.23 has no such plugin group) and leaves VLLM_PLUGINS as
 the user set it, so platform plugins (vllm-ascend's) and other general plugins load. Adapter names are
 not vLLM model names: a route the middleware does not rewrite answers them with vLLM's own 404.
 
@@ -34,7 +35,9 @@ from ...files import confined
 from ...geometry import BaseGeometry
 from ...residency import Residency
 from . import admission, agreement, lifetime
-from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem
+from ...contrastive import parse_contrastive
+from .contrastive import CONTRASTIVE_ARG, PAIR_ARG, contrastive_arg, variant_refusal
+from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal
 from .variants import VARIANT_ARG
 from .metrics import AdapterMetrics
 from .tiering import AdapterEntry, AdapterLoadFailed, AdapterNotFound, AdapterUnavailable, TieredAdapters
@@ -126,12 +129,15 @@ class AdapterModelMiddleware:
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
         body = _json_object(raw)
-        name = None
+        name, option = None, None
         if body is not None:
             model = body.get("model")
             if isinstance(model, str) and model != registry.base_name and await self.front_end.tiers.known(model):
                 name = model
             refusal = self._refusal(scope["path"], body, name, registry)
+            if refusal is None and "contrastive" in body:
+                refusal, option = self.front_end.contrastive(body.pop("contrastive"), name)
+                raw = json.dumps(body).encode()
             if refusal is not None:
                 return await refusal(scope, receive, send)
         if name is None:
@@ -146,21 +152,28 @@ class AdapterModelMiddleware:
         except AdapterUnavailable as e:
             return await _error(503, str(e), "ServiceUnavailableError")(scope, receive, send)
         try:  # the lease keeps the adapter on the device until the response has ended
+            headers = lease.headers()
+            if option is not None:
+                if lease.entry.variant:
+                    return await _error(400, variant_refusal(name))(scope, receive, send)
+                headers.append((b"x-esft-contrastive", f"alpha={option.alpha}, beta={option.beta}".encode()))
             body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name,
-                                  **({VARIANT_ARG: name} if lease.entry.variant else {})}
+                                  **({VARIANT_ARG: name} if lease.entry.variant else {}),
+                                  **({CONTRASTIVE_ARG: contrastive_arg(option)} if option is not None else {})}
             body["cache_salt"] = adapter_cache_salt(lease.entry.sha256, body.get("cache_salt"))
             body["model"] = registry.base_name
             replay = _replay(json.dumps(body).encode(), receive)
-            return await self.app(scope, replay, _renaming(send, registry.base_name, name, lease.headers()))
+            return await self.app(scope, replay, _renaming(send, registry.base_name, name, headers))
         finally:
             tiers.release(name)
 
     @staticmethod
     def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
         xargs = body.get("vllm_xargs")
-        for arg in (ADAPTER_ARG, VARIANT_ARG):
+        for arg in (ADAPTER_ARG, VARIANT_ARG, CONTRASTIVE_ARG, PAIR_ARG):
             if isinstance(xargs, dict) and arg in xargs:
-                return _error(400, f"vllm_xargs.{arg} is set by the server: name the adapter in \"model\"")
+                return _error(400, f"vllm_xargs.{arg} is set by the server: name the adapter in \"model\" "
+                                   "(and contrastive decoding in \"contrastive\")")
         problem = client_salt_problem(body.get("cache_salt"))
         if problem is not None:
             return _error(400, problem)
@@ -317,6 +330,22 @@ class ExpertWeaveFrontEnd:
         if name in self.registry.unloading or name in self.tiers.residency.evicting:
             return f"adapter {name!r} is being unloaded"
         return None
+
+    def contrastive(self, value, name: str | None):
+        """(refusal, option) for a request's "contrastive" field (null: plain decoding)."""
+        if value is None:
+            return None, None
+        try:
+            option = parse_contrastive(value)
+        except ValueError as e:
+            return _error(400, str(e)), None
+        if name is None:
+            return _error(400, "contrastive decoding contrasts an adapter with its base model: set \"model\" to an "
+                               f"ESFT adapter (the base model is {self.registry.base_name!r})"), None
+        refusal = contrastive_refusal(self.engine.vllm_config)
+        if refusal is not None:
+            return _error(400, refusal), None
+        return None, option
 
     def public(self, message: str) -> str:
         """An error message fit for a client: without the adapter root's path."""

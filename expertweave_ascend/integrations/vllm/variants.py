@@ -19,7 +19,6 @@ import torch
 from ...adapters.checkpoint import Checkpoint
 
 VARIANT_ARG = "esft_variant"  # extra_args key: the adapter whose non-expert weights a request needs
-GROUPING_SCHEDULER = "expertweave_ascend.integrations.vllm.grouping.VariantScheduler"  # vLLM's scheduler_cls
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # warns per layer a switch leaves alone
 # Checkpoint tensors vLLM loads into one parameter (DeepseekV2Model.load_weights' stacked_params_mapping): a
 # layerwise reload given one of them rebuilds the parameter from empty memory, so a switch loads them all.

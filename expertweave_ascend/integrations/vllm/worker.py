@@ -18,6 +18,7 @@ from ...host_tier import HostTier
 from ...loader import BackgroundLoader
 from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
+from .contrastive import is_twin
 from .engine import expertweave_config, request_adapter
 from .layer import VllmMoELayer
 from .variants import VariantSwitcher
@@ -59,6 +60,7 @@ class WorkerWeave:
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
         # scheduled, not finished: request id -> (adapter, row, prompt length)
         self.requests: dict[str, tuple[str | None, int, int]] = {}
+        self.twins: set[str] = set()  # scheduled base twins of contrastive requests (pairing.py): not counted
         self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
         self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
         self.switcher = VariantSwitcher(model_runner, model_runner.model_config.model) \
@@ -89,6 +91,7 @@ class WorkerWeave:
             seen = self.requests.pop(req_id, None)
             if seen is not None:
                 self.weave.end_request(seen[0])
+            self.twins.discard(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             name = request_adapter(new.sampling_params)
             try:
@@ -99,6 +102,9 @@ class WorkerWeave:
                 raise ExpertWeaveError(f"request {new.req_id}: {e}; send requests through ExpertWeaveLLM or "
                                        "expertweave serve") from None
             self.requests[new.req_id] = (name, row, len(new.prompt_token_ids or ()))
+            if is_twin(new.sampling_params):
+                self.twins.add(new.req_id)
+                continue
             self.started[name] += 1
             self._count_sampled(new.req_id, new.num_computed_tokens, 0, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -127,7 +133,7 @@ class WorkerWeave:
     def _count_sampled(self, req_id: str, computed: int, outputs: int, scheduler_output) -> None:
         """A request samples a token in a step that computes its whole sequence so far (prompt and outputs)."""
         seen = self.requests.get(req_id)
-        if seen is None:
+        if seen is None or req_id in self.twins:
             return
         name, _, prompt_len = seen
         if computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) >= prompt_len + outputs:

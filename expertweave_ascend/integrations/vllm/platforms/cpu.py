@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from ..variants import GROUPING_SCHEDULER
+from ..engine import SCHEDULER, runs_expertweave_scheduler
 from .vllm032 import Vllm032
 
 # vLLM's CPU worker otherwise reserves 92% of the machine's memory (--gpu-memory-utilization) and
@@ -20,9 +20,9 @@ class VllmCpu(Vllm032):
     def engine_defaults(self, given: set[str]) -> dict:
         """A 1 GiB KV cache and the longest context that fits it (max_model_len -1: vLLM's auto-fit),
         unless the user sized the cache (or its context) in any of vLLM's ways; and ExpertWeave's scheduler,
-        which keeps adapters with other non-expert weights out of a step (vLLM's CPU platform schedules
-        synchronously, which the switch between steps needs)."""
-        defaults = {} if "scheduler_cls" in given else {"scheduler_cls": GROUPING_SCHEDULER}
+        which keeps adapters with other non-expert weights out of a step and runs contrastive requests with their
+        twins (vLLM's CPU platform schedules synchronously, which both need)."""
+        defaults = {} if "scheduler_cls" in given else {"scheduler_cls": SCHEDULER}
         if given & {"kv_cache_memory_bytes", "gpu_memory_utilization"} or "VLLM_CPU_KVCACHE_SPACE" in os.environ:
             return defaults
         return {**defaults, "kv_cache_memory_bytes": KV_CACHE_BYTES,
@@ -30,7 +30,7 @@ class VllmCpu(Vllm032):
 
     def serves_non_expert_variants(self, runner) -> bool:
         """Only under ExpertWeave's scheduler, which the engine defaults name."""
-        return runner.vllm_config.scheduler_config.scheduler_cls == GROUPING_SCHEDULER
+        return runs_expertweave_scheduler(runner.vllm_config)
 
     def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
