@@ -58,6 +58,12 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
                      f"{sum(r['outputs_equal'] for r in exact)} of {len(exact) * s['consolidation']['adapters']}",
                      "tiny model, spread adapters", all(r["outputs_equal"] == s["consolidation"]["adapters"]
                                                         and r["saved_bytes"] == 0 for r in exact)))
+    if "contrastive" in s:
+        busy = [r for r in s["contrastive"]["rows"] if r["concurrency"] >= 8]
+        worst = max(busy, key=lambda r: r["cost_ratio"])
+        rows.append(("contrastive per-token cost <= 1.5x plain at 8+ concurrent", f"x{worst['cost_ratio']:.3f}",
+                     f"{worst['concurrency']} concurrent (median of {s['contrastive']['rounds']} rounds)",
+                     worst["cost_ratio"] <= 1.5))
     return rows
 
 
@@ -212,6 +218,25 @@ def markdown(results: dict, stem: str) -> str:
                           ["ExpertWeave / merged", f"x{ratio['mean_e2el_ms']:.3f}", f"x{ratio['median_ttft_ms']:.3f}",
                            f"x{ratio['mean_ttft_ms']:.3f}", f"x{ratio['p99_ttft_ms']:.3f}",
                            f"x{ratio['output_throughput']:.3f}"]]), plot="reconfiguration", stem=stem)
+    if "contrastive" in s:
+        c = s["contrastive"]
+        kv = c["kv_blocks"]
+        lines += _section("Contrastive decoding (CoLD): cost against plain adapter decoding",
+                  f"One ExpertWeave engine, {c['adapters']} bench-model adapters round robin, the same prompts as plain "
+                  f"adapter requests and as contrastive ones (alpha {c['option']['alpha']:g}, beta "
+                  f"{c['option']['beta']:g}; each runs beside a hidden base twin), {c['out_tokens']} tokens each. "
+                  "Decode tok/s counts the tokens clients receive; the per-token cost ratio is plain / contrastive "
+                  f"within a round, median of {c['rounds']} rounds (quartiles).",
+                  _table(["concurrent requests", "plain tok/s", "contrastive tok/s", "per-token cost", "quartiles"],
+                         [[r["concurrency"], f"{r['plain_tokens_per_s']:.1f}", f"{r['contrastive_tokens_per_s']:.1f}",
+                           f"x{r['cost_ratio']:.3f}",
+                           f"{r['cost_ratio_quartiles'][0]:.3f}..{r['cost_ratio_quartiles'][-1]:.3f}"]
+                          for r in c["rows"]]),
+                  f"KV blocks ({c['block_size']} tokens) held for one request of {c['prompt_tokens']} + "
+                  f"{c['out_tokens']} tokens: plain {kv['plain']}, contrastive {kv['contrastive']} "
+                  f"(x{kv['contrastive'] / kv['plain']:.2f}; prefix caching "
+                  f"{'on' if c['prefix_caching'] else 'off, as vLLM sets it for MLA models on this CPU'}).",
+                  plot="contrastive", stem=stem)
     return "\n".join(lines) + "\n"
 
 
@@ -305,6 +330,24 @@ def plots(results: dict, out: Path, stem: str) -> list[Path]:
         ax.set(ylabel="ms", title="non-expert variants: one engine vs merged engines")
         ax.legend()
         save(fig, "reconfiguration")
+    if "contrastive" in s:
+        rows = s["contrastive"]["rows"]
+        x = [r["concurrency"] for r in rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(x, [r["plain_tokens_per_s"] for r in rows], "o-", label="plain adapter")
+        a.plot(x, [r["contrastive_tokens_per_s"] for r in rows], "o-", label="contrastive")
+        a.set(xscale="log", xlabel="concurrent requests", ylabel="decode tok/s", title="decode throughput")
+        a.legend()
+        b.plot(x, [r["cost_ratio"] for r in rows], "o-")
+        b.fill_between(x, [r["cost_ratio_quartiles"][0] for r in rows], [r["cost_ratio_quartiles"][-1] for r in rows],
+                       alpha=0.3)
+        b.axhline(1.5, color="grey", ls="--", label="1.5x goal")
+        b.set(xscale="log", xlabel="concurrent requests", ylabel="contrastive / plain", title="per-token cost")
+        b.legend()
+        for ax in (a, b):
+            ax.set_xticks(x)
+            ax.set_xticklabels([str(v) for v in x])
+        save(fig, "contrastive")
     return written
 
 

@@ -8,7 +8,8 @@ reroute (share of a CPU MoE layer at DeepSeek-V2-Lite shapes), hotload (adapter 
 serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP),
 tiering (100 catalogued adapters with room for 8: all resident vs on-demand LRU vs the full policy),
 consolidation (near-duplicate experts served by one copy: bytes saved vs divergence, per threshold),
-reconfiguration (adapters tuning non-expert modules: one ExpertWeave engine vs one engine per merged model).
+reconfiguration (adapters tuning non-expert modules: one ExpertWeave engine vs one engine per merged model),
+contrastive (contrastive decoding against the base vs plain adapter decoding: per-token cost, KV blocks).
 --quick: fewer and shorter replays, eager engines (no torch.compile), fewer token counts; under 10
 minutes on 2 cores. Check for stale vLLM processes first (`ps aux | grep -i vllm`): they busy-poll.
 """
@@ -24,13 +25,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import consolidation, hotload, memory, reconfiguration, report, reroute_share, serving, tiering
+from . import consolidation, contrastive, hotload, memory, reconfiguration, report, reroute_share, serving, tiering
 from . import servers as srv
 from .bench_model import BUILT, build, cache_dir, merged
 from .serving import ServingConfig
 from .tiering import TieringConfig
 
-SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering", "consolidation", "reconfiguration")
+SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering", "consolidation", "reconfiguration", "contrastive")
 KV_CACHE_BYTES = 256 << 20  # per engine side: ExpertWeave and base-only each; merged engines split it
 
 
@@ -42,17 +43,18 @@ class Settings:
     hotload_repeats: int
     serving: ServingConfig
     tiering: TieringConfig
+    contrastive_rounds: int
     eager: bool
 
 
 FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
                 hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
                 serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3),
-                tiering=TieringConfig(requests=240, rate=2.0), eager=False)
+                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, eager=False)
 QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
                  hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
                  serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2),
-                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), eager=True)
+                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, eager=True)
 
 
 def machine() -> dict:
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="expertweave-bench-logs-") as logs:
             results["sections"]["reconfiguration"] = reconfiguration.measure(
                 cfg, base, adapters, cache_dir() / "variants", KV_CACHE_BYTES, settings.eager, Path(logs), progress)
+    if "contrastive" in only:
+        progress(f"contrastive: {contrastive.ADAPTERS} adapters, plain vs contrastive decoding")
+        results["sections"]["contrastive"] = contrastive.measure(settings.contrastive_rounds, eager=settings.eager,
+                                                                 kv_cache_bytes=KV_CACHE_BYTES, progress=progress)
     results["elapsed_s"] = time.perf_counter() - started
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -71,30 +71,44 @@ class ContrastiveLogits(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.rows: dict[int, _Row] = {}  # batch index -> its pair, for the rows of pairs
+        self.pairs: _Pairs | None = None  # the complete pairs among rows; built again when the batch changes
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.rows, batch_update,
-                             lambda params, _prompt, _output: _Row(params) if request_pair(params) else None)
+        if process_dict_updates(self.rows, batch_update,
+                                lambda params, _prompt, _output: _Row(params) if request_pair(params) else None):
+            self.pairs = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
+        if self.pairs is None:
+            self.pairs = _Pairs(self.rows)
+        pairs = self.pairs
+        if not pairs.rows:
+            return logits
+        scores = cold_scores(logits[pairs.adapter_rows], logits[pairs.base_rows], pairs.alpha, pairs.beta)
+        chosen = cold_choose(scores, pairs.temperature, pairs.generators)
+        logits[pairs.both] = float("-inf")
+        logits[pairs.both, torch.cat([chosen, chosen])] = 0.0
+        return logits
+
+
+class _Pairs:
+    """The batch rows of the pairs with both members in the batch, and their options, as tensors."""
+
+    def __init__(self, rows: dict[int, _Row]):
         members: dict[str, dict[str, int]] = {}
-        for index, row in self.rows.items():
+        for index, row in rows.items():
             members.setdefault(row.pair, {})[row.role] = index
         pairs = [(m["adapter"], m["base"]) for m in members.values() if len(m) == 2]
-        if not pairs:
-            return logits
-        adapter_rows = torch.tensor([a for a, _ in pairs])
-        base_rows = torch.tensor([b for _, b in pairs])
-        rows = [self.rows[a] for a, _ in pairs]
-        scores = cold_scores(logits[adapter_rows], logits[base_rows], torch.tensor([r.alpha for r in rows]),
-                             torch.tensor([r.beta for r in rows]))
-        chosen = cold_choose(scores, torch.tensor([r.temperature for r in rows]), [r.generator for r in rows])
-        both = torch.cat([adapter_rows, base_rows])
-        logits[both] = float("-inf")
-        logits[both, torch.cat([chosen, chosen])] = 0.0
-        return logits
+        self.rows = [rows[a] for a, _ in pairs]
+        self.adapter_rows = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+        self.base_rows = torch.tensor([b for _, b in pairs], dtype=torch.long)
+        self.both = torch.cat([self.adapter_rows, self.base_rows])
+        self.alpha = torch.tensor([r.alpha for r in self.rows])
+        self.beta = torch.tensor([r.beta for r in self.rows])
+        self.temperature = torch.tensor([r.temperature for r in self.rows])
+        self.generators = [r.generator for r in self.rows]
