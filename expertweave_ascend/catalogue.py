@@ -3,7 +3,8 @@
 
 from pathlib import Path
 
-from .adapters.esft import CFG_NAME
+from .adapters.esft import CFG_NAME, EsftAdapter
+from .errors import ExpertWeaveError
 from .files import confined
 
 
@@ -23,6 +24,15 @@ class AdapterCatalogue:
         if not (path / CFG_NAME).is_file():
             return None
         return confined(self.root, name)
+
+    def tunes_non_experts(self, name: str) -> bool | None:
+        """Whether the named adapter also tunes non-expert modules, read from its files without loading it
+        (None: not in the catalogue, or unreadable, which loading it reports)."""
+        try:
+            path = self.path(name)
+            return None if path is None else EsftAdapter.open(path).non_expert_modules
+        except ExpertWeaveError:
+            return None
 
     def names(self) -> list[str]:
         found = set(self.named)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as vLLM's sampler does
+MAX_BETA = 100.0  # the score grows with beta; past this the base's log-probabilities alone decide
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,21 @@ def parse_contrastive(value, where: str = "contrastive") -> Contrastive:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} (expected alpha, beta)")
     fields = {**Contrastive().to_json(), **value}
     for name, number in fields.items():
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-            raise ValueError(f"{where}.{name}: expected a finite number, got {number!r}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not _finite(number):
+            shown = repr(number) if len(repr(number)) <= 40 else repr(number)[:40] + "..."
+            raise ValueError(f"{where}.{name}: expected a finite number, got {shown}")
     if not 0 < fields["alpha"] <= 1:
         raise ValueError(f"{where}.alpha: {fields['alpha']!r} is outside (0, 1]")
-    if fields["beta"] < 0:
-        raise ValueError(f"{where}.beta: {fields['beta']!r} is negative")
+    if not 0 <= fields["beta"] <= MAX_BETA:
+        raise ValueError(f"{where}.beta: {fields['beta']!r} is outside [0, {MAX_BETA:g}]")
     return Contrastive(float(fields["alpha"]), float(fields["beta"]))
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def cold_scores(adapter_logits: torch.Tensor, base_logits: torch.Tensor, alpha: torch.Tensor,
@@ -52,8 +61,8 @@ def cold_scores(adapter_logits: torch.Tensor, base_logits: torch.Tensor, alpha: 
     """Scores [N, V] of N sequences (alpha, beta: [N]); -inf outside each row's candidates."""
     s_a = torch.log_softmax(adapter_logits.float(), dim=-1)
     s_b = torch.log_softmax(base_logits.float(), dim=-1)
-    plausible = s_a >= torch.log(alpha)[:, None] + s_a.max(dim=-1, keepdim=True).values
-    beta = beta[:, None]
+    plausible = s_a >= torch.log(alpha.to(s_a.device))[:, None] + s_a.max(dim=-1, keepdim=True).values
+    beta = beta.to(s_a.device)[:, None]
     scores = (1 + beta) * s_a - beta * s_b
     return scores.masked_fill(~plausible, float("-inf"))
 
@@ -63,7 +72,9 @@ def cold_choose(scores: torch.Tensor, temperature: torch.Tensor,
     """The token of each row of cold_scores: the best score, or a sample of softmax(score / temperature)."""
     chosen = scores.argmax(dim=-1)
     for i in torch.nonzero(temperature >= GREEDY_BELOW).flatten().tolist():
-        probs = torch.softmax(scores[i] / temperature[i], dim=-1)
+        probs = torch.softmax(scores[i] / float(temperature[i]), dim=-1)
         generator = generators[i] if generators is not None else None
-        chosen[i] = torch.multinomial(probs, 1, generator=generator)[0]
+        if generator is not None:
+            probs = probs.to(generator.device)
+        chosen[i] = torch.multinomial(probs, 1, generator=generator)[0].to(chosen.device)
     return chosen

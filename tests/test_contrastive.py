@@ -55,7 +55,9 @@ def test_sampling_draws_only_candidates_and_repeats_with_a_seed():
     ({"alpha": 0.1, "gamma": 1}, "contrastive: unknown field(s) gamma"),
     ({"alpha": 0}, "contrastive.alpha: 0 is outside (0, 1]"),
     ({"alpha": 1.5}, "contrastive.alpha: 1.5 is outside (0, 1]"),
-    ({"beta": -0.5}, "contrastive.beta: -0.5 is negative"),
+    ({"beta": -0.5}, "contrastive.beta: -0.5 is outside [0, 100]"),
+    ({"beta": 1e39}, "contrastive.beta: 1e+39 is outside [0, 100]"),
+    ({"alpha": 10 ** 400}, "contrastive.alpha: expected a finite number, got 1000000000"),
     ({"beta": float("nan")}, "contrastive.beta: expected a finite number, got nan"),
     ({"alpha": "0.1"}, "contrastive.alpha: expected a finite number, got '0.1'"),
     ({"beta": True}, "contrastive.beta: expected a finite number, got True"),
@@ -80,3 +82,13 @@ def test_the_reference_with_beta_zero_is_plain_greedy_decoding_and_contrast_chan
     plain = merged_tokens(base, adapter, prompt, 8)
     assert contrastive_tokens(law, base, prompt, 8, Contrastive(0.1, 0.0)) == plain
     assert contrastive_tokens(law, base, prompt, 8, Contrastive(0.001, 5.0)) != plain
+
+
+def test_the_catalogue_tells_adapters_tuning_non_expert_modules_without_loading_them(tiny_decisive, tmp_path):
+    from expertweave_ascend.catalogue import AdapterCatalogue
+    from test_variants import with_non_expert
+
+    catalogue = AdapterCatalogue(named={"law": tiny_decisive / "adapters" / "law",
+                                        "law-ne": with_non_expert(tiny_decisive, "law", tmp_path / "law-ne"),
+                                        "broken": tmp_path / "missing"})
+    assert [catalogue.tunes_non_experts(n) for n in ("law", "law-ne", "broken", "unknown")] == [False, True, None, None]

@@ -78,9 +78,11 @@ def test_a_streamed_chat_completion_equals_the_same_request_in_one_piece(server)
 
 @pytest.mark.parametrize("model, extra, message", [
     ("law", {"contrastive": {"alpha": 0}}, "contrastive.alpha: 0 is outside (0, 1]"),
-    ("law", {"contrastive": {"beta": -1}}, "contrastive.beta: -1 is negative"),
+    ("law", {"contrastive": {"beta": -1}}, "contrastive.beta: -1 is outside [0, 100]"),
     ("law", {"contrastive": {"alpha": 0.1, "gamma": 2}}, "contrastive: unknown field(s) gamma"),
     ("law", {"contrastive": "yes"}, "contrastive: expected an object"),
+    ("law", {"contrastive": {"beta": 10 ** 400}}, "contrastive.beta: expected a finite number, got 1000"),
+    ("law", {"contrastive": OPTION, "prompt_logprobs": 1}, "contrastive decoding does not return prompt_logprobs"),
     ("base", {"contrastive": OPTION}, "contrastive decoding contrasts an adapter with its base model: set \"model\""),
     ("law", {"vllm_xargs": {"esft_contrastive": [0.1, 0.5]}}, "vllm_xargs.esft_contrastive is set by the server"),
     ("law", {"vllm_xargs": {"esft_pair": ["x", "base"]}}, "vllm_xargs.esft_pair is set by the server"),

@@ -121,6 +121,41 @@ def test_aborting_a_contrastive_request_frees_its_twin(llm):
     assert not core.has_unfinished_requests()
 
 
+def test_a_request_whose_twin_ends_first_fails_and_leaves_nothing(llm):
+    """Only an engine fault ends a twin alone (it has one token more to go than its request); the request
+    then fails rather than run unpaired."""
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
+    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG
+
+    core, sched = llm.llm.llm_engine, scheduler(llm)
+    free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True,
+                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
+    core.add_request("orphan", {"prompt_token_ids": [5, 17, 42]}, params)
+    for _ in range(3):
+        core.step()
+    (twin,) = sched.twin_ids
+    sched.finish_requests(twin, RequestStatus.FINISHED_ABORTED)
+    outputs = [o for _ in range(2) for o in core.step()]
+    assert [(o.finished, o.outputs[0].finish_reason) for o in outputs] == [(True, "error")]
+    assert not sched.requests and not sched.twins and not sched.twin_ids
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == free
+
+
+def test_seeded_sampling_repeats_whatever_the_batch(llm):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 17, 42, 99]}] * 3
+    alone = llm.generate(prompts[:1], params, adapter="law", contrastive=OPTIONS[0], use_tqdm=False)
+    together = llm.generate(prompts, params, adapter="law", contrastive=OPTIONS[0], use_tqdm=False)
+    want = list(alone[0].outputs[0].token_ids)
+    assert [list(o.outputs[0].token_ids) for o in together] == [want] * 3
+
+
 def test_refusals_name_the_problem(llm, tiny_decisive, tmp_path):
     with pytest.raises(ValueError, match="contrastive decoding contrasts an adapter with its base model"):
         llm.generate([{"prompt_token_ids": [5, 17]}], None, adapter=None, contrastive=OPTIONS[0], use_tqdm=False)
@@ -128,6 +163,16 @@ def test_refusals_name_the_problem(llm, tiny_decisive, tmp_path):
         llm.generate([{"prompt_token_ids": [5, 17]}], None, adapter="law", contrastive={"alpha": 2}, use_tqdm=False)
     with pytest.raises(ValueError, match="2 contrastive options given for 1 prompts"):
         llm.generate([{"prompt_token_ids": [5, 17]}], None, adapter="law", contrastive=[None, None], use_tqdm=False)
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    for params, message in ((SamplingParams(prompt_logprobs=1), "contrastive decoding does not return prompt_logprobs"),
+                            (SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a", "b"])),
+                             "contrastive decoding does not take structured outputs")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate([{"prompt_token_ids": [5, 17]}], params, adapter="law", contrastive={}, use_tqdm=False)
+    with pytest.raises(ValueError, match="not prompt_embeds"):
+        llm.generate([{"prompt_embeds": torch.zeros(2, 8)}], None, adapter="law", contrastive={}, use_tqdm=False)
     llm.load_adapter("law-ne", with_non_expert(tiny_decisive, "law", tmp_path / "law-ne"))
     try:
         with pytest.raises(ValueError, match="adapter 'law-ne' tunes non-expert modules"):
@@ -137,7 +182,14 @@ def test_refusals_name_the_problem(llm, tiny_decisive, tmp_path):
     assert not scheduler(llm).requests
 
 
-def test_an_engine_that_cannot_pair_requests_is_named_in_the_refusal(llm):
+@pytest.mark.parametrize("change, message", [
+    ({"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"},
+     "contrastive decoding needs ExpertWeave's scheduler, the default of vLLM CPU engines; this engine runs "
+     "vllm.v1.core.sched.scheduler.Scheduler"),
+    ({"async_scheduling": True}, "contrastive decoding needs synchronous scheduling"),
+    ({"max_num_seqs": 1}, "contrastive decoding runs each request beside a base-model twin: max_num_seqs must be 2"),
+])
+def test_an_engine_that_cannot_pair_requests_is_named_in_the_refusal(llm, change, message):
     import copy
 
     from expertweave_ascend.integrations.vllm.engine import contrastive_refusal
@@ -146,9 +198,17 @@ def test_an_engine_that_cannot_pair_requests_is_named_in_the_refusal(llm):
     assert contrastive_refusal(config) is None
     other = copy.copy(config)
     other.scheduler_config = copy.copy(config.scheduler_config)
-    other.scheduler_config.scheduler_cls = "vllm.v1.core.sched.scheduler.Scheduler"
-    assert contrastive_refusal(other).startswith("contrastive decoding needs ExpertWeave's scheduler; this engine "
-                                                 "runs vllm.v1.core.sched.scheduler.Scheduler")
+    for key, value in change.items():
+        setattr(other.scheduler_config, key, value)
+    assert contrastive_refusal(other).startswith(message)
+
+
+def test_an_engine_whose_kv_cache_holds_one_longest_sequence_refuses(llm):
+    import copy
+
+    from expertweave_ascend.integrations.vllm.engine import contrastive_refusal
+
+    config = llm.llm.llm_engine.vllm_config
     short = copy.copy(config)
     short.cache_config = copy.copy(config.cache_config)
     short.cache_config.num_gpu_blocks = 256 // config.cache_config.block_size  # one max_model_len sequence
@@ -187,7 +247,14 @@ def test_long_prompts_in_chunks_and_preempted_pairs_equal_the_reference(tiny_dec
         prompts = [[rng.randrange(3, 250) for _ in range(rng.choice([3, 7, 40, 60]))] for _ in range(12)]
         names = ["law", "math", None, "law"] * 3
         options = [OPTIONS[1], None, None, OPTIONS[2]] * 3
+        from expertweave_ascend.integrations.vllm import worker
+
+        before = worker._ACTIVE.generated.copy()
         got = generate(llm, prompts, names, options, 40)
+        generated = worker._ACTIVE.generated
+        assert {n: generated[n] - before[n] for n in ("law", "math", None)} == \
+            {"law": 40 * names.count("law"), "math": 40 * names.count("math"), None: 40 * names.count(None)}, \
+            "every token a client got counted once; twins' and dropped samples not at all"
         assert max(map(len, prompts)) > 32
         for p, n, o, g in zip(prompts, names, options, got):
             assert g == references.tokens(p, n, o, 40), (len(p), n, o)

@@ -41,6 +41,18 @@ def request_contrastive(sampling_params) -> Contrastive | None:
     return parse_contrastive({"alpha": value[0], "beta": value[1]}, where)
 
 
+def params_problem(sampling_params) -> str | None:
+    """Why these sampling parameters cannot go with contrastive decoding, or None. (Prompt logprobs come back
+    in the step a prompt ends, which a pair may have to compute again; a grammar would hold one member.)"""
+    if sampling_params is None:
+        return None
+    if sampling_params.prompt_logprobs is not None:
+        return "contrastive decoding does not return prompt_logprobs: leave them out"
+    if sampling_params.structured_outputs is not None:
+        return "contrastive decoding does not take structured outputs (guided decoding)"
+    return None
+
+
 def request_pair(sampling_params) -> tuple[str, str] | None:
     extra = (sampling_params.extra_args if sampling_params is not None else None) or {}
     pair = extra.get(PAIR_ARG)
@@ -53,23 +65,37 @@ def is_twin(sampling_params) -> bool:
 
 
 class _Row:
-    __slots__ = ("pair", "role", "alpha", "beta", "temperature", "generator")
+    __slots__ = ("pair", "role", "alpha", "beta", "temperature", "seed", "output")
 
-    def __init__(self, params):
+    def __init__(self, params, output: list[int]):
         self.pair, self.role = request_pair(params)
         option = request_contrastive(params) or Contrastive()
         self.alpha, self.beta = option.alpha, option.beta
         self.temperature = params.temperature
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.seed = params.seed
+        self.output = output  # the runner's list of the request's output tokens, kept up to date in place
+
+    def generator(self) -> torch.Generator | None:
+        """A seeded request's draw for its next token depends on the seed and the tokens kept so far only, not
+        on how often the request left the batch or had a sample dropped (pairing.py)."""
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + len(self.output)) % (1 << 63))
 
 
 class ContrastiveLogits(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        if request_contrastive(sampling_params) is not None and request_adapter(sampling_params) is None:
+        if request_contrastive(sampling_params) is None:
+            return
+        if request_adapter(sampling_params) is None:
             raise ValueError("contrastive decoding contrasts an adapter with its base model: name an adapter")
+        problem = params_problem(sampling_params)
+        if problem is not None:
+            raise ValueError(problem)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.device = device
         self.rows: dict[int, _Row] = {}  # batch index -> its pair, for the rows of pairs
         self.pairs: _Pairs | None = None  # the complete pairs among rows; built again when the batch changes
 
@@ -78,19 +104,19 @@ class ContrastiveLogits(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if process_dict_updates(self.rows, batch_update,
-                                lambda params, _prompt, _output: _Row(params) if request_pair(params) else None):
+                                lambda params, _prompt, output: _Row(params, output) if request_pair(params) else None):
             self.pairs = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
         if self.pairs is None:
-            self.pairs = _Pairs(self.rows)
+            self.pairs = _Pairs(self.rows, self.device)
         pairs = self.pairs
         if not pairs.rows:
             return logits
         scores = cold_scores(logits[pairs.adapter_rows], logits[pairs.base_rows], pairs.alpha, pairs.beta)
-        chosen = cold_choose(scores, pairs.temperature, pairs.generators)
+        chosen = cold_choose(scores, pairs.temperature, [r.generator() for r in pairs.rows])
         logits[pairs.both] = float("-inf")
         logits[pairs.both, torch.cat([chosen, chosen])] = 0.0
         return logits
@@ -99,16 +125,15 @@ class ContrastiveLogits(LogitsProcessor):
 class _Pairs:
     """The batch rows of the pairs with both members in the batch, and their options, as tensors."""
 
-    def __init__(self, rows: dict[int, _Row]):
+    def __init__(self, rows: dict[int, _Row], device: torch.device):
         members: dict[str, dict[str, int]] = {}
         for index, row in rows.items():
             members.setdefault(row.pair, {})[row.role] = index
         pairs = [(m["adapter"], m["base"]) for m in members.values() if len(m) == 2]
         self.rows = [rows[a] for a, _ in pairs]
-        self.adapter_rows = torch.tensor([a for a, _ in pairs], dtype=torch.long)
-        self.base_rows = torch.tensor([b for _, b in pairs], dtype=torch.long)
+        self.adapter_rows = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=device)
+        self.base_rows = torch.tensor([b for _, b in pairs], dtype=torch.long, device=device)
         self.both = torch.cat([self.adapter_rows, self.base_rows])
-        self.alpha = torch.tensor([r.alpha for r in self.rows])
-        self.beta = torch.tensor([r.beta for r in self.rows])
+        self.alpha = torch.tensor([r.alpha for r in self.rows], device=device)
+        self.beta = torch.tensor([r.beta for r in self.rows], device=device)
         self.temperature = torch.tensor([r.temperature for r in self.rows])
-        self.generators = [r.generator for r in self.rows]

@@ -125,9 +125,14 @@ def runs_expertweave_scheduler(vllm_config) -> bool:
 
 def contrastive_refusal(vllm_config) -> str | None:
     """Why this engine cannot run contrastive requests (pairing.py), or None."""
-    scheduler = vllm_config.scheduler_config.scheduler_cls
-    if scheduler != SCHEDULER:
-        return f"contrastive decoding needs ExpertWeave's scheduler; this engine runs {scheduler} (leave scheduler_cls unset)"
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls != SCHEDULER:
+        return ("contrastive decoding needs ExpertWeave's scheduler, the default of vLLM CPU engines; this engine "
+                f"runs {scheduler.scheduler_cls}")
+    if scheduler.async_scheduling:
+        return "contrastive decoding needs synchronous scheduling; this engine schedules asynchronously"
+    if scheduler.max_num_seqs < 2:
+        return "contrastive decoding runs each request beside a base-model twin: max_num_seqs must be 2 or more"
     tokens = (vllm_config.cache_config.num_gpu_blocks or 0) * vllm_config.cache_config.block_size
     longest = vllm_config.model_config.max_model_len
     if tokens < 2 * longest:

@@ -15,7 +15,7 @@ from ...residency import Residency
 from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
-from .contrastive import CONTRASTIVE_ARG, PAIR_ARG, contrastive_arg, variant_refusal
+from .contrastive import CONTRASTIVE_ARG, PAIR_ARG, contrastive_arg, params_problem, variant_refusal
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal, shutdown_llm
 from .variants import VARIANT_ARG
 
@@ -110,8 +110,8 @@ class ExpertWeaveLLM:
         options = list(contrastive) if isinstance(contrastive, (list, tuple)) else [contrastive] * len(prompts)
         if len(options) != len(prompts):
             raise ValueError(f"{len(options)} contrastive options given for {len(prompts)} prompts")
-        options = [self._contrastive(option, name) for option, name in zip(options, names)]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        options = [self._contrastive(*request) for request in zip(options, names, prompts, params)]
         outputs: list = [None] * len(prompts)
         for k, wave in enumerate(self._waves(names)):
             for name in wave:
@@ -128,15 +128,23 @@ class ExpertWeaveLLM:
                 outputs[i] = output
         return outputs[0] if single else outputs
 
-    def _contrastive(self, option, name: str | None) -> Contrastive | None:
+    def _contrastive(self, option, name: str | None, prompt, params) -> Contrastive | None:
+        """The request's option, or ValueError before anything is loaded or run."""
         if option is None:
             return None
         option = parse_contrastive(option)
         if name is None:
             raise ValueError("contrastive decoding contrasts an adapter with its base model: name an adapter")
-        refusal = contrastive_refusal(self.llm.llm_engine.vllm_config)
+        refusal = contrastive_refusal(self.llm.llm_engine.vllm_config) or params_problem(params)
         if refusal is not None:
             raise ValueError(refusal)
+        with self._lock:
+            variant = name in self._variants if name in self._adapters else None
+        if variant or (variant is None and self.catalogue.tunes_non_experts(name)):
+            raise ValueError(variant_refusal(name))
+        if isinstance(prompt, dict) and prompt.get("prompt_embeds") is not None:
+            raise ValueError("contrastive decoding runs the base model on the same prompt: give token ids or text, "
+                             "not prompt_embeds")
         return option
 
     def _waves(self, names: list[str | None]) -> list[set[str]]:
@@ -187,7 +195,7 @@ class ExpertWeaveLLM:
         for prompt, name, sp, option in zip(prompts, names, params, options):
             sp = (sp or SamplingParams()).clone()
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            if option is not None and name in variants:
+            if option is not None and name in variants:  # its files changed since generate() looked
                 raise ValueError(variant_refusal(name))
             for arg in (ADAPTER_ARG, VARIANT_ARG, CONTRASTIVE_ARG, PAIR_ARG):
                 if (sp.extra_args or {}).get(arg) is not None:

@@ -12,12 +12,16 @@ the same steps, and vLLM schedules requests one by one, so the scheduler keeps t
     between them) has its token dropped and its last position computed again next time, as vLLM rolls
     back rejected speculative tokens: the runner trims its copy from the scheduler's output count;
   - a twin ends with its request: finished, aborted or failed, and its outputs never leave the engine.
+A request that cannot have a twin (prompt embeddings, a resumable streaming-input session; the front-ends
+refuse both) or whose twin ended first fails (finish reason "error") rather than run unpaired.
 """
 
 import time
 from collections import deque
 
 from vllm import SamplingParams
+from vllm.logger import init_logger
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from .contrastive import PAIR_ARG, is_twin, request_contrastive
@@ -25,6 +29,8 @@ from .engine import SALT_MARKER
 from .grouping import VariantScheduler, sitting_out
 
 TWIN_SUFFIX = "~esft-base"  # a twin's request id: its request's id and this
+
+logger = init_logger(__name__)
 
 
 def twin_of(request: Request) -> Request:
@@ -44,10 +50,14 @@ class PairedScheduler(VariantScheduler):
         self.twins: dict[str, str] = {}  # contrastive request id -> its twin's id
         self.twin_ids: set[str] = set()
         self.dropped = 0  # tokens a member sampled without its partner, dropped to keep the pair in step
+        self.failed: list[Request] = []  # contrastive requests that could not run paired, to report
 
     def add_request(self, request: Request) -> None:
         if request_contrastive(request.sampling_params) is None or request.request_id in self.requests:
             return super().add_request(request)
+        if request.prompt_token_ids is None or request.resumable:
+            super().add_request(request)
+            return self._fail(request.request_id, "a contrastive request needs prompt token ids and one input")
         params = request.sampling_params.clone()
         params.extra_args = {**params.extra_args, PAIR_ARG: [request.request_id, "adapter"]}
         request.sampling_params = params
@@ -105,9 +115,21 @@ class PairedScheduler(VariantScheduler):
             ended = [rid for rid in self.twins if rid not in self.requests or self.requests[rid].is_finished()]
             if ended:
                 self.finish_requests(ended, RequestStatus.FINISHED_ABORTED)
+            for rid, tid in list(self.twins.items()):
+                if tid not in self.requests or self.requests[tid].is_finished():
+                    self._fail(rid, "its base-model twin ended first")
             for engine_outputs in outputs.values():
                 engine_outputs.outputs = [o for o in engine_outputs.outputs if o.request_id not in self.twin_ids]
+        for request in self.failed:
+            outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+                events=request.take_events(), trace_headers=request.trace_headers))
+        self.failed.clear()
         return outputs
+
+    def _fail(self, request_id: str, why: str) -> None:
+        logger.warning("contrastive request %s failed: %s", request_id, why)
+        self.failed += self.finish_requests(request_id, RequestStatus.FINISHED_ERROR)
 
     def finish_requests(self, request_ids, finished_status):
         if request_ids is None:

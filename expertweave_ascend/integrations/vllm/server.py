@@ -136,8 +136,10 @@ class AdapterModelMiddleware:
                 name = model
             refusal = self._refusal(scope["path"], body, name, registry)
             if refusal is None and "contrastive" in body:
-                refusal, option = self.front_end.contrastive(body.pop("contrastive"), name)
+                refusal, option = self.front_end.contrastive(body.pop("contrastive"), name, body)
                 raw = json.dumps(body).encode()
+                if refusal is None and option is not None and await self.front_end.tiers.tunes_non_experts(name):
+                    refusal = _error(400, variant_refusal(name))
             if refusal is not None:
                 return await refusal(scope, receive, send)
         if name is None:
@@ -154,7 +156,7 @@ class AdapterModelMiddleware:
         try:  # the lease keeps the adapter on the device until the response has ended
             headers = lease.headers()
             if option is not None:
-                if lease.entry.variant:
+                if lease.entry.variant:  # its files changed since the look above
                     return await _error(400, variant_refusal(name))(scope, receive, send)
                 headers.append((b"x-esft-contrastive", f"alpha={option.alpha}, beta={option.beta}".encode()))
             body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name,
@@ -331,7 +333,7 @@ class ExpertWeaveFrontEnd:
             return f"adapter {name!r} is being unloaded"
         return None
 
-    def contrastive(self, value, name: str | None):
+    def contrastive(self, value, name: str | None, body: dict):
         """(refusal, option) for a request's "contrastive" field (null: plain decoding)."""
         if value is None:
             return None, None
@@ -342,6 +344,9 @@ class ExpertWeaveFrontEnd:
         if name is None:
             return _error(400, "contrastive decoding contrasts an adapter with its base model: set \"model\" to an "
                                f"ESFT adapter (the base model is {self.registry.base_name!r})"), None
+        if body.get("prompt_embeds") is not None:
+            return _error(400, "contrastive decoding runs the base model on the same prompt: give token ids or "
+                               "text, not prompt_embeds"), None
         refusal = contrastive_refusal(self.engine.vllm_config)
         if refusal is not None:
             return _error(400, refusal), None

@@ -86,6 +86,13 @@ class TieredAdapters:
         except ConfinementError:
             return False
 
+    async def tunes_non_experts(self, name: str) -> bool | None:
+        """Whether the adapter tunes non-expert modules, known before it is loaded (None: unknown)."""
+        entry = self.front_end.registry.adapters.get(name)
+        if entry is not None:
+            return entry.variant
+        return await asyncio.to_thread(self.catalogue.tunes_non_experts, name)
+
     async def acquire(self, name: str) -> Lease:
         """Leases the adapter for one request, once it is on the device. Raises AdapterNotFound,
         AdapterLoadFailed (the files were refused) or AdapterUnavailable."""

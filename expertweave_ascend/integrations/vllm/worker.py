@@ -18,7 +18,7 @@ from ...host_tier import HostTier
 from ...loader import BackgroundLoader
 from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
-from .contrastive import is_twin
+from .contrastive import request_pair
 from .engine import expertweave_config, request_adapter
 from .layer import VllmMoELayer
 from .variants import VariantSwitcher
@@ -60,7 +60,9 @@ class WorkerWeave:
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
         # scheduled, not finished: request id -> (adapter, row, prompt length)
         self.requests: dict[str, tuple[str | None, int, int]] = {}
-        self.twins: set[str] = set()  # scheduled base twins of contrastive requests (pairing.py): not counted
+        # scheduled base twins of contrastive requests (pairing.py) -> their requests' ids; twins are not counted
+        self.twins: dict[str, str] = {}
+        self.paired: set[str] = set()  # scheduled contrastive requests (the twins' partners)
         self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
         self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
         self.switcher = VariantSwitcher(model_runner, model_runner.model_config.model) \
@@ -91,7 +93,9 @@ class WorkerWeave:
             seen = self.requests.pop(req_id, None)
             if seen is not None:
                 self.weave.end_request(seen[0])
-            self.twins.discard(req_id)
+            self.twins.pop(req_id, None)
+            self.paired.discard(req_id)
+        sampling = []
         for new in scheduler_output.scheduled_new_reqs:
             name = request_adapter(new.sampling_params)
             try:
@@ -102,14 +106,20 @@ class WorkerWeave:
                 raise ExpertWeaveError(f"request {new.req_id}: {e}; send requests through ExpertWeaveLLM or "
                                        "expertweave serve") from None
             self.requests[new.req_id] = (name, row, len(new.prompt_token_ids or ()))
-            if is_twin(new.sampling_params):
-                self.twins.add(new.req_id)
-                continue
-            self.started[name] += 1
-            self._count_sampled(new.req_id, new.num_computed_tokens, 0, scheduler_output)
+            pair = request_pair(new.sampling_params)
+            if pair is not None and pair[1] == "base":
+                self.twins[new.req_id] = pair[0]
+            else:
+                self.started[name] += 1
+                if pair is not None:
+                    self.paired.add(new.req_id)
+            if self._samples(new.req_id, new.num_computed_tokens, 0, scheduler_output):
+                sampling.append(new.req_id)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, computed, outputs in zip(cached.req_ids, cached.num_computed_tokens, cached.num_output_tokens):
-            self._count_sampled(req_id, computed, outputs, scheduler_output)
+            if self._samples(req_id, computed, outputs, scheduler_output):
+                sampling.append(req_id)
+        self._count_sampled(sampling)
         if self.switcher is not None:
             self._switch_variant(scheduler_output)
 
@@ -130,14 +140,20 @@ class WorkerWeave:
             (key, weights), = variants.items()
             self.switcher.switch(key, weights)
 
-    def _count_sampled(self, req_id: str, computed: int, outputs: int, scheduler_output) -> None:
-        """A request samples a token in a step that computes its whole sequence so far (prompt and outputs)."""
+    def _samples(self, req_id: str, computed: int, outputs: int, scheduler_output) -> bool:
+        """Whether a request samples a token in this step: it computes its whole sequence so far."""
         seen = self.requests.get(req_id)
-        if seen is None or req_id in self.twins:
-            return
-        name, _, prompt_len = seen
-        if computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) >= prompt_len + outputs:
-            self.generated[name] += 1
+        return seen is not None and \
+            computed + scheduler_output.num_scheduled_tokens.get(req_id, 0) >= seen[2] + outputs
+
+    def _count_sampled(self, sampling: list[str]) -> None:
+        """Counts the step's tokens per adapter: twins' are not counted, and a contrastive request's token
+        counts only when its twin samples too (pairing.py drops it otherwise)."""
+        paired = {self.twins[r] for r in sampling if r in self.twins}
+        for req_id in sampling:
+            if req_id in self.twins or (req_id in self.paired and req_id not in paired):
+                continue
+            self.generated[self.requests[req_id][0]] += 1
 
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
