@@ -261,5 +261,28 @@ def test_long_prompts_in_chunks_and_preempted_pairs_equal_the_reference(tiny_dec
         assert preempted and sched.dropped > 0, "the run exercised preemption and the dropping of unpaired samples"
         assert not sched.requests and not sched.twins
         assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
+        assert sched.cache_config.enable_prefix_caching
+        twin_hits_the_bases_prefix_cache(llm, sched)
     finally:
         llm.shutdown()
+
+
+def twin_hits_the_bases_prefix_cache(llm, sched):
+    """A prompt the base has served is cached under the base's salt: the twin finds it, its request (with
+    the adapter's salt) does not."""
+    from vllm import SamplingParams
+
+    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
+    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG, adapter_cache_salt
+
+    prompt = list(range(3, 70))  # two full 32-token blocks
+    generate(llm, [prompt], [None], [None], 2)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
+    salt = adapter_cache_salt(llm.list_adapters()["law"]["sha256"], None)
+    llm.llm.llm_engine.add_request("cached", {"prompt_token_ids": prompt, "cache_salt": salt}, params)
+    (primary, twin), = ((sched.requests[rid], sched.requests[tid]) for rid, tid in sched.twins.items())
+    hits = [sched.kv_cache_manager.get_computed_blocks(r)[1] for r in (primary, twin)]
+    assert hits == [0, 64]
+    while llm.llm.llm_engine.has_unfinished_requests():
+        llm.llm.llm_engine.step()
