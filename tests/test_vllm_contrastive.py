@@ -74,9 +74,18 @@ def test_a_mixed_batch_equals_the_reference_for_each_request(llm, references):
     prompts = [[5, 17, 42, 99], [3, 250, 7], [8, 8, 31], [5, 17, 42, 99], [3, 250, 7], [8, 8, 31], [40, 2]]
     names = ["law", "law", "math", "law", None, "math", "law"]
     options = [OPTIONS[0], OPTIONS[1], OPTIONS[2], None, None, None, OPTIONS[2]]
-    got = generate(llm, prompts, names, options, 10)
+    sched = scheduler(llm)
+    reported = []
+    update = sched.update_from_output
+    sched.update_from_output = lambda *args: reported.append(update(*args)) or reported[-1]
+    try:
+        got = generate(llm, prompts, names, options, 10)
+    finally:
+        del sched.update_from_output
     for p, n, o, g in zip(prompts, names, options, got):
         assert g == references.tokens(p, n, o, 10), (n, o)
+    ids = {o.request_id for step in reported for outputs in step.values() for o in outputs.outputs}
+    assert len(ids) == len(prompts) and not any(i.endswith("~esft-base") for i in ids), "twins never leave the engine"
     assert got[1] != references.tokens(prompts[1], "law", None, 10), "the contrast changes law's tokens here"
     assert not scheduler(llm).requests and not scheduler(llm).twins
 
@@ -161,6 +170,8 @@ def test_refusals_name_the_problem(llm, tiny_decisive, tmp_path):
         llm.generate([{"prompt_token_ids": [5, 17]}], None, adapter=None, contrastive=OPTIONS[0], use_tqdm=False)
     with pytest.raises(ValueError, match=r"contrastive.alpha: 2 is outside \(0, 1\]"):
         llm.generate([{"prompt_token_ids": [5, 17]}], None, adapter="law", contrastive={"alpha": 2}, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling params given for 1 prompts"):
+        llm.generate([{"prompt_token_ids": [5, 17]}], [None, None], adapter="law", use_tqdm=False)
     with pytest.raises(ValueError, match="2 contrastive options given for 1 prompts"):
         llm.generate([{"prompt_token_ids": [5, 17]}], None, adapter="law", contrastive=[None, None], use_tqdm=False)
     from vllm import SamplingParams

@@ -41,15 +41,21 @@ def request_contrastive(sampling_params) -> Contrastive | None:
     return parse_contrastive({"alpha": value[0], "beta": value[1]}, where)
 
 
+PROMPT_LOGPROBS_REFUSAL = "contrastive decoding does not return prompt_logprobs: leave them out"
+STRUCTURED_REFUSAL = "contrastive decoding does not take structured outputs (guided decoding)"
+PROMPT_EMBEDS_REFUSAL = ("contrastive decoding runs the base model on the same prompt: give token ids or text, not "
+                         "prompt_embeds")
+
+
 def params_problem(sampling_params) -> str | None:
     """Why these sampling parameters cannot go with contrastive decoding, or None. (Prompt logprobs come back
     in the step a prompt ends, which a pair may have to compute again; a grammar would hold one member.)"""
     if sampling_params is None:
         return None
     if sampling_params.prompt_logprobs is not None:
-        return "contrastive decoding does not return prompt_logprobs: leave them out"
+        return PROMPT_LOGPROBS_REFUSAL
     if sampling_params.structured_outputs is not None:
-        return "contrastive decoding does not take structured outputs (guided decoding)"
+        return STRUCTURED_REFUSAL
     return None
 
 

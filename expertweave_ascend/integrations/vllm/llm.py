@@ -15,7 +15,8 @@ from ...residency import Residency
 from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
-from .contrastive import CONTRASTIVE_ARG, PAIR_ARG, contrastive_arg, params_problem, variant_refusal
+from .contrastive import (CONTRASTIVE_ARG, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, contrastive_arg, params_problem,
+                          variant_refusal)
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal, shutdown_llm
 from .variants import VARIANT_ARG
 
@@ -111,6 +112,8 @@ class ExpertWeaveLLM:
         if len(options) != len(prompts):
             raise ValueError(f"{len(options)} contrastive options given for {len(prompts)} prompts")
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params given for {len(prompts)} prompts")
         options = [self._contrastive(*request) for request in zip(options, names, prompts, params)]
         outputs: list = [None] * len(prompts)
         for k, wave in enumerate(self._waves(names)):
@@ -142,9 +145,9 @@ class ExpertWeaveLLM:
             variant = name in self._variants if name in self._adapters else None
         if variant or (variant is None and self.catalogue.tunes_non_experts(name)):
             raise ValueError(variant_refusal(name))
-        if isinstance(prompt, dict) and prompt.get("prompt_embeds") is not None:
-            raise ValueError("contrastive decoding runs the base model on the same prompt: give token ids or text, "
-                             "not prompt_embeds")
+        if isinstance(prompt, dict) and (prompt.get("prompt_embeds") is not None or prompt.get("multi_modal_data")):
+            raise ValueError(PROMPT_EMBEDS_REFUSAL if prompt.get("prompt_embeds") is not None else
+                             "contrastive decoding runs the base model on the same prompt: text or token ids only")
         return option
 
     def _waves(self, names: list[str | None]) -> list[set[str]]:

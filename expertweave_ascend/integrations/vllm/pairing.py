@@ -12,8 +12,8 @@ the same steps, and vLLM schedules requests one by one, so the scheduler keeps t
     between them) has its token dropped and its last position computed again next time, as vLLM rolls
     back rejected speculative tokens: the runner trims its copy from the scheduler's output count;
   - a twin ends with its request: finished, aborted or failed, and its outputs never leave the engine.
-A request that cannot have a twin (prompt embeddings, a resumable streaming-input session; the front-ends
-refuse both) or whose twin ended first fails (finish reason "error") rather than run unpaired.
+A request that cannot have a twin (prompt embeddings, multimodal inputs, a resumable streaming-input
+session; the front-ends refuse these) or whose twin ended first fails (finish reason "error") rather than run unpaired.
 """
 
 import time
@@ -55,9 +55,11 @@ class PairedScheduler(VariantScheduler):
     def add_request(self, request: Request) -> None:
         if request_contrastive(request.sampling_params) is None or request.request_id in self.requests:
             return super().add_request(request)
-        if request.prompt_token_ids is None or request.resumable:
+        if request.prompt_token_ids is None or request.prompt_embeds is not None or request.mm_features \
+                or request.resumable:
             super().add_request(request)
-            return self._fail(request.request_id, "a contrastive request needs prompt token ids and one input")
+            return self._fail(request.request_id, "a contrastive request needs a prompt of token ids alone, in one "
+                                                  "input")
         params = request.sampling_params.clone()
         params.extra_args = {**params.extra_args, PAIR_ARG: [request.request_id, "adapter"]}
         request.sampling_params = params
@@ -112,6 +114,7 @@ class PairedScheduler(VariantScheduler):
             self._drop_unpaired_samples(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.twins:
+            hidden = set(self.twin_ids)  # before the pairs that end now take their twins' ids away
             ended = [rid for rid in self.twins if rid not in self.requests or self.requests[rid].is_finished()]
             if ended:
                 self.finish_requests(ended, RequestStatus.FINISHED_ABORTED)
@@ -119,7 +122,7 @@ class PairedScheduler(VariantScheduler):
                 if tid not in self.requests or self.requests[tid].is_finished():
                     self._fail(rid, "its base-model twin ended first")
             for engine_outputs in outputs.values():
-                engine_outputs.outputs = [o for o in engine_outputs.outputs if o.request_id not in self.twin_ids]
+                engine_outputs.outputs = [o for o in engine_outputs.outputs if o.request_id not in hidden]
         for request in self.failed:
             outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(EngineCoreOutput(
                 request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),

@@ -36,7 +36,8 @@ from ...geometry import BaseGeometry
 from ...residency import Residency
 from . import admission, agreement, lifetime
 from ...contrastive import parse_contrastive
-from .contrastive import CONTRASTIVE_ARG, PAIR_ARG, contrastive_arg, variant_refusal
+from .contrastive import (CONTRASTIVE_ARG, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
+                          contrastive_arg, variant_refusal)
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal
 from .variants import VARIANT_ARG
 from .metrics import AdapterMetrics
@@ -99,7 +100,7 @@ def _json_object(raw: bytes):
     """The request's JSON object, or None when the body is something else (vLLM answers it)."""
     try:
         body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, an integer past Python's digit limit
         return None
     return body if isinstance(body, dict) else None
 
@@ -345,8 +346,13 @@ class ExpertWeaveFrontEnd:
             return _error(400, "contrastive decoding contrasts an adapter with its base model: set \"model\" to an "
                                f"ESFT adapter (the base model is {self.registry.base_name!r})"), None
         if body.get("prompt_embeds") is not None:
-            return _error(400, "contrastive decoding runs the base model on the same prompt: give token ids or "
-                               "text, not prompt_embeds"), None
+            return _error(400, PROMPT_EMBEDS_REFUSAL), None
+        if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
+            return _error(400, PROMPT_LOGPROBS_REFUSAL), None
+        response_format = body.get("response_format")
+        if body.get("structured_outputs") is not None or (
+                isinstance(response_format, dict) and response_format.get("type") not in (None, "text")):
+            return _error(400, STRUCTURED_REFUSAL), None
         refusal = contrastive_refusal(self.engine.vllm_config)
         if refusal is not None:
             return _error(400, refusal), None
