@@ -1,95 +1,291 @@
-"""vLLM CPU decode throughput: base-only versus ExpertWeave serving the same requests over 1, 5 and 10
-adapters, all engines alive in one run and measured in alternating rounds.
+"""Decode-step cost of ExpertWeave, measured so that the machine's drift cancels, and split into its parts.
 
-Model and adapters: perf/bench_model.py (DeepSeek-V2-Lite's 64 routed experts top-6 + 2 shared, hidden
-and expert sizes scaled down; the first 10 of its 20 adapters with real ESFT geometries). Requests are
-spread over the loaded adapters round robin; the base-only engine runs the same prompts with no adapter.
+Two engines run in this process on the bench model (perf/bench_model.py): plain vLLM serving the base, and
+ExpertWeave with 20 adapters loaded. An arm is an engine and who the requests go to: the base-only engine;
+ExpertWeave with every request to the base (the mechanism's fixed cost: every token rerouted through row 0);
+ExpertWeave with the requests spread over 1, 5, 10 or 20 adapters; and the ExpertWeave base arm again under
+a second name (A/A: the method's own noise). A round runs every arm once, in a shuffled order; each run is a
+short batch (16 requests, 16 tokens), so arms alternate every 15 decode steps. Time comes from the engine:
+each step is timed (wall and this process's CPU time, which a core taken by another process does not
+inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count. A ratio compares
+two arms over the rounds: mean step time over mean step time, with a paired bootstrap interval (stats.py).
 
-Decode throughput = tokens generated after each request's first / (last token time - first token time),
-from the engine's own per-request timestamps (RequestOutput.metrics), so prefill is left out. All 16
-requests are admitted together, so every step is a decode step of the whole batch. Each round measures
-every engine once, in a shuffled order; a ratio to base-only is taken within a round (this machine's
-speed drifts by +-10% over seconds) and the median over rounds is reported, with its quartiles. The
-row "10 loaded, base requests" sends every request to the base through the 10-adapter engine: the cost
-of the mechanism alone, apart from the extra experts that adapter requests touch.
-Run: .venv/bin/python -m perf.bench_decode [--rounds 20] [--json FILE]
+The split times each part of the difference on its own (wall time: the parts are single-threaded Python,
+which CPU time would overcount while torch's threads spin), per decode step of 16 tokens at 20 adapters: the
+reroute op of every MoE layer and the per-step row fill and request accounting, timed inside the engine;
+the scheduler, ExpertWeave's against vLLM's; and, outside the engine on the bench model's MoE layer shapes,
+the extra distinct experts a mixed batch touches and the expert tensor's pages (memfd granules against
+the anonymous pages torch allocates). The parts add up to a sum the total difference is checked against.
+Run: .venv/bin/python -m perf.bench_decode [--rounds 30] [--json FILE]
 """
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from .bench_model import BENCH_CONFIG, build
+from .bench_model import BENCH_CONFIG, MOE_LAYERS, build
+from .stats import difference_interval, ratio_interval
 
-# vLLM's workers keep polling their queue for a second after each step; an engine measured right after
-# another would share the core with it.
-IDLE_S = 1.5
-PROMPTS = [f"the court held that a contract number {i} requires offer acceptance and consideration" for i in range(16)]
+BATCH = 16
+TOKENS = 16
+ADAPTER_COUNTS = (1, 5, 10, 20)
+PROMPTS = [f"the court held that a contract number {i} requires offer acceptance and consideration" for i in range(BATCH)]
+
+
+class StepClock:
+    """Times an in-process engine's steps: (wall s, CPU s) of each decode step that runs the whole batch."""
+
+    def __init__(self, llm):
+        core = llm.llm_engine.engine_core.engine_core
+        self.scheduler = core.scheduler
+        self.steps: list[tuple[float, float]] = []
+        self.schedule_s = 0.0
+        self._tokens = self._requests = 0
+        schedule, step = self.scheduler.schedule, core.step_fn
+
+        def timed_schedule(*args, **kwargs):
+            started = time.perf_counter()
+            output = schedule(*args, **kwargs)
+            self.schedule_s += time.perf_counter() - started
+            self._tokens, self._requests = output.total_num_scheduled_tokens, len(output.num_scheduled_tokens)
+            return output
+
+        def timed_step():
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = step()
+            if self._requests == BATCH and self._tokens == BATCH:
+                self.steps.append((time.perf_counter() - wall, time.process_time() - cpu))
+            return result
+
+        self.scheduler.schedule, core.step_fn = timed_schedule, timed_step
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.schedule_s = 0.0
+
+
+class PartClock:
+    """Accumulates the time of ExpertWeave's per-step work inside the engine (worker.py)."""
+
+    PARTS = {"reroute": "reroute", "row_fill": "on_step", "accounting": "on_schedule"}
+
+    def __init__(self, active):
+        self.active, self.seconds = active, {part: 0.0 for part in self.PARTS}
+
+    def __enter__(self):
+        for part, name in self.PARTS.items():
+            setattr(self.active, name, self._timed(part, getattr(self.active, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.PARTS.values():
+            delattr(self.active, name)
+
+    def _timed(self, part, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - started
+        return timed
+
+
+def run(llm, names, clock: StepClock) -> tuple[float, float]:
+    """One batch; the mean (wall, CPU) seconds of its full-batch decode steps."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    clock.reset()
+    if names is None:
+        llm.generate(PROMPTS, params, use_tqdm=False)
+    else:
+        llm.generate(PROMPTS, params, adapter=names, use_tqdm=False)
+    if not clock.steps:
+        raise RuntimeError("no decode step ran the whole batch: raise the engine's token budget or seats")
+    wall, cpu = zip(*clock.steps)
+    return statistics.fmean(wall), statistics.fmean(cpu)
+
+
+def moe_parts(names: list[str], adapters: dict, repeats: int = 200) -> dict:
+    """Microseconds per decode step (all MoE layers) of cpu_fused_moe at the bench shapes on 16 tokens:
+    base ids on anonymous pages, the mixed batch's rerouted ids on anonymous pages, and the same on memfd
+    granules (ExpertWeave's host backend)."""
+    import torch
+    from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+
+    from expertweave_ascend.adapters import EsftAdapter
+    from expertweave_ascend.memory.host_backend import HostBackend
+
+    from .esft_data import router_trace
+    from .reroute_share import TRACE_LAYER, cpu_isa
+
+    hidden, inter, experts = BENCH_CONFIG["hidden_size"], BENCH_CONFIG["moe_intermediate_size"], BENCH_CONFIG["n_routed_experts"]
+    isa = cpu_isa()
+    g = torch.Generator().manual_seed(0)
+    per_layer = {}
+    for layer in MOE_LAYERS:
+        tuned = {n: EsftAdapter.open(adapters[n]).experts.get(layer, ()) for n in names}
+        slots = experts + sum(len(t) for t in tuned.values())
+        table = [list(range(experts))]
+        next_slot = experts
+        for n in names:
+            row = list(range(experts))
+            for e in tuned[n]:
+                row[e], next_slot = next_slot, next_slot + 1
+            table.append(row)
+        table = torch.tensor(table, dtype=torch.int32)
+        w13 = cpu_prepack_moe_weight((torch.randn(slots, 2 * inter, hidden, generator=g) * 0.02).to(torch.bfloat16), isa)
+        w2 = cpu_prepack_moe_weight((torch.randn(slots, hidden, inter, generator=g) * 0.02).to(torch.bfloat16), isa)
+        trace = router_trace("law", TRACE_LAYER)
+        ids = trace[:BATCH * 8].view(8, BATCH, -1)  # 8 steps of real routing, replayed
+        rows = torch.tensor([1 + i % len(names) for i in range(BATCH)])
+        rerouted = torch.stack([table[rows[:, None], step.long()] for step in ids]).to(torch.int32)
+        x = (torch.randn(BATCH, hidden, generator=g)).to(torch.bfloat16)
+        weights = torch.full((BATCH, ids.shape[-1]), 1.0 / ids.shape[-1])
+        backend = HostBackend(granularity=2 << 20)
+        try:
+            mapped = {}
+            for name, w in (("w13", w13), ("w2", w2)):
+                size = -(-w.numel() * w.element_size() // backend.granularity) * backend.granularity
+                address = backend.reserve(size)
+                for offset in range(0, size, backend.granularity):
+                    backend.map(address + offset, backend.granularity, backend.create_physical(backend.granularity))
+                mapped[name] = backend.tensor(address, tuple(w.shape), w.dtype)
+                mapped[name].copy_(w)
+
+            def timed(ids_steps, w13_, w2_) -> float:
+                out = torch.empty_like(x)
+                for step in ids_steps:  # warm
+                    cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
+                started = time.perf_counter()
+                for _ in range(repeats // len(ids_steps)):
+                    for step in ids_steps:
+                        cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
+                return (time.perf_counter() - started) / (repeats // len(ids_steps) * len(ids_steps))
+
+            per_layer[layer] = {
+                "base_ids": timed(ids, w13, w2),
+                "mixed_ids": timed(rerouted, w13, w2),
+                "mixed_ids_memfd": timed(rerouted, mapped["w13"], mapped["w2"]),
+                "distinct_base": statistics.fmean(len(set(s.flatten().tolist())) for s in ids),
+                "distinct_mixed": statistics.fmean(len(set(s.flatten().tolist())) for s in rerouted),
+            }
+        finally:
+            mapped.clear()  # the views go before their pages
+            backend.close()
+    total = {k: sum(v[k] for v in per_layer.values()) for k in ("base_ids", "mixed_ids", "mixed_ids_memfd")}
+    return {"extra_experts_us": (total["mixed_ids"] - total["base_ids"]) * 1e6,
+            "memfd_pages_us": (total["mixed_ids_memfd"] - total["mixed_ids"]) * 1e6,
+            "moe_base_us": total["base_ids"] * 1e6,
+            "distinct_experts_per_layer": {"base": statistics.fmean(v["distinct_base"] for v in per_layer.values()),
+                                           "mixed": statistics.fmean(v["distinct_mixed"] for v in per_layer.values())}}
+
+
+def measure(rounds: int = 30, eager: bool = False, progress=print) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # both engines here, so their steps can be timed
+    from vllm import LLM, envs
+
+    from expertweave_ascend.integrations.vllm import worker
+    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+    base, adapters = build()
+    names = list(adapters)[:max(ADAPTER_COUNTS)]
+    engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=eager)
+    base_only = LLM(model=str(base), **engine)
+    weave = ExpertWeaveLLM(str(base), {n: str(adapters[n]) for n in names}, max_adapters=len(names), **engine)
+    try:
+        clocks = {"base-only": StepClock(base_only), "expertweave": StepClock(weave.llm)}
+        arms = {"base-only": (base_only, None, "base-only"),
+                "expertweave, base requests": (weave, [None] * BATCH, "expertweave"),
+                "expertweave, base requests (A/A)": (weave, [None] * BATCH, "expertweave")}
+        for k in ADAPTER_COUNTS:
+            arms[f"expertweave, {k} adapters"] = (weave, [names[i % k] for i in range(BATCH)], "expertweave")
+        for llm, mix, clock in arms.values():  # warm up
+            run(llm, mix, clocks[clock])
+        wall = {arm: [] for arm in arms}
+        cpu = {arm: [] for arm in arms}
+        order = list(arms)
+        shuffle = random.Random(0).shuffle
+        for r in range(rounds):
+            shuffle(order)
+            for arm in order:
+                llm, mix, clock = arms[arm]
+                w, c = run(llm, mix, clocks[clock])
+                wall[arm].append(w)
+                cpu[arm].append(c)
+            if (r + 1) % 10 == 0:
+                progress(f"decode: round {r + 1} of {rounds}")
+        top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
+        comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
+                       "fixed cost (base requests)": ("expertweave, base requests", "base-only")}
+        for k in ADAPTER_COUNTS:
+            comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
+            comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", "base-only")
+        result = {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "eager": eager,
+                  "arms": {arm: {"step_ms": 1000 * statistics.fmean(wall[arm]),
+                                 "step_cpu_ms": 1000 * statistics.fmean(cpu[arm])} for arm in arms},
+                  "ratios": {label: {"cpu": ratio_interval(cpu[a], cpu[b]).to_json(),
+                                     "wall": ratio_interval(wall[a], wall[b]).to_json(), "arms": [a, b]}
+                             for label, (a, b) in comparisons.items()},
+                  "samples": {"wall": wall, "cpu": cpu}}
+        # The split, at the top adapter count: in-engine parts over instrumented batches of their own.
+        steps = 0
+        schedule = {"base-only": 0.0, "expertweave": 0.0}
+        with PartClock(worker._ACTIVE) as parts:
+            for _ in range(10):
+                run(weave, arms[top][1], clocks["expertweave"])
+                schedule["expertweave"] += clocks["expertweave"].schedule_s
+                steps += TOKENS
+                run(base_only, None, clocks["base-only"])
+                schedule["base-only"] += clocks["base-only"].schedule_s
+        split = {part: 1e6 * s / steps for part, s in parts.seconds.items()}
+        split["scheduler"] = 1e6 * (schedule["expertweave"] - schedule["base-only"]) / steps
+        moe = moe_parts(names, adapters)
+        split["extra_experts"] = moe["extra_experts_us"]
+        split["memfd_pages"] = moe["memfd_pages_us"]
+        total = difference_interval(wall[top], wall["base-only"])
+        result["split"] = {"adapters": max(ADAPTER_COUNTS), "parts_us": split, "sum_us": sum(split.values()),
+                           "total_us": {"difference": 1e6 * total.value, "low": 1e6 * total.low,
+                                        "high": 1e6 * total.high},
+                           "moe_base_us": moe["moe_base_us"],
+                           "distinct_experts_per_layer": moe["distinct_experts_per_layer"]}
+        return result
+    finally:
+        weave.shutdown()
+        base_only.llm_engine.engine_core.shutdown()
+        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        envs.disable_envs_cache()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--out-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--json")
     args = parser.parse_args()
-
-    from vllm import LLM, SamplingParams
-
-    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
-
-    base, adapters = build()
-    names = list(adapters)[:10]
-    engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, disable_log_stats=False)
-    base_only = LLM(model=str(base), **engine)
-    cases = {"base-only": (base_only, None)}
-    for n in (1, 5, 10):
-        chosen = {name: str(adapters[name]) for name in names[:n]}
-        llm = ExpertWeaveLLM(str(base), chosen, max_adapters=10, **engine)
-        cases[f"{n} adapters"] = (llm, [names[i % n] for i in range(len(PROMPTS))])
-    # The mechanism alone: the 10-adapter engine rerouting every token through row 0 (the base).
-    cases["10 loaded, base requests"] = (cases["10 adapters"][0], [None] * len(PROMPTS))
-
-    def decode_rate(llm, mix):
-        params = SamplingParams(max_tokens=args.out_tokens, temperature=0.0, ignore_eos=True)
-        if mix is None:
-            outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-        else:
-            outputs = llm.generate(PROMPTS, params, adapter=mix, use_tqdm=False)
-        stats = [o.metrics for o in outputs]
-        tokens = sum(s.num_generation_tokens - 1 for s in stats)
-        return tokens / (max(s.last_token_ts for s in stats) - min(s.first_token_ts for s in stats))
-
-    for llm, mix in cases.values():  # warm up
-        decode_rate(llm, mix)
-    samples = {label: [] for label in cases}
-    order = list(cases)
-    shuffle = random.Random(0).shuffle
-    for _ in range(args.rounds):
-        shuffle(order)
-        for label in order:
-            time.sleep(IDLE_S)
-            samples[label].append(decode_rate(*cases[label]))
-    # Ratios are taken within a round, so a slow spell of the machine hits both sides of a ratio.
-    results = {}
-    for label, s in samples.items():
-        ratios = sorted(x / b for x, b in zip(s, samples["base-only"]))
-        results[label] = {"decode_tokens_per_s": statistics.median(s), "samples": s,
-                          "ratio_to_base": statistics.median(ratios),
-                          "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios}
-    print(f"{'engine':<26}{'decode tok/s':>14}{'vs base-only':>14}{'quartiles':>16}")
-    for label, r in results.items():
-        q = r["ratio_quartiles"]
-        print(f"{label:<26}{r['decode_tokens_per_s']:>14.1f}{r['ratio_to_base']:>14.3f}"
-              f"{q[0]:>9.3f}..{q[-1]:.3f}")
+    result = measure(args.rounds, args.eager)
+    print(f"{'arm':<36}{'step ms':>10}{'CPU ms':>10}")
+    for arm, r in result["arms"].items():
+        print(f"{arm:<36}{r['step_ms']:>10.2f}{r['step_cpu_ms']:>10.2f}")
+    print(f"\n{'comparison':<36}{'CPU time ratio [95% interval]':>34}{'wall':>28}")
+    for label, r in result["ratios"].items():
+        c, w = r["cpu"], r["wall"]
+        print(f"{label:<36}{c['value']:>14.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+              f"{w['value']:>14.3f} [{w['low']:.3f}, {w['high']:.3f}]")
+    s = result["split"]
+    print(f"\nsplit at {s['adapters']} adapters, us (wall) per decode step of {BATCH} tokens:")
+    for part, us in s["parts_us"].items():
+        print(f"  {part:<16}{us:>10.1f}")
+    t = s["total_us"]
+    print(f"  {'sum':<16}{s['sum_us']:>10.1f}   total measured {t['difference']:.1f} [{t['low']:.1f}, {t['high']:.1f}]")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": BENCH_CONFIG, "requests": len(PROMPTS),
-                                               "out_tokens": args.out_tokens, "rounds": args.rounds,
-                                               "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

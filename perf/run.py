@@ -4,6 +4,8 @@
 
 Writes perf/results/<date>-<machine>[-quick][-<only>].{json,md} and <same>-<plot>.png (perf/report.py).
 Sections: memory (DeepSeek-V2-Lite shapes, real ESFT geometries, KV capacity on a 64 GB device),
+decode (the decode-step cost of 1..20 adapters against the base, same-engine and cross-engine A/B with
+intervals, and that cost split into its parts),
 reroute (share of a CPU MoE layer at DeepSeek-V2-Lite shapes), hotload (adapter load vs copy bandwidth),
 serving (base-only vs ExpertWeave 1/5/10/20 adapters, and merged engines vs ExpertWeave, over HTTP),
 tiering (100 catalogued adapters with room for 8: all resident vs on-demand LRU vs the full policy),
@@ -25,13 +27,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import consolidation, contrastive, hotload, memory, reconfiguration, report, reroute_share, serving, tiering
+from . import bench_decode, consolidation, contrastive, hotload, memory, reconfiguration, report, reroute_share, serving, tiering
 from . import servers as srv
 from .bench_model import BUILT, build, cache_dir, merged
 from .serving import ServingConfig
 from .tiering import TieringConfig
 
-SECTIONS = ("memory", "reroute", "hotload", "serving", "tiering", "consolidation", "reconfiguration", "contrastive")
+SECTIONS = ("memory", "decode", "reroute", "hotload", "serving", "tiering", "consolidation", "reconfiguration", "contrastive")
 KV_CACHE_BYTES = 256 << 20  # per engine side: ExpertWeave and base-only each; merged engines split it
 
 
@@ -44,17 +46,18 @@ class Settings:
     serving: ServingConfig
     tiering: TieringConfig
     contrastive_rounds: int
+    decode_rounds: int
     eager: bool
 
 
 FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
                 hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
                 serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3),
-                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, eager=False)
+                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=30, eager=False)
 QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
                  hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
                  serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2),
-                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, eager=True)
+                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, decode_rounds=6, eager=True)
 
 
 def machine() -> dict:
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in only:
         progress("memory: real ESFT geometries on DeepSeek-V2-Lite shapes")
         results["sections"]["memory"] = memory.measure()
+    if "decode" in only:
+        progress("decode: base-only and ExpertWeave engines, arms alternating")
+        results["sections"]["decode"] = bench_decode.measure(settings.decode_rounds, settings.eager, progress)
     if "reroute" in only:
         progress("reroute: share of one CPU MoE layer")
         results["sections"]["reroute"] = reroute_share.measure(list(settings.reroute_tokens),

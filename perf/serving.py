@@ -7,7 +7,7 @@ merged: N plain vLLM servers, one per merged model, sharing the machine with a K
 against one ExpertWeave server with the same N adapters and the whole budget; skewed popularity.
 Each cell replays its trace in the order given (e.g. ABBA), sides alternating, with a pause between
 replays (vLLM's engine keeps polling for about a second after work); ratios are ExpertWeave / other of
-the means over a side's replays.
+the means over a side's replays, with a paired bootstrap interval over the replay pairs (stats.py).
 """
 
 import statistics
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 from . import servers as srv
 from .client import replay
+from .stats import ratio_interval
 from .workload import WorkloadConfig, make_trace
 
 IDLE_S = 2.0
 KEYS = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
         "mean_itl_ms", "mean_e2el_ms", "request_throughput", "output_throughput", "total_token_throughput")
+INTERVAL_KEYS = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,11 @@ def _cell(trace, sides: dict, order: str) -> dict:
         runs[side].append(replay(trace, sides[side]))
     mean = {side: {k: statistics.fmean(r[k] for r in rs) for k in KEYS} for side, rs in runs.items()}
     ratio = {k: mean["A"][k] / mean["B"][k] if mean["B"][k] else None for k in KEYS}
-    return {"expertweave": mean["A"], "other": mean["B"], "ratio": ratio, "runs": runs}
+    cell = {"expertweave": mean["A"], "other": mean["B"], "ratio": ratio, "runs": runs}
+    if len(runs["A"]) >= 2:  # the i-th replay of each side are a pair (ABBA: neighbours in time)
+        cell["intervals"] = {k: ratio_interval([r[k] for r in runs["A"]], [r[k] for r in runs["B"]]).to_json()
+                             for k in INTERVAL_KEYS}
+    return cell
 
 
 def warm_up(cfg: ServingConfig, server: srv.Server, model: str) -> None:

@@ -203,3 +203,26 @@ def test_the_gpu_benchmarks_refuse_to_run_without_a_gpu(capsys):
         pytest.skip("there is a GPU here")
     assert gpu.main(["--quick"]) == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_a_ratio_interval_holds_the_true_ratio_and_narrows_with_pairs():
+    from perf.stats import difference_interval, ratio_interval
+
+    rng = np.random.default_rng(3)
+    drift = 1 + 0.3 * np.sin(np.arange(200) / 7)  # the machine's speed wanders; both arms of a pair share it
+    base = drift * (1 + 0.01 * rng.standard_normal(200))
+    slower = 1.04 * drift * (1 + 0.01 * rng.standard_normal(200))
+    wide, narrow = ratio_interval(slower[:20], base[:20]), ratio_interval(slower, base)
+    assert wide.low < 1.04 < wide.high and narrow.low < 1.04 < narrow.high
+    assert narrow.half_width < wide.half_width < 0.02
+    same = ratio_interval(base, base)
+    assert (same.value, same.low, same.high) == (1.0, 1.0, 1.0)
+    gap = difference_interval(slower, base)
+    assert gap.low < float(np.mean(slower - base)) < gap.high
+
+
+def test_an_interval_needs_paired_series():
+    from perf.stats import ratio_interval
+
+    with pytest.raises(ValueError, match=r"needs two equal-length series of 2 or more paired measurements, got \(3,\)"):
+        ratio_interval([1, 2, 3], [1, 2])
