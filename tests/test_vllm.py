@@ -183,3 +183,24 @@ def test_cli_json_is_one_document_on_stdout_and_the_engines_logs_go_to_stderr(ti
     report = json.loads(result.stdout)
     assert report["ok"] and set(report["adapters"]) == {"law"}
     assert "INFO" in result.stderr, "vLLM's engine logs went somewhere other than stderr"
+
+
+def test_another_engine_in_this_process_does_not_reach_the_weave(engine, tiny):
+    """vLLM's runner methods are wrapped on the class: a plain engine beside ExpertWeaveLLM (as verify runs
+    them) steps through the same wrappers, and its requests must not land in the weave's accounting."""
+    from vllm import LLM, SamplingParams
+
+    from expertweave_ascend.integrations.vllm import worker
+
+    engine.load_adapter("law", tiny / "adapters" / "law")
+    try:
+        before = (dict(worker._ACTIVE.started), dict(worker._ACTIVE.generated))
+        plain = LLM(model=str(tiny / "base"), enforce_eager=True, **ENGINE)
+        try:
+            plain.generate(["the court held that", "solve for x"], SamplingParams(max_tokens=4), use_tqdm=False)
+        finally:
+            plain.llm_engine.engine_core.shutdown()
+        assert (dict(worker._ACTIVE.started), dict(worker._ACTIVE.generated)) == before
+        assert not worker._ACTIVE.requests and engine.list_adapters()["law"]["requests"] == 0
+    finally:
+        engine.unload_adapter("law")

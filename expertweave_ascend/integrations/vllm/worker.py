@@ -29,6 +29,7 @@ logger = logging.getLogger("expertweave")
 class WorkerWeave:
     def __init__(self, model_runner, config: dict):
         self.api = platforms.current()
+        self.model_runner = model_runner  # the one runner whose steps are this weave's
         weave_config = WeaveConfig(**{k: config[k] for k in ("max_adapters", "adapter_slots", "adapter_memory_bytes",
                                                              "granularity", "consolidate_rel_l2")
                                           if config.get(k) is not None})
@@ -225,13 +226,15 @@ def on_load(runner) -> None:
                     len(_ACTIVE.layers), _ACTIVE.weave.adapter_slots, sorted(_ACTIVE.weave.adapters))
 
 
+# The runner's methods are wrapped on its class: another engine in this process (a plain vLLM engine beside
+# ExpertWeaveLLM, as verify runs them) steps through the same wrappers and must not reach this weave.
 def on_schedule(runner, scheduler_output) -> None:
-    if _ACTIVE is not None:
+    if _ACTIVE is not None and _ACTIVE.model_runner is runner:
         _ACTIVE.on_schedule(scheduler_output)
 
 
 def on_step(runner) -> None:
-    if _ACTIVE is not None:
+    if _ACTIVE is not None and _ACTIVE.model_runner is runner:
         _ACTIVE.on_step(runner)
 
 
