@@ -1,11 +1,13 @@
 """Decode-step cost of ExpertWeave, measured so that the machine's drift cancels, and split into its parts.
 
-Two engines run in this process on the bench model (perf/bench_model.py): plain vLLM serving the base, and
-ExpertWeave with 20 adapters loaded. An arm is an engine and who the requests go to: the base-only engine;
-ExpertWeave with every request to the base (the mechanism's fixed cost: every token rerouted through row 0);
-ExpertWeave with the requests spread over 1, 5, 10 or 20 adapters; and the ExpertWeave base arm again under
-a second name (A/A: the method's own noise). A round runs every arm once, in a shuffled order; each run is a
-short batch (16 requests, 16 tokens), so arms alternate every 15 decode steps. Time comes from the engine:
+Three engines run in this process on the bench model (perf/bench_model.py): plain vLLM serving the base,
+plain vLLM serving the first adapter's merged model, and ExpertWeave with 20 adapters loaded. An arm is an
+engine and who the requests go to: the base-only engine; the merged engine (the control for ExpertWeave's
+1-adapter arm: the same tokens, so the same experts); ExpertWeave with every request to the base (the
+mechanism's fixed cost: every token rerouted through row 0); ExpertWeave with the requests spread over 1, 5,
+10 or 20 adapters; and the ExpertWeave base arm again under a second name (A/A: the method's own noise). A
+round runs every arm once, in a shuffled order; each run is a short batch (16 distinct random prompts of 32
+tokens, 16 tokens out), so arms alternate every 15 decode steps. Time comes from the engine:
 each step is timed (wall and this process's CPU time, which a core taken by another process does not
 inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count. A ratio compares
 two arms over the rounds: mean step time over mean step time, with a paired bootstrap interval (stats.py).
@@ -28,13 +30,20 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_model import BENCH_CONFIG, MOE_LAYERS, build
+from .bench_model import BENCH_CONFIG, MOE_LAYERS, build, merged
 from .stats import difference_interval, ratio_interval
 
 BATCH = 16
 TOKENS = 16
 ADAPTER_COUNTS = (1, 5, 10, 20)
-PROMPTS = [f"the court held that a contract number {i} requires offer acceptance and consideration" for i in range(BATCH)]
+PROMPT_TOKENS = 32
+
+
+def prompts(vocab_size: int) -> list[dict]:
+    """Distinct random prompts, so that each arm's batch routes its tokens as diversely as real traffic does
+    (near-identical prompts decode near-identical tokens, which touch far fewer experts)."""
+    rng = random.Random(0)
+    return [{"prompt_token_ids": [rng.randrange(3, vocab_size) for _ in range(PROMPT_TOKENS)]} for _ in range(BATCH)]
 
 
 class StepClock:
@@ -96,16 +105,16 @@ class PartClock:
         return timed
 
 
-def run(llm, names, clock: StepClock) -> tuple[float, float]:
+def run(llm, batch: list[dict], names, clock: StepClock) -> tuple[float, float]:
     """One batch; the mean (wall, CPU) seconds of its full-batch decode steps."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
     clock.reset()
     if names is None:
-        llm.generate(PROMPTS, params, use_tqdm=False)
+        llm.generate(batch, params, use_tqdm=False)
     else:
-        llm.generate(PROMPTS, params, adapter=names, use_tqdm=False)
+        llm.generate(batch, params, adapter=names, use_tqdm=False)
     if not clock.steps:
         raise RuntimeError("no decode step ran the whole batch: raise the engine's token budget or seats")
     wall, cpu = zip(*clock.steps)
@@ -196,18 +205,22 @@ def measure(rounds: int = 30, eager: bool = False, progress=print) -> dict:
 
     base, adapters = build()
     names = list(adapters)[:max(ADAPTER_COUNTS)]
+    batch = prompts(json.loads((base / "config.json").read_text())["vocab_size"])
     engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=eager)
     base_only = LLM(model=str(base), **engine)
+    merged_first = LLM(model=str(merged(base, {names[0]: adapters[names[0]]})[names[0]]), **engine)
     weave = ExpertWeaveLLM(str(base), {n: str(adapters[n]) for n in names}, max_adapters=len(names), **engine)
     try:
-        clocks = {"base-only": StepClock(base_only), "expertweave": StepClock(weave.llm)}
+        clocks = {"base-only": StepClock(base_only), "merged": StepClock(merged_first),
+                  "expertweave": StepClock(weave.llm)}
         arms = {"base-only": (base_only, None, "base-only"),
+                f"merged model of {names[0]}": (merged_first, None, "merged"),
                 "expertweave, base requests": (weave, [None] * BATCH, "expertweave"),
                 "expertweave, base requests (A/A)": (weave, [None] * BATCH, "expertweave")}
         for k in ADAPTER_COUNTS:
             arms[f"expertweave, {k} adapters"] = (weave, [names[i % k] for i in range(BATCH)], "expertweave")
         for llm, mix, clock in arms.values():  # warm up
-            run(llm, mix, clocks[clock])
+            run(llm, batch, mix, clocks[clock])
         wall = {arm: [] for arm in arms}
         cpu = {arm: [] for arm in arms}
         order = list(arms)
@@ -216,14 +229,15 @@ def measure(rounds: int = 30, eager: bool = False, progress=print) -> dict:
             shuffle(order)
             for arm in order:
                 llm, mix, clock = arms[arm]
-                w, c = run(llm, mix, clocks[clock])
+                w, c = run(llm, batch, mix, clocks[clock])
                 wall[arm].append(w)
                 cpu[arm].append(c)
             if (r + 1) % 10 == 0:
                 progress(f"decode: round {r + 1} of {rounds}")
         top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
         comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
-                       "fixed cost (base requests)": ("expertweave, base requests", "base-only")}
+                       "fixed cost (base requests)": ("expertweave, base requests", "base-only"),
+                       "1 adapter vs its merged model": ("expertweave, 1 adapters", f"merged model of {names[0]}")}
         for k in ADAPTER_COUNTS:
             comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
             comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", "base-only")
@@ -239,10 +253,10 @@ def measure(rounds: int = 30, eager: bool = False, progress=print) -> dict:
         schedule = {"base-only": 0.0, "expertweave": 0.0}
         with PartClock(worker._ACTIVE) as parts:
             for _ in range(10):
-                run(weave, arms[top][1], clocks["expertweave"])
+                run(weave, batch, arms[top][1], clocks["expertweave"])
                 schedule["expertweave"] += clocks["expertweave"].schedule_s
                 steps += TOKENS
-                run(base_only, None, clocks["base-only"])
+                run(base_only, batch, None, clocks["base-only"])
                 schedule["base-only"] += clocks["base-only"].schedule_s
         split = {part: 1e6 * s / steps for part, s in parts.seconds.items()}
         split["scheduler"] = 1e6 * (schedule["expertweave"] - schedule["base-only"]) / steps
@@ -258,7 +272,8 @@ def measure(rounds: int = 30, eager: bool = False, progress=print) -> dict:
         return result
     finally:
         weave.shutdown()
-        base_only.llm_engine.engine_core.shutdown()
+        for llm in (base_only, merged_first):
+            llm.llm_engine.engine_core.shutdown()
         del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
         envs.disable_envs_cache()
 
