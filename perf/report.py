@@ -93,6 +93,14 @@ def targets_table(results: dict) -> list[str]:
                   [[t, m, w, "yes" if ok else "**no**"] for t, m, w, ok in targets(results)])
 
 
+def _ratio(cell: dict, key: str) -> str:
+    """A serving cell's ratio, with its 95% interval over replay pairs where the run measured one."""
+    if "intervals" not in cell:
+        return f"{cell['ratio'][key]:.3f}"
+    i = cell["intervals"][key]
+    return f"{cell['ratio'][key]:.3f} [{i['low']:.3f}, {i['high']:.3f}]"
+
+
 def _kv(tokens: int) -> str:
     return f"{tokens / 1000:.0f}K" if tokens else "does not fit"
 
@@ -186,10 +194,10 @@ def markdown(results: dict, stem: str) -> str:
                   _table(["adapters", "alpha", "TTFT ms base", "TTFT ms EW", "TTFT x", "TPOT ms base", "TPOT ms EW",
                            "TPOT x", "tok/s base", "tok/s EW", "throughput x"],
                           [[x["adapters"], f"{x['alpha']:g}", f"{x['other']['mean_ttft_ms']:.1f}",
-                            f"{x['expertweave']['mean_ttft_ms']:.1f}", f"{x['ratio']['mean_ttft_ms']:.3f}",
+                            f"{x['expertweave']['mean_ttft_ms']:.1f}", _ratio(x, "mean_ttft_ms"),
                             f"{x['other']['mean_tpot_ms']:.2f}", f"{x['expertweave']['mean_tpot_ms']:.2f}",
-                            f"{x['ratio']['mean_tpot_ms']:.3f}", f"{x['other']['output_throughput']:.1f}",
-                            f"{x['expertweave']['output_throughput']:.1f}", f"{x['ratio']['output_throughput']:.3f}"]
+                            _ratio(x, "mean_tpot_ms"), f"{x['other']['output_throughput']:.1f}",
+                            f"{x['expertweave']['output_throughput']:.1f}", _ratio(x, "output_throughput")]
                            for x in sv["overhead"]["cells"]]),
                   f"Adapters were hot-loaded over HTTP between cells (`/v1/load_esft_adapter`, expert packing for the "
                   f"CPU kernel included): median {1000 * statistics.median(sv['overhead']['hot_load_s'].values()):.0f} "
@@ -202,8 +210,8 @@ def markdown(results: dict, stem: str) -> str:
                           [[label, f"{side['output_throughput']:.1f}", f"{side['mean_ttft_ms']:.1f}",
                             f"{side['mean_tpot_ms']:.2f}"]
                            for label, side in (("merged engines", mg["other"]), ("ExpertWeave", mg["expertweave"]))]),
-                  f"ExpertWeave / merged: throughput x{mg['ratio']['output_throughput']:.3f}, "
-                  f"TTFT x{mg['ratio']['mean_ttft_ms']:.3f}.", plot="merged", stem=stem)
+                  f"ExpertWeave / merged: throughput x{_ratio(mg, 'output_throughput')}, "
+                  f"TTFT x{_ratio(mg, 'mean_ttft_ms')}.", plot="merged", stem=stem)
     if "tiering" in s:
         t = s["tiering"]
         c = t["config"]

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the under-10-minute variant")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--adapter-counts", help="serving: comma-separated adapter counts instead of 1,5,10,20")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     only = args.only.split(",") if args.only else list(SECTIONS)
@@ -108,15 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     settings = QUICK if args.quick else FULL
+    if args.adapter_counts:
+        counts = tuple(int(n) for n in args.adapter_counts.split(","))
+        settings = replace(settings, serving=replace(settings.serving, adapter_counts=counts))
     info = machine()
     stem = f"{datetime.date.today().isoformat()}-{info['tag']}{'-quick' if args.quick else ''}"
     if args.only:  # a partial run never overwrites the full run's results
         stem += "-" + "-".join(s for s in SECTIONS if s in only)
+    if args.adapter_counts:
+        stem += "-adapters-" + "-".join(str(n) for n in settings.serving.adapter_counts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "make bench-quick" if args.quick else "make bench"
     if args.only:
         command += f" ONLY={','.join(s for s in SECTIONS if s in only)}"
+    if args.adapter_counts:
+        command = f"python -m perf.run{' --quick' if args.quick else ''} --only {','.join(s for s in SECTIONS if s in only)} " \
+                  f"--adapter-counts {args.adapter_counts}"
     results = {"command": command, "date": datetime.date.today().isoformat(), "machine": info,
                "settings": asdict(settings), "sections": {}}
     started = time.perf_counter()
