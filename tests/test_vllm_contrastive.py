@@ -42,6 +42,20 @@ def generate(llm, prompts, names, options, tokens):
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def add_contrastive(llm, request_id: str, prompt: list[int], max_tokens: int) -> None:
+    """A contrastive request for law straight into the engine (as the front-ends send it: the adapter's
+    arguments and salt), so a test can step the engine itself."""
+    from vllm import SamplingParams
+
+    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
+    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG, adapter_cache_salt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
+    salt = adapter_cache_salt(llm.list_adapters()["law"]["sha256"], None)
+    llm.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt, "cache_salt": salt}, params)
+
+
 class References:
     """The transformers reference of each (prompt, adapter, option): merged models built once."""
 
@@ -108,17 +122,10 @@ def test_the_twin_is_hidden_from_outputs_and_metrics(llm):
 
 
 def test_aborting_a_contrastive_request_frees_its_twin(llm):
-    from vllm import SamplingParams
-
-    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
-    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG
-
     core, sched = llm.llm.llm_engine, scheduler(llm)
     pool = sched.kv_cache_manager.block_pool
     free = pool.get_num_free_blocks()
-    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True,
-                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
-    core.add_request("abort-me", {"prompt_token_ids": list(range(3, 60))}, params)
+    add_contrastive(llm, "abort-me", list(range(3, 60)), 200)
     for _ in range(4):
         core.step()
     assert len(sched.requests) == 2 and len(sched.twins) == 1
@@ -133,17 +140,11 @@ def test_aborting_a_contrastive_request_frees_its_twin(llm):
 def test_a_request_whose_twin_ends_first_fails_and_leaves_nothing(llm):
     """Only an engine fault ends a twin alone (it has one token more to go than its request); the request
     then fails rather than run unpaired."""
-    from vllm import SamplingParams
     from vllm.v1.request import RequestStatus
-
-    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
-    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG
 
     core, sched = llm.llm.llm_engine, scheduler(llm)
     free = sched.kv_cache_manager.block_pool.get_num_free_blocks()
-    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True,
-                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
-    core.add_request("orphan", {"prompt_token_ids": [5, 17, 42]}, params)
+    add_contrastive(llm, "orphan", [5, 17, 42], 50)
     for _ in range(3):
         core.step()
     (twin,) = sched.twin_ids
@@ -281,17 +282,9 @@ def test_long_prompts_in_chunks_and_preempted_pairs_equal_the_reference(tiny_dec
 def twin_hits_the_bases_prefix_cache(llm, sched):
     """A prompt the base has served is cached under the base's salt: the twin finds it, its request (with
     the adapter's salt) does not."""
-    from vllm import SamplingParams
-
-    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
-    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG, adapter_cache_salt
-
     prompt = list(range(3, 70))  # two full 32-token blocks
     generate(llm, [prompt], [None], [None], 2)
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
-                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
-    salt = adapter_cache_salt(llm.list_adapters()["law"]["sha256"], None)
-    llm.llm.llm_engine.add_request("cached", {"prompt_token_ids": prompt, "cache_salt": salt}, params)
+    add_contrastive(llm, "cached", prompt, 4)
     (primary, twin), = ((sched.requests[rid], sched.requests[tid]) for rid, tid in sched.twins.items())
     hits = [sched.kv_cache_manager.get_computed_blocks(r)[1] for r in (primary, twin)]
     assert hits == [0, 64]

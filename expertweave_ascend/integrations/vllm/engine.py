@@ -126,7 +126,7 @@ def runs_expertweave_scheduler(vllm_config) -> bool:
 def contrastive_refusal(vllm_config) -> str | None:
     """Why this engine cannot run contrastive requests (pairing.py), or None."""
     scheduler = vllm_config.scheduler_config
-    if scheduler.scheduler_cls != SCHEDULER:
+    if not runs_expertweave_scheduler(vllm_config):
         return ("contrastive decoding needs ExpertWeave's scheduler, the default of vLLM CPU engines; this engine "
                 f"runs {scheduler.scheduler_cls}")
     if scheduler.async_scheduling:

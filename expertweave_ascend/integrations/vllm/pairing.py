@@ -48,7 +48,6 @@ class PairedScheduler(VariantScheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.twins: dict[str, str] = {}  # contrastive request id -> its twin's id
-        self.twin_ids: set[str] = set()
         self.dropped = 0  # tokens a member sampled without its partner, dropped to keep the pair in step
         self.failed: list[Request] = []  # contrastive requests that could not run paired, to report
 
@@ -67,7 +66,6 @@ class PairedScheduler(VariantScheduler):
         super().add_request(request)
         super().add_request(twin)
         self.twins[request.request_id] = twin.request_id
-        self.twin_ids.add(twin.request_id)
 
     def schedule(self, *args, **kwargs):
         if not self.twins:
@@ -114,7 +112,7 @@ class PairedScheduler(VariantScheduler):
             self._drop_unpaired_samples(scheduler_output, model_runner_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.twins:
-            hidden = set(self.twin_ids)  # before the pairs that end now take their twins' ids away
+            hidden = self.twin_ids  # before the pairs that end now take their twins' ids away
             ended = [rid for rid in self.twins if rid not in self.requests or self.requests[rid].is_finished()]
             if ended:
                 self.finish_requests(ended, RequestStatus.FINISHED_ABORTED)
@@ -142,8 +140,13 @@ class PairedScheduler(VariantScheduler):
             ending = [rid for rid in request_ids if rid in self.twins]
             request_ids |= {self.twins[rid] for rid in ending}
         finished = super().finish_requests(request_ids, finished_status)
-        self.twin_ids -= {self.twins.pop(rid) for rid in ending}
+        for rid in ending:
+            del self.twins[rid]
         return [r for r in finished if not is_twin(r.sampling_params)]
+
+    @property
+    def twin_ids(self) -> set[str]:
+        return set(self.twins.values())
 
     def _pairs(self) -> list[tuple[Request, Request]]:
         return [(self.requests[rid], self.requests[tid]) for rid, tid in self.twins.items()
