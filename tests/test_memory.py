@@ -228,3 +228,30 @@ def test_close_gives_back_the_fd_and_every_mapping():
         assert maps_overlapping(start, end) == [], "a reservation is still in the address space"
     backend.close()  # twice is harmless
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def vm_flags_of_memfd(backend: HostBackend) -> list[set[str]]:
+    """The VmFlags of every mapping of the backend's memfd, from /proc/self/smaps."""
+    inode, flags, ours = os.fstat(backend.fd).st_ino, [], False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:
+                ours = len(fields) >= 5 and "memfd:" in line and int(fields[4]) == inode
+            elif ours and fields[0] == "VmFlags:":
+                flags.append(set(fields[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="kernel without THP")
+@pytest.mark.parametrize("granularity", [G, 2 << 20], ids=["64KiB", "2MiB"])
+def test_huge_granules_ask_for_huge_pages(granularity):
+    backend = HostBackend(granularity=granularity)
+    try:
+        mem = ExpertMemory(backend, memory_suite.memory_layers(granularity), 4, 8)
+        mem.allocate("law", {1: 2, 3: 1})
+        flags = vm_flags_of_memfd(backend)
+        assert flags and all(("hg" in f) == (granularity == 2 << 20) for f in flags)
+        mem.close()
+    finally:
+        backend.close()

@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from expertweave_ascend.errors import CapacityError
-from expertweave_ascend.routing import RoutingTables, reroute_reference
+from expertweave_ascend.routing import RoutingTables, reroute_on, reroute_reference
 
 reroute = torch.ops.expertweave.reroute
 
@@ -25,6 +25,17 @@ def test_reference_on_a_worked_example():
     expected = torch.tensor([[0, 2], [7, 1], [5, 5]])
     assert torch.equal(reroute_reference(topk, token_adapter, table), expected)
     assert torch.equal(reroute(topk, token_adapter, table), expected)
+
+
+def test_per_layer_hooks_call_the_cpu_kernel_directly_and_the_op_elsewhere():
+    topk, token_adapter, table = random_case(33, 6, 64, 5, torch.int32, torch.int32, seed=7)
+    on_cpu = reroute_on(torch.device("cpu"))
+    assert on_cpu is not reroute
+    assert torch.equal(on_cpu(topk, token_adapter, table), reroute_reference(topk, token_adapter, table))
+    with pytest.raises(ValueError, match="reroute: 32 adapter rows for 33 tokens"):
+        on_cpu(topk, token_adapter[:32], table)
+    for device in ("cuda", "privateuseone"):  # torch_npu renames privateuseone to npu
+        assert reroute_on(torch.device(device)) is reroute
 
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])

@@ -23,11 +23,13 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PROT_NONE, _MAP_FIXED, _MAP_NORESERVE = 0x0, 0x10, 0x4000
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 DEFAULT_GRANULARITY = 2 << 20  # what CUDA and AscendCL report for device memory
+_HUGE_PAGE = 2 << 20
 _serial = itertools.count()
 
 
@@ -102,6 +104,10 @@ class HostBackend:
         got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
                          self.fd, handle)
         _check_errno(got == address, "mmap(map)")
+        if size % _HUGE_PAGE == 0 and address % _HUGE_PAGE == 0 and handle % _HUGE_PAGE == 0:
+            # Expert weights then take fewer TLB entries where the kernel gives shmem transparent huge
+            # pages on request (shmem_enabled "advise"); a kernel without them refuses, which changes nothing.
+            _libc.madvise(address, size, mmap.MADV_HUGEPAGE)
         self.ledger.mapped(address, size, handle)
 
     def unmap(self, address: int, size: int) -> None:

@@ -36,6 +36,13 @@ def _(topk_ids: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) 
 reroute = torch.ops.expertweave.reroute
 
 
+def reroute_on(device: torch.device):
+    """What a per-layer hook calls on this device. On CPU, the torch kernel itself: inside an engine's
+    forward, a call through the dispatcher to this Python kernel costs three times the kernel
+    (perf/bench_decode.py). Elsewhere the op, on which the Triton and Ascend C kernels register."""
+    return reroute_torch if device.type == "cpu" else reroute
+
+
 def reroute_reference(topk_ids: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """The definition, written as plainly as possible; the kernels are tested against it."""
     out = torch.empty_like(topk_ids)

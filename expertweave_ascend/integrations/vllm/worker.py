@@ -16,6 +16,7 @@ from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...host_tier import HostTier
 from ...loader import BackgroundLoader
+from ...routing import reroute_on
 from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
 from .contrastive import request_pair
@@ -52,6 +53,7 @@ class WorkerWeave:
         self.api.weave_installed(model_runner, self.weave)
         device = torch.device(self.weave.device)
         self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32, device=device)
+        self.reroute_kernel = reroute_on(device)
         # Off the CPU the step's rows go through pinned host memory, so their copy does not block.
         self.staging = self.token_adapter if device.type == "cpu" else torch.zeros(
             model_runner.max_num_tokens, dtype=torch.int32, pin_memory=True)
@@ -59,6 +61,8 @@ class WorkerWeave:
         self.first_layer = min(self.layers)
         self.moe_rows: torch.Tensor | None = None  # this forward's rows as its MoE layers see the tokens
         self.filled = 0  # tokens the last step wrote; beyond them the buffer is already 0
+        # (request ids, tokens per request) the buffer holds rows for; None after requests begin or end
+        self.laid_out: tuple[list[str], bytes] | None = None
         # scheduled, not finished: request id -> (adapter, row, prompt length)
         self.requests: dict[str, tuple[str | None, int, int]] = {}
         # scheduled base twins of contrastive requests (pairing.py) -> their requests' ids; twins are not counted
@@ -78,7 +82,7 @@ class WorkerWeave:
         # every rank makes) at the forward's first MoE layer only.
         if layer == self.first_layer:
             self.moe_rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
-        return torch.ops.expertweave.reroute(topk_ids, self.moe_rows, self.layers[layer].table)
+        return self.reroute_kernel(topk_ids, self.moe_rows, self.layers[layer].table)
 
     def shared_experts(self, out: torch.Tensor, x: torch.Tensor, layer: int) -> None:
         """Overwrites the shared-expert output of tokens whose adapter tunes this layer's shared experts."""
@@ -90,6 +94,8 @@ class WorkerWeave:
     def on_schedule(self, scheduler_output) -> None:
         """Request accounting from the scheduler's output: a request begins when first scheduled and ends
         when reported finished (aborted ones too: the abort has then landed)."""
+        if scheduler_output.finished_req_ids or scheduler_output.scheduled_new_reqs:
+            self.laid_out = None  # an id may come back as a new request with another adapter
         for req_id in scheduler_output.finished_req_ids:
             seen = self.requests.pop(req_id, None)
             if seen is not None:
@@ -158,6 +164,10 @@ class WorkerWeave:
 
     def on_step(self, runner) -> None:
         req_ids, counts = self.api.batch_layout(runner)
+        layout = (req_ids, counts.tobytes())
+        if layout == self.laid_out:  # most decode steps: the buffer already holds these rows
+            return
+        self.laid_out = layout
         rows = np.fromiter((self.requests[r][1] for r in req_ids), dtype=np.int32, count=len(req_ids))
         total = int(counts.sum())
         end = max(total, self.filled)
