@@ -185,6 +185,47 @@ def test_cli_json_is_one_document_on_stdout_and_the_engines_logs_go_to_stderr(ti
     assert "INFO" in result.stderr, "vLLM's engine logs went somewhere other than stderr"
 
 
+def test_an_id_used_again_runs_with_its_new_adapter(engine, tiny):
+    """An engine-core client may give a new request the id of one that just finished. With a one-token
+    prompt the new request's steps lay out their tokens exactly as the finished one's did, and the
+    per-token rows must still be its adapter's, not the finished request's."""
+    from vllm import SamplingParams
+
+    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG
+
+    core = engine.llm.llm_engine.engine_core.engine_core
+    for name in ("law", "math"):
+        engine.load_adapter(name, tiny / "adapters" / name)
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        prompt = next({"prompt_token_ids": [t]} for t in range(3, 200)
+                      if greedy(engine, [{"prompt_token_ids": [t]}], "law")[0][0]
+                      != greedy(engine, [{"prompt_token_ids": [t]}], "math")[0][0])
+        llm_engine = engine.llm.llm_engine
+
+        def run_core(adapter: str) -> list[int]:
+            sp = params.clone()
+            sp.extra_args = {ADAPTER_ARG: adapter}
+            core.add_request(*core.preprocess_add_request(
+                llm_engine.input_processor.process_inputs("same-id", prompt, sp, ("generate",))))
+            tokens = []
+            while True:
+                outputs, _ = core.step()
+                for out in (o for outs in outputs.values() for o in outs.outputs):
+                    tokens += out.new_token_ids
+                    if out.finished:
+                        return tokens
+
+        served = [run_core("law"), run_core("math")]  # nothing between them: the id comes straight back
+        assert served == [greedy(engine, [prompt], name)[0][:6] for name in ("law", "math")]
+    finally:
+        core.abort_requests(["same-id"])
+        while core.scheduler.has_requests():  # the worker hears of the end on the next step
+            core.step()
+        for name in ("law", "math"):
+            engine.unload_adapter(name)
+
+
 def test_another_engine_in_this_process_does_not_reach_the_weave(engine, tiny):
     """vLLM's runner methods are wrapped on the class: a plain engine beside ExpertWeaveLLM (as verify runs
     them) steps through the same wrappers, and its requests must not land in the weave's accounting."""
@@ -205,40 +246,3 @@ def test_another_engine_in_this_process_does_not_reach_the_weave(engine, tiny):
     finally:
         engine.unload_adapter("law")
 
-
-def test_an_id_used_again_runs_with_its_new_adapter(engine, tiny):
-    """An engine-core client may give a new request the id of one that just finished. With a one-token
-    prompt the new request's steps lay out their tokens exactly as the finished one's did, and the
-    per-token rows must still be its adapter's, not the finished request's."""
-    from vllm import SamplingParams
-
-    from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG
-
-    for name in ("law", "math"):
-        engine.load_adapter(name, tiny / "adapters" / name)
-    try:
-        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-        prompt = next({"prompt_token_ids": [t]} for t in range(3, 200)
-                      if greedy(engine, [{"prompt_token_ids": [t]}], "law")[0][0]
-                      != greedy(engine, [{"prompt_token_ids": [t]}], "math")[0][0])
-        llm_engine = engine.llm.llm_engine
-        core = llm_engine.engine_core.engine_core
-
-        def run_core(adapter: str) -> list[int]:
-            sp = params.clone()
-            sp.extra_args = {ADAPTER_ARG: adapter}
-            core.add_request(*core.preprocess_add_request(
-                llm_engine.input_processor.process_inputs("same-id", prompt, sp, ("generate",))))
-            tokens = []
-            while True:
-                outputs, _ = core.step()
-                for out in (o for outs in outputs.values() for o in outs.outputs):
-                    tokens += out.new_token_ids
-                    if out.finished:
-                        return tokens
-
-        served = [run_core("law"), run_core("math")]  # nothing between them: the id comes straight back
-        assert served == [greedy(engine, [prompt], name)[0][:6] for name in ("law", "math")]
-    finally:
-        for name in ("law", "math"):
-            engine.unload_adapter(name)
