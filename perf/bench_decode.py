@@ -11,6 +11,10 @@ tokens, 16 tokens out), so arms alternate every 15 decode steps. Time comes from
 each step is timed (wall and this process's CPU time, which a core taken by another process does not
 inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count. A ratio compares
 two arms over the rounds: mean step time over mean step time, with a paired bootstrap interval (stats.py).
+The rounds are spread over several builds of the three engines: each build places the weights and expert
+granules in memory anew, and two builds of the same engines differ by more than two rounds on one build
+do (a 20-adapter arm moved from x1.02 to x1.07 between runs), so the interval resamples builds, then the
+rounds within them.
 
 The split times each part of the difference on its own (wall time: the parts are single-threaded Python,
 which CPU time would overcount while torch's threads spin), per decode step of 16 tokens at 20 adapters: the
@@ -18,7 +22,7 @@ reroute op of every MoE layer and the per-step row fill and request accounting, 
 the scheduler, ExpertWeave's against vLLM's; and, outside the engine on the bench model's MoE layer shapes,
 the extra distinct experts a mixed batch touches and the expert tensor's pages (memfd granules against
 the anonymous pages torch allocates). The parts add up to a sum the total difference is checked against.
-Run: .venv/bin/python -m perf.bench_decode [--rounds 30] [--json FILE]
+Run: .venv/bin/python -m perf.bench_decode [--rounds 90] [--instances 6] [--json FILE]
 """
 
 import argparse
@@ -121,10 +125,11 @@ def run(llm, batch: list[dict], names, clock: StepClock) -> tuple[float, float]:
     return statistics.fmean(wall), statistics.fmean(cpu)
 
 
-def moe_parts(names: list[str], adapters: dict, repeats: int = 200) -> dict:
+def moe_parts(names: list[str], adapters: dict, blocks: int = 101) -> dict:
     """Microseconds per decode step (all MoE layers) of cpu_fused_moe at the bench shapes on 16 tokens:
     base ids on anonymous pages, the mixed batch's rerouted ids on anonymous pages, and the same on memfd
-    granules (ExpertWeave's host backend)."""
+    granules (ExpertWeave's host backend). Each is the median over blocks of 8 steps of real routing, the
+    three alternating, so that a pause of the machine does not land on one of them."""
     import torch
     from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
@@ -168,20 +173,23 @@ def moe_parts(names: list[str], adapters: dict, repeats: int = 200) -> dict:
                 mapped[name] = backend.tensor(address, tuple(w.shape), w.dtype)
                 mapped[name].copy_(w)
 
-            def timed(ids_steps, w13_, w2_) -> float:
-                out = torch.empty_like(x)
-                for step in ids_steps:  # warm
-                    cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
-                started = time.perf_counter()
-                for _ in range(repeats // len(ids_steps)):
+            out = torch.empty_like(x)
+            variants = {"base_ids": (ids, w13, w2), "mixed_ids": (rerouted, w13, w2),
+                        "mixed_ids_memfd": (rerouted, mapped["w13"], mapped["w2"])}
+            per_block = {name: [] for name in variants}
+            order = list(variants)
+            for block in range(blocks):  # the variants alternate in short blocks
+                random.Random(block).shuffle(order)
+                for name in order:
+                    ids_steps, w13_, w2_ = variants[name]
+                    for step in ids_steps:  # warm: the memfd copy shares no cache lines with the other two
+                        cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
+                    started = time.perf_counter()
                     for step in ids_steps:
                         cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
-                return (time.perf_counter() - started) / (repeats // len(ids_steps) * len(ids_steps))
-
+                    per_block[name].append((time.perf_counter() - started) / len(ids_steps))
             per_layer[layer] = {
-                "base_ids": timed(ids, w13, w2),
-                "mixed_ids": timed(rerouted, w13, w2),
-                "mixed_ids_memfd": timed(rerouted, mapped["w13"], mapped["w2"]),
+                **{name: statistics.median(times) for name, times in per_block.items()},
                 "distinct_base": statistics.fmean(len(set(s.flatten().tolist())) for s in ids),
                 "distinct_mixed": statistics.fmean(len(set(s.flatten().tolist())) for s in rerouted),
             }
@@ -196,103 +204,146 @@ def moe_parts(names: list[str], adapters: dict, repeats: int = 200) -> dict:
                                            "mixed": statistics.fmean(v["distinct_mixed"] for v in per_layer.values())}}
 
 
-def measure(rounds: int = 30, eager: bool = False, progress=print) -> dict:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # both engines here, so their steps can be timed
-    from vllm import LLM, envs
+def host_pages() -> dict:
+    """Which transparent huge pages this host gives: to anonymous memory (torch's tensors, had they asked)
+    and to shmem (the memfd granules, which ask for them at 2 MiB)."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage")
 
-    from expertweave_ascend.integrations.vllm import worker
-    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+    def chosen(name: str) -> str:
+        path = thp / name
+        return path.read_text().split("[")[1].split("]")[0] if path.exists() else "absent"
 
+    return {"anonymous_thp": chosen("enabled"), "shmem_thp": chosen("shmem_enabled")}
+
+
+def measure(rounds: int = 90, eager: bool = False, progress=print, instances: int = 6) -> dict:
+    """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
+    if instances < 2 or rounds % instances:
+        raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances (2 or more)")
     base, adapters = build()
     names = list(adapters)[:max(ADAPTER_COUNTS)]
     batch = prompts(json.loads((base / "config.json").read_text())["vocab_size"])
-    engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=eager)
-    base_only = LLM(model=str(base), **engine)
-    merged_first = LLM(model=str(merged(base, {names[0]: adapters[names[0]]})[names[0]]), **engine)
-    weave = ExpertWeaveLLM(str(base), {n: str(adapters[n]) for n in names}, max_adapters=len(names), **engine)
-    try:
-        clocks = {"base-only": StepClock(base_only), "merged": StepClock(merged_first),
-                  "expertweave": StepClock(weave.llm)}
-        arms = {"base-only": (base_only, None, "base-only"),
-                f"merged model of {names[0]}": (merged_first, None, "merged"),
-                "expertweave, base requests": (weave, [None] * BATCH, "expertweave"),
-                "expertweave, base requests (A/A)": (weave, [None] * BATCH, "expertweave")}
-        for k in ADAPTER_COUNTS:
-            arms[f"expertweave, {k} adapters"] = (weave, [names[i % k] for i in range(BATCH)], "expertweave")
-        for llm, mix, clock in arms.values():  # warm up
-            run(llm, batch, mix, clocks[clock])
-        wall = {arm: [] for arm in arms}
-        cpu = {arm: [] for arm in arms}
-        order = list(arms)
-        shuffle = random.Random(0).shuffle
-        for r in range(rounds):
-            shuffle(order)
-            for arm in order:
-                llm, mix, clock = arms[arm]
-                w, c = run(llm, batch, mix, clocks[clock])
-                wall[arm].append(w)
-                cpu[arm].append(c)
-            if (r + 1) % 10 == 0:
-                progress(f"decode: round {r + 1} of {rounds}")
-        top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
-        comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
-                       "fixed cost (base requests)": ("expertweave, base requests", "base-only"),
-                       "1 adapter vs its merged model": ("expertweave, 1 adapters", f"merged model of {names[0]}")}
-        for k in ADAPTER_COUNTS:
-            comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
-            comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", "base-only")
-        result = {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "eager": eager,
-                  "arms": {arm: {"step_ms": 1000 * statistics.fmean(wall[arm]),
-                                 "step_cpu_ms": 1000 * statistics.fmean(cpu[arm])} for arm in arms},
-                  "ratios": {label: {"cpu": ratio_interval(cpu[a], cpu[b]).to_json(),
-                                     "wall": ratio_interval(wall[a], wall[b]).to_json(), "arms": [a, b]}
-                             for label, (a, b) in comparisons.items()},
-                  "samples": {"wall": wall, "cpu": cpu}}
-        # The split, at the top adapter count: in-engine parts over instrumented batches of their own.
+    arms = {"base-only": ("base-only", None), f"merged model of {names[0]}": ("merged", None),
+            "expertweave, base requests": ("expertweave", [None] * BATCH),
+            "expertweave, base requests (A/A)": ("expertweave", [None] * BATCH)}
+    for k in ADAPTER_COUNTS:
+        arms[f"expertweave, {k} adapters"] = ("expertweave", [names[i % k] for i in range(BATCH)])
+    wall = {arm: [] for arm in arms}
+    cpu = {arm: [] for arm in arms}
+    per = rounds // instances
+    shuffle = random.Random(0).shuffle
+    for instance in range(instances):
+        with Engines(base, adapters, names, eager) as engines:
+            for engine, mix in arms.values():  # warm up
+                engines.run(engine, mix, batch)
+            order = list(arms)
+            for _ in range(per):
+                shuffle(order)
+                for arm in order:
+                    w, c = engines.run(*arms[arm], batch)
+                    wall[arm].append(w)
+                    cpu[arm].append(c)
+            progress(f"decode: engine instance {instance + 1} of {instances} done")
+            if instance == instances - 1:
+                split = engines.split(batch, arms[f"expertweave, {max(ADAPTER_COUNTS)} adapters"][1])
+    groups = [r // per for r in range(rounds)]
+    top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
+    comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
+                   "fixed cost (base requests)": ("expertweave, base requests", "base-only"),
+                   "1 adapter vs its merged model": ("expertweave, 1 adapters", f"merged model of {names[0]}")}
+    for k in ADAPTER_COUNTS:
+        comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
+        comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", "base-only")
+    moe = moe_parts(names, adapters)
+    split["extra_experts"] = moe["extra_experts_us"]
+    split["memfd_pages"] = moe["memfd_pages_us"]
+    total = difference_interval(wall[top], wall["base-only"], groups=groups)
+    return {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "instances": instances,
+            "eager": eager,
+            "arms": {arm: {"step_ms": 1000 * statistics.fmean(wall[arm]),
+                           "step_cpu_ms": 1000 * statistics.fmean(cpu[arm])} for arm in arms},
+            "ratios": {label: {"cpu": ratio_interval(cpu[a], cpu[b], groups=groups).to_json(),
+                               "wall": ratio_interval(wall[a], wall[b], groups=groups).to_json(),
+                               "per_instance": [statistics.fmean(cpu[a][i:i + per]) / statistics.fmean(cpu[b][i:i + per])
+                                                for i in range(0, rounds, per)],
+                               "arms": [a, b]}
+                       for label, (a, b) in comparisons.items()},
+            "samples": {"wall": wall, "cpu": cpu},
+            "split": {"adapters": max(ADAPTER_COUNTS), "parts_us": split, "sum_us": sum(split.values()),
+                      "total_us": {"difference": 1e6 * total.value, "low": 1e6 * total.low, "high": 1e6 * total.high},
+                      "moe_base_us": moe["moe_base_us"], "pages": host_pages(),
+                      "distinct_experts_per_layer": moe["distinct_experts_per_layer"]}}
+
+
+class Engines:
+    """One instance of the three engines, in this process so that their steps can be timed."""
+
+    def __init__(self, base: Path, adapters: dict, names: list[str], eager: bool):
+        self.base, self.adapters, self.names, self.eager = base, adapters, names, eager
+
+    def __enter__(self):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+        engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=self.eager)
+        first = self.names[0]
+        self.llms = {"base-only": LLM(model=str(self.base), **engine),
+                     "merged": LLM(model=str(merged(self.base, {first: self.adapters[first]})[first]), **engine)}
+        self.weave = ExpertWeaveLLM(str(self.base), {n: str(self.adapters[n]) for n in self.names},
+                                    max_adapters=len(self.names), **engine)
+        self.llms["expertweave"] = self.weave
+        self.clocks = {name: StepClock(llm.llm if llm is self.weave else llm) for name, llm in self.llms.items()}
+        return self
+
+    def __exit__(self, *exc):
+        from vllm import envs
+
+        self.weave.shutdown()
+        for name in ("base-only", "merged"):
+            self.llms[name].llm_engine.engine_core.shutdown()
+        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        envs.disable_envs_cache()
+
+    def run(self, engine: str, mix, batch: list[dict]) -> tuple[float, float]:
+        return run(self.llms[engine], batch, mix, self.clocks[engine])
+
+    def split(self, batch: list[dict], mix) -> dict:
+        """The in-engine parts at this adapter mix (us per decode step), over instrumented batches of their own:
+        ExpertWeave's per-step work, and its scheduler against vLLM's."""
+        from expertweave_ascend.integrations.vllm import worker
+
         steps = 0
         schedule = {"base-only": 0.0, "expertweave": 0.0}
         with PartClock(worker._ACTIVE) as parts:
             for _ in range(10):
-                run(weave, batch, arms[top][1], clocks["expertweave"])
-                schedule["expertweave"] += clocks["expertweave"].schedule_s
+                for engine, engine_mix in (("expertweave", mix), ("base-only", None)):
+                    self.run(engine, engine_mix, batch)
+                    schedule[engine] += self.clocks[engine].schedule_s
                 steps += TOKENS
-                run(base_only, batch, None, clocks["base-only"])
-                schedule["base-only"] += clocks["base-only"].schedule_s
         split = {part: 1e6 * s / steps for part, s in parts.seconds.items()}
         split["scheduler"] = 1e6 * (schedule["expertweave"] - schedule["base-only"]) / steps
-        moe = moe_parts(names, adapters)
-        split["extra_experts"] = moe["extra_experts_us"]
-        split["memfd_pages"] = moe["memfd_pages_us"]
-        total = difference_interval(wall[top], wall["base-only"])
-        result["split"] = {"adapters": max(ADAPTER_COUNTS), "parts_us": split, "sum_us": sum(split.values()),
-                           "total_us": {"difference": 1e6 * total.value, "low": 1e6 * total.low,
-                                        "high": 1e6 * total.high},
-                           "moe_base_us": moe["moe_base_us"],
-                           "distinct_experts_per_layer": moe["distinct_experts_per_layer"]}
-        return result
-    finally:
-        weave.shutdown()
-        for llm in (base_only, merged_first):
-            llm.llm_engine.engine_core.shutdown()
-        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
-        envs.disable_envs_cache()
+        return split
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=90)
+    parser.add_argument("--instances", type=int, default=6, help="builds of the engines the rounds are spread over")
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = measure(args.rounds, args.eager)
+    result = measure(args.rounds, args.eager, instances=args.instances)
     print(f"{'arm':<36}{'step ms':>10}{'CPU ms':>10}")
     for arm, r in result["arms"].items():
         print(f"{arm:<36}{r['step_ms']:>10.2f}{r['step_cpu_ms']:>10.2f}")
-    print(f"\n{'comparison':<36}{'CPU time ratio [95% interval]':>34}{'wall':>28}")
+    print(f"\n{'comparison':<36}{'CPU time ratio [95% interval]':>34}{'wall':>28}   per engine instance (CPU)")
     for label, r in result["ratios"].items():
         c, w = r["cpu"], r["wall"]
         print(f"{label:<36}{c['value']:>14.3f} [{c['low']:.3f}, {c['high']:.3f}]"
-              f"{w['value']:>14.3f} [{w['low']:.3f}, {w['high']:.3f}]")
+              f"{w['value']:>14.3f} [{w['low']:.3f}, {w['high']:.3f}]   "
+              + " ".join(f"{v:.3f}" for v in r["per_instance"]))
     s = result["split"]
     print(f"\nsplit at {s['adapters']} adapters, us (wall) per decode step of {BATCH} tokens:")
     for part, us in s["parts_us"].items():

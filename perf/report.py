@@ -40,7 +40,8 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
         d = s["decode"]
         aa = d["ratios"]["A/A"]["cpu"]
         rows.append(("decode A/A noise floor: interval half-width <= 2%", f"+-{aa['half_width']:.1%}",
-                     f"{aa['pairs']} alternations, CPU time per step", aa["half_width"] <= 0.02))
+                     f"{aa['pairs']} alternations" + (f" over {d['instances']} engine builds" if "instances" in d else "")
+                     + ", CPU time per step", aa["half_width"] <= 0.02))
         top = d["ratios"][f"{d['split']['adapters']} adapters vs base-only"]["cpu"]
         rows.append((f"decode overhead at {d['split']['adapters']} adapters <= 5% (interval's upper bound)",
                      f"{top['value'] - 1:+.1%} [{top['low'] - 1:+.1%}, {top['high'] - 1:+.1%}]",
@@ -105,6 +106,15 @@ def _kv(tokens: int) -> str:
     return f"{tokens / 1000:.0f}K" if tokens else "does not fit"
 
 
+def _pages(pages: dict | None) -> str:
+    if pages is None:
+        return ""
+    memfd = "get" if pages["shmem_thp"] in ("always", "within_size", "advise", "force") else "cannot get"
+    return (f" Transparent huge pages on this host: {pages['anonymous_thp']} for anonymous memory, "
+            f"{pages['shmem_thp']} for shmem: the memfd granules, which ask for them, {memfd} them here, and "
+            "vLLM does not ask for them for torch's tensors.")
+
+
 def _section(title: str, text: str, table: list[str] = (), after: str = "", plot: str = "",
              stem: str = "") -> list[str]:
     """One summary section: heading, paragraph, then a table, a closing line and a plot where given."""
@@ -142,14 +152,20 @@ def markdown(results: dict, stem: str) -> str:
         split = d["split"]
         total = split["total_us"]
         lines += _section("Decode step: ExpertWeave against the base, same-engine and cross-engine A/B",
-                  f"Two engines in one process on the bench model ({'eager' if d['eager'] else 'compiled'}): plain "
-                  f"vLLM serving the base and ExpertWeave with {split['adapters']} adapters loaded. Each arm runs "
+                  f"Three engines in one process on the bench model ({'eager' if d['eager'] else 'compiled'}): plain "
+                  "vLLM serving the base, plain vLLM serving the first adapter's merged model, and ExpertWeave with "
+                  f"{split['adapters']} adapters loaded. Each arm runs "
                   f"batches of {d['batch']} requests x {d['tokens']} tokens; a round runs every arm once in a "
-                  f"shuffled order; {d['rounds']} rounds. Time per decode step of the whole batch, from around vLLM's "
-                  "engine step: this process's CPU time and wall time. Ratios are of the arms' means over the "
-                  "rounds, with 95% paired-bootstrap intervals; A/A is the ExpertWeave base arm against itself.",
-                  _table(["comparison", "CPU time", "half-width", "wall time"],
+                  f"shuffled order; {d['rounds']} rounds"
+                  + (f", spread over {d['instances']} builds of the engines" if "instances" in d else "")
+                  + ". Time per decode step of the whole batch, from around vLLM's engine step: this process's CPU "
+                  "time and wall time. Ratios are of the arms' means over the rounds, with 95% paired-bootstrap "
+                  "intervals" + (" (builds resampled, then rounds within them)" if "instances" in d else "")
+                  + "; A/A is the ExpertWeave base arm against itself.",
+                  _table(["comparison", "CPU time", "half-width", "wall time"]
+                         + (["CPU time, each build"] if "instances" in d else []),
                          [[label, ci(r["cpu"]), f"{r['cpu']['half_width']:.1%}", ci(r["wall"])]
+                          + ([" ".join(f"{v:.3f}" for v in r["per_instance"])] if "instances" in d else [])
                           for label, r in d["ratios"].items()]),
                   f"Split at {split['adapters']} adapters, us of wall time per decode step of {d['batch']} tokens, "
                   "each part timed on its own: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}"
@@ -157,7 +173,7 @@ def markdown(results: dict, stem: str) -> str:
                   + f"; sum {split['sum_us']:.0f} against the measured difference {total['difference']:.0f} "
                   f"[{total['low']:.0f}, {total['high']:.0f}] (base-only step {d['arms']['base-only']['step_ms']:.1f} "
                   f"ms; distinct experts per MoE layer and step {split['distinct_experts_per_layer']['base']:.1f} "
-                  f"base, {split['distinct_experts_per_layer']['mixed']:.1f} mixed).",
+                  f"base, {split['distinct_experts_per_layer']['mixed']:.1f} mixed)." + _pages(split.get("pages")),
                   plot="decode", stem=stem)
     if "reroute" in s:
         rr = s["reroute"]

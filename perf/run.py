@@ -47,17 +47,20 @@ class Settings:
     tiering: TieringConfig
     contrastive_rounds: int
     decode_rounds: int
+    decode_instances: int
     eager: bool
 
 
 FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
                 hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
                 serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3),
-                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=30, eager=False)
+                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=90,
+                decode_instances=6, eager=False)
 QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
                  hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
                  serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2),
-                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, decode_rounds=6, eager=True)
+                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, decode_rounds=6,
+                 decode_instances=2, eager=True)
 
 
 def machine() -> dict:
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         results["sections"]["memory"] = memory.measure()
     if "decode" in only:
         progress("decode: base-only and ExpertWeave engines, arms alternating")
-        results["sections"]["decode"] = bench_decode.measure(settings.decode_rounds, settings.eager, progress)
+        results["sections"]["decode"] = bench_decode.measure(settings.decode_rounds, settings.eager, progress,
+                                                             settings.decode_instances)
     if "reroute" in only:
         progress("reroute: share of one CPU MoE layer")
         results["sections"]["reroute"] = reroute_share.measure(list(settings.reroute_tokens),

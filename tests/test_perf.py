@@ -221,6 +221,24 @@ def test_a_ratio_interval_holds_the_true_ratio_and_narrows_with_pairs():
     assert gap.low < float(np.mean(slower - base)) < gap.high
 
 
+def test_grouped_pairs_give_an_interval_that_holds_the_spread_between_instances():
+    from perf.stats import ratio_interval
+
+    rng = np.random.default_rng(5)
+    instance_effect = np.repeat([1.00, 1.05, 0.97, 1.02], 10)  # each engine instance's own speed for arm a
+    base = 1 + 0.01 * rng.standard_normal(40)
+    slower = 1.02 * instance_effect * (1 + 0.01 * rng.standard_normal(40))
+    groups = np.repeat(np.arange(4), 10)
+    pooled, grouped = ratio_interval(slower, base), ratio_interval(slower, base, groups=groups)
+    assert pooled.value == grouped.value
+    assert grouped.half_width > 2 * pooled.half_width
+    assert grouped.low < 1.02 * instance_effect.mean() < grouped.high
+    with pytest.raises(ValueError, match=r"needs 2 or more groups of equal size, got sizes \[30, 10\]"):
+        ratio_interval(slower, base, groups=[0] * 30 + [1] * 10)
+    with pytest.raises(ValueError, match="needs one group per pair, got 3 for 40 pairs"):
+        ratio_interval(slower, base, groups=[0, 1, 2])
+
+
 def test_an_interval_needs_paired_series():
     from perf.stats import ratio_interval
 
