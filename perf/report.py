@@ -151,21 +151,22 @@ def markdown(results: dict, stem: str) -> str:
         ci = lambda c: f"x{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"  # noqa: E731
         split = d["split"]
         total = split["total_us"]
+        builds = d.get("instances")  # runs before engine builds were counted have none
         lines += _section("Decode step: ExpertWeave against the base, same-engine and cross-engine A/B",
                   f"Three engines in one process on the bench model ({'eager' if d['eager'] else 'compiled'}): plain "
                   "vLLM serving the base, plain vLLM serving the first adapter's merged model, and ExpertWeave with "
                   f"{split['adapters']} adapters loaded. Each arm runs "
                   f"batches of {d['batch']} requests x {d['tokens']} tokens; a round runs every arm once in a "
                   f"shuffled order; {d['rounds']} rounds"
-                  + (f", spread over {d['instances']} builds of the engines" if "instances" in d else "")
+                  + (f", spread over {builds} builds of the engines" if builds else "")
                   + ". Time per decode step of the whole batch, from around vLLM's engine step: this process's CPU "
                   "time and wall time. Ratios are of the arms' means over the rounds, with 95% paired-bootstrap "
-                  "intervals" + (" (builds resampled, then rounds within them)" if "instances" in d else "")
+                  "intervals" + (" (builds resampled, then rounds within them)" if builds else "")
                   + "; A/A is the ExpertWeave base arm against itself.",
                   _table(["comparison", "CPU time", "half-width", "wall time"]
-                         + (["CPU time, each build"] if "instances" in d else []),
+                         + (["CPU time, each build"] if builds else []),
                          [[label, ci(r["cpu"]), f"{r['cpu']['half_width']:.1%}", ci(r["wall"])]
-                          + ([" ".join(f"{v:.3f}" for v in r["per_instance"])] if "instances" in d else [])
+                          + ([" ".join(f"{v:.3f}" for v in r["per_instance"])] if builds else [])
                           for label, r in d["ratios"].items()]),
                   f"Split at {split['adapters']} adapters, us of wall time per decode step of {d['batch']} tokens, "
                   "each part timed on its own: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}"
