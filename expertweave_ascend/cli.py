@@ -235,12 +235,13 @@ def cmd_serve(args) -> int:
         if not root.is_dir():
             raise ExpertWeaveError(f"serve: --adapter-root {args.adapter_root}: not a directory")
     geometry = BaseGeometry.from_checkpoint(args.base)
+    shared_experts = args.shared_experts
     for path in list(named.values())[args.max_adapters:]:  # the first ones are checked as they are loaded
-        validate_adapter(path, geometry)
+        shared_experts |= bool(validate_adapter(path, geometry).shared_layers)
     options = ServerOptions(args.allow_runtime_loading, None if root is None else str(root),
                             {name: str(Path(path).resolve()) for name, path in named.items()}, args.max_adapters,
                             args.eviction_policy, args.adapter_wait, args.host_adapter_bytes, args.warm_host_tier,
-                            args.consolidate_rel_l2)
+                            args.consolidate_rel_l2, shared_experts)
     preload = dict(list(named.items())[:args.max_adapters])
     code = serve(args.base, preload, args.host, args.port, args.vllm_args,
                  max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--eviction-policy", choices=list(POLICIES), default="lru",
                     help="which idle adapter leaves the device for another: lru, or demand (recent request rate)")
     sv.add_argument("--consolidate-rel-l2", type=_rel_l2, metavar="X", help=CONSOLIDATE_HELP)
+    sv.add_argument("--shared-experts", action="store_true",
+                    help="serve adapters that tune shared experts (expert_cfg.json \"shared_experts\": true) even "
+                         "when none is named at start; off, such an adapter is refused at load, and the base and "
+                         "routed-only adapters match plain vLLM bit for bit")
     sv.add_argument("--adapter-wait", type=float, default=60.0, metavar="SECONDS",
                     help="how long a request may wait for its adapter to be loaded before a 503")
     sv.set_defaults(func=cmd_serve, vllm_args=[])

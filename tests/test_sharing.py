@@ -145,7 +145,8 @@ def test_mixed_batch_with_sharers_equals_merged_models(tiny, tmp_path):
                 "same": base_experts_adapter(tiny, "math", tmp_path / "same"), "code": tiny / "adapters" / "code"}
     report = verify_hf(tiny / "base", adapters, max_new_tokens=8, granularity=GRANULE)
     assert report.ok, {name: row.tokens_equal for name, row in report.adapters.items()}
-    assert all(row.agreement == 1.0 and row.mean_kl < 1e-9 for row in report.adapters.values())
+    # float32 expert matmuls over a different number of tokens round differently on some CPUs (AVX2: KL ~2e-8)
+    assert all(row.agreement == 1.0 and row.mean_kl < 1e-6 for row in report.adapters.values())
     m = report.memory
     law = m.adapters["law"]
     assert m.adapters["law-copy"].shared_slots == law.experts

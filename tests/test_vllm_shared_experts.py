@@ -65,3 +65,28 @@ def test_shared_expert_adapters_in_a_mixed_batch_equal_their_merged_models(tiny_
         check_mixed_batch(llm, base, adapters, ["shared-only", "law", None])
     finally:
         llm.shutdown()
+
+
+def test_shared_experts_are_served_when_asked_for_or_named_at_start(tiny_decisive, adapters):
+    from expertweave_ascend.geometry import BaseGeometry
+    from expertweave_ascend.integrations.vllm.llm import engine_config
+
+    geometry = BaseGeometry.from_checkpoint(tiny_decisive / "base")
+    assert not engine_config(geometry, {"law": adapters["law"]}, 2)["shared_experts"]
+    assert engine_config(geometry, {"law": adapters["law"]}, 2, shared_experts=True)["shared_experts"]
+    assert engine_config(geometry, {"law": adapters["law"], "law-shared": adapters["law-shared"]}, 2)["shared_experts"]
+
+
+def test_an_engine_started_without_shared_experts_refuses_them_at_load(tiny_decisive, adapters):
+    from expertweave_ascend.errors import ExpertWeaveError
+
+    llm = engine(tiny_decisive / "base", {"law": adapters["law"]}, enforce_eager=True)
+    try:
+        before = llm.memory_report()
+        with pytest.raises(ExpertWeaveError, match=r"started without serving tuned shared experts .*--shared-experts"):
+            llm.load_adapter("law-shared", adapters["law-shared"])
+        after = llm.memory_report()
+        assert set(after.adapters) == {"law"} and after.adapter_expert_bytes == before.adapter_expert_bytes
+        check_mixed_batch(llm, tiny_decisive / "base", adapters, [None, "law"])
+    finally:
+        llm.shutdown()

@@ -41,7 +41,8 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
     """The API server's command line (python -m server) for ExpertWeave."""
     config = {"expertweave": {**engine_config(BaseGeometry.from_checkpoint(base), adapters, max_adapters,
                                               adapter_slots, host_adapter_bytes=options.host_adapter_bytes,
-                                              warm=True, consolidate_rel_l2=options.consolidate_rel_l2),
+                                              warm=True, consolidate_rel_l2=options.consolidate_rel_l2,
+                                              shared_experts=options.shared_experts),
                               "server": asdict(options)}}
     given = {arg[2:].split("=")[0].replace("-", "_") for arg in vllm_args if arg.startswith("--")}
     defaults = [f"--{key.replace('_', '-')}={value}" for key, value in platforms.current().engine_defaults(given).items()]

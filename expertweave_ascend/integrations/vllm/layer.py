@@ -3,18 +3,21 @@
 import torch
 import torch.nn.functional as F
 
+from ...errors import ExpertWeaveError
 from ...memory import WeightSpec
 from ...shared_experts import SharedExpertRows
 from .engine import EnginePlatform
 
 
 class VllmMoELayer:
-    """runner: the engine's MoE layer module; api: this engine's platform."""
+    """runner: the engine's MoE layer module; api: this engine's platform; shared_experts: whether the
+    engine serves adapters that tune shared experts (engine_config)."""
 
-    def __init__(self, runner: torch.nn.Module, layer: int, api: EnginePlatform):
+    def __init__(self, runner: torch.nn.Module, layer: int, api: EnginePlatform, shared_experts: bool = False):
         self.runner = runner
         self.layer = layer
         self.api = api
+        self.shared_experts = shared_experts
 
     def weight_specs(self) -> list[WeightSpec]:
         module = self.api.expert_module(self.runner)
@@ -32,8 +35,9 @@ class VllmMoELayer:
         self.table = table
         layer = self.layer
         self.api.reroute_topk(self.runner, lambda ids: torch.ops.expertweave.reroute_layer(ids, layer))
-        self.api.serve_shared_experts(self.runner,
-                                      lambda out, x: torch.ops.expertweave.shared_experts_rows(out, x, layer))
+        if self.shared_experts:  # any op on the MLP's output changes how torch.compile rounds it
+            self.api.serve_shared_experts(self.runner,
+                                          lambda out, x: torch.ops.expertweave.shared_experts_rows(out, x, layer))
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         w13, w2 = self.api.pack_expert(self.runner, torch.cat([gate, up], dim=0), down)
@@ -41,6 +45,10 @@ class VllmMoELayer:
 
     def pack_shared(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         w13, w2 = self.api.pack_shared(self.runner, torch.cat([gate, up], dim=0), down)
+        if not self.shared_experts:
+            raise ExpertWeaveError("this engine was started without serving tuned shared experts (no adapter "
+                                   "named at start tunes them): start it with --shared-experts "
+                                   "(ExpertWeaveLLM(shared_experts=True))")
         return {"w13": w13, "w2": w2}
 
     @staticmethod

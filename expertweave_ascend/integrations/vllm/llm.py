@@ -26,12 +26,15 @@ WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorke
 def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters: int,
                   adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
                   granularity: int | None = None, host_adapter_bytes: int = 0, warm: bool = False,
-                  consolidate_rel_l2: float | None = None) -> dict:
+                  consolidate_rel_l2: float | None = None, shared_experts: bool = False) -> dict:
     """The engine's `additional_config["expertweave"]`; adapters are validated here, before any engine
     starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row.
     host_adapter_bytes: the workers' host tier; warm: keep freed granules mapped for the next load (the
     workers size the budget: twice an adapter row's share of the slots); consolidate_rel_l2: serve adapter
-    experts this near the base's (or a resident adapter's) by that expert (sharing.py; None: off)."""
+    experts this near the base's (or a resident adapter's) by that expert (sharing.py; None: off);
+    shared_experts: serve adapters that tune shared experts (on whenever a given adapter does). Off, the
+    shared-expert MLP is left as vLLM compiles it, so the base and routed-only adapters match plain vLLM
+    bit for bit; on, the per-token selection sits on its output and may round it differently."""
     check_rel_l2(consolidate_rel_l2)
     checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
     if adapter_slots is None:
@@ -40,7 +43,8 @@ def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters
     return {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
             "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
             "granularity": granularity, "host_adapter_bytes": host_adapter_bytes, "warm": warm,
-            "consolidate_rel_l2": consolidate_rel_l2}
+            "consolidate_rel_l2": consolidate_rel_l2,
+            "shared_experts": shared_experts or any(a.shared_layers for a in checked.values())}
 
 
 class ExpertWeaveLLM:
@@ -61,14 +65,14 @@ class ExpertWeaveLLM:
                  adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
                  granularity: int | None = None, adapter_root: str | Path | None = None,
                  host_adapter_bytes: int = 0, eviction_policy: str = "lru",
-                 consolidate_rel_l2: float | None = None, **llm_kwargs):
+                 consolidate_rel_l2: float | None = None, shared_experts: bool = False, **llm_kwargs):
         from vllm import LLM
 
         self.model = model
         self.geometry = BaseGeometry.from_checkpoint(model)
         adapters = dict(adapters or {})
         for path in list(adapters.values())[max_adapters:]:  # the first ones are checked by engine_config
-            validate_adapter(path, self.geometry)
+            shared_experts |= bool(validate_adapter(path, self.geometry).shared_layers)
         self.catalogue = AdapterCatalogue(adapter_root, adapters)
         self.residency = Residency(max_adapters, eviction_policy)
         preload = dict(list(adapters.items())[:max_adapters])
@@ -76,7 +80,7 @@ class ExpertWeaveLLM:
         additional["expertweave"] = engine_config(
             self.geometry, preload, max_adapters, adapter_slots, adapter_memory_bytes, granularity,
             host_adapter_bytes, warm=adapter_root is not None or len(adapters) > max_adapters,
-            consolidate_rel_l2=consolidate_rel_l2)
+            consolidate_rel_l2=consolidate_rel_l2, shared_experts=shared_experts)
         for key, value in platforms.current().engine_defaults(set(llm_kwargs)).items():
             llm_kwargs.setdefault(key, value)
         llm_kwargs["logits_processors"] = admission.with_processors(llm_kwargs.get("logits_processors"))

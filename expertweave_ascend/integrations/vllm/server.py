@@ -81,6 +81,7 @@ class ServerOptions:
     host_adapter_bytes: int = 0  # the workers' host tier (reported; the workers are given it in the engine config)
     warm_host_tier: bool = False  # fill the host tier from the catalogue at start, in the background
     consolidate_rel_l2: float | None = None  # near-duplicate experts share one copy (the workers are given it)
+    shared_experts: bool = False  # serve adapters that tune shared experts (the workers are given it)
 
     @classmethod
     def of(cls, args) -> "ServerOptions":

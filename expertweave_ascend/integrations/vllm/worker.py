@@ -39,7 +39,7 @@ class WorkerWeave:
             raise ExpertWeaveError("--consolidate-rel-l2 with tensor parallelism: each rank would measure the "
                                    "distance of its own shard of an expert and could decide differently; serve "
                                    "with one rank per engine, or without consolidation")
-        self.layers = {index: VllmMoELayer(runner, index, self.api)
+        self.layers = {index: VllmMoELayer(runner, index, self.api, bool(config.get("shared_experts")))
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
