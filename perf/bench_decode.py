@@ -9,19 +9,23 @@ mechanism's fixed cost: every token rerouted through row 0); ExpertWeave with th
 round runs every arm once, in a shuffled order; each run is a short batch (16 distinct random prompts of 32
 tokens, 16 tokens out), so arms alternate every 15 decode steps. Time comes from the engine:
 each step is timed (wall and this process's CPU time, which a core taken by another process does not
-inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count. A ratio compares
-two arms over the rounds: mean step time over mean step time, with a paired bootstrap interval (stats.py).
+inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count; a run gives its
+median step (a step the machine interrupts does not move it). A ratio compares two arms over the rounds: the
+mean of one arm's run medians over the other's, with a paired bootstrap interval (stats.py).
 The rounds are spread over several builds of the three engines: each build places the weights and expert
 granules in memory anew, and two builds of the same engines differ by more than two rounds on one build
 do (a 20-adapter arm moved from x1.02 to x1.07 between runs), so the interval resamples builds, then the
 rounds within them.
 
-The split times each part of the difference on its own (wall time: the parts are single-threaded Python,
-which CPU time would overcount while torch's threads spin), per decode step of 16 tokens at 20 adapters: the
-reroute op of every MoE layer and the per-step row fill and request accounting, timed inside the engine;
-the scheduler, ExpertWeave's against vLLM's; and, outside the engine on the bench model's MoE layer shapes,
-the extra distinct experts a mixed batch touches and the expert tensor's pages (memfd granules against
-the anonymous pages torch allocates). The parts add up to a sum the total difference is checked against.
+The split times each part of the difference at 20 adapters inside the engines, over rounds of its own in
+which three arms alternate (ExpertWeave's mixed batch, ExpertWeave's base requests, the base-only engine): the
+reroute op of every MoE layer, the per-step row fill and request accounting; the scheduler, ExpertWeave's
+against vLLM's; vLLM's MoE kernel on the same expert ids, ExpertWeave's memfd-backed expert tensors against
+the anonymous pages torch allocates (the memory effect of virtual tensors); and the MoE kernel on ExpertWeave's
+tensors, the mixed batch's ids against the base requests' (the extra distinct experts a mixed batch touches).
+The Python parts are timed by wrapping them, the MoE kernel (called from the compiled graph) by torch's
+profiler in runs of their own. Each part is wall time per full-batch decode step (CPU time would overcount
+single-threaded Python while torch's threads spin); their sum is checked against the total difference.
 Run: .venv/bin/python -m perf.bench_decode [--rounds 90] [--instances 6] [--json FILE]
 """
 
@@ -34,13 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_model import BENCH_CONFIG, MOE_LAYERS, build, merged
+from .bench_model import BENCH_CONFIG, build, merged
 from .stats import difference_interval, ratio_interval
 
 BATCH = 16
 TOKENS = 16
 ADAPTER_COUNTS = (1, 5, 10, 20)
 PROMPT_TOKENS = 32
+SPLIT_ROUNDS = 5  # per engine build
 
 
 def prompts(vocab_size: int) -> list[dict]:
@@ -51,28 +56,32 @@ def prompts(vocab_size: int) -> list[dict]:
 
 
 class StepClock:
-    """Times an in-process engine's steps: (wall s, CPU s) of each decode step that runs the whole batch."""
+    """Times an in-process engine's steps: (wall s, CPU s) of each decode step that runs the whole batch.
+    `decoding` says whether the step under way is one of those, for the Stopwatch."""
 
     def __init__(self, llm):
         core = llm.llm_engine.engine_core.engine_core
         self.scheduler = core.scheduler
         self.steps: list[tuple[float, float]] = []
         self.schedule_s = 0.0
-        self._tokens = self._requests = 0
+        self.decoding = False
         schedule, step = self.scheduler.schedule, core.step_fn
 
         def timed_schedule(*args, **kwargs):
             started = time.perf_counter()
             output = schedule(*args, **kwargs)
-            self.schedule_s += time.perf_counter() - started
-            self._tokens, self._requests = output.total_num_scheduled_tokens, len(output.num_scheduled_tokens)
+            self.decoding = (output.total_num_scheduled_tokens == BATCH
+                             and len(output.num_scheduled_tokens) == BATCH)
+            if self.decoding:
+                self.schedule_s += time.perf_counter() - started
             return output
 
         def timed_step():
             wall, cpu = time.perf_counter(), time.process_time()
             result = step()
-            if self._requests == BATCH and self._tokens == BATCH:
+            if self.decoding:
                 self.steps.append((time.perf_counter() - wall, time.process_time() - cpu))
+            self.decoding = False
             return result
 
         self.scheduler.schedule, core.step_fn = timed_schedule, timed_step
@@ -82,35 +91,43 @@ class StepClock:
         self.schedule_s = 0.0
 
 
-class PartClock:
-    """Accumulates the time of ExpertWeave's per-step work inside the engine (worker.py)."""
+class Stopwatch:
+    """Adds up the wall time of calls to chosen functions, in full-batch decode steps only (`gate`)."""
 
-    PARTS = {"reroute": "reroute", "row_fill": "on_step", "accounting": "on_schedule"}
+    def __init__(self, gate):
+        self.gate, self.seconds, self._undo = gate, {}, []
 
-    def __init__(self, active):
-        self.active, self.seconds = active, {part: 0.0 for part in self.PARTS}
+    def wrap(self, owner, name: str, part: str, observe=None) -> None:
+        """Times owner.name as `part`; observe(args, result), if given, sees each timed call untimed."""
+        method, own = getattr(owner, name), name in vars(owner)
+        self.seconds[part] = 0.0
+
+        def timed(*args, **kwargs):
+            if not self.gate():
+                return method(*args, **kwargs)
+            started = time.perf_counter()
+            result = method(*args, **kwargs)
+            self.seconds[part] += time.perf_counter() - started
+            if observe is not None:
+                observe(args, result)
+            return result
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, method if own else None))
 
     def __enter__(self):
-        for part, name in self.PARTS.items():
-            setattr(self.active, name, self._timed(part, getattr(self.active, name)))
         return self
 
     def __exit__(self, *exc):
-        for name in self.PARTS.values():
-            delattr(self.active, name)
-
-    def _timed(self, part, method):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                self.seconds[part] += time.perf_counter() - started
-        return timed
+        for owner, name, method in reversed(self._undo):
+            if method is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, method)
 
 
-def run(llm, batch: list[dict], names, clock: StepClock) -> tuple[float, float]:
-    """One batch; the mean (wall, CPU) seconds of its full-batch decode steps."""
+def run(llm, batch: list[dict], names, clock: StepClock) -> list[tuple[float, float]]:
+    """One batch; the (wall, CPU) seconds of each of its full-batch decode steps."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
@@ -121,87 +138,7 @@ def run(llm, batch: list[dict], names, clock: StepClock) -> tuple[float, float]:
         llm.generate(batch, params, adapter=names, use_tqdm=False)
     if not clock.steps:
         raise RuntimeError("no decode step ran the whole batch: raise the engine's token budget or seats")
-    wall, cpu = zip(*clock.steps)
-    return statistics.fmean(wall), statistics.fmean(cpu)
-
-
-def moe_parts(names: list[str], adapters: dict, blocks: int = 101) -> dict:
-    """Microseconds per decode step (all MoE layers) of cpu_fused_moe at the bench shapes on 16 tokens:
-    base ids on anonymous pages, the mixed batch's rerouted ids on anonymous pages, and the same on memfd
-    granules (ExpertWeave's host backend). Each is the median over blocks of 8 steps of real routing, the
-    three alternating, so that a pause of the machine does not land on one of them."""
-    import torch
-    from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
-
-    from expertweave_ascend.adapters import EsftAdapter
-    from expertweave_ascend.memory.host_backend import HostBackend
-
-    from .esft_data import router_trace
-    from .reroute_share import TRACE_LAYER, cpu_isa
-
-    hidden, inter, experts = BENCH_CONFIG["hidden_size"], BENCH_CONFIG["moe_intermediate_size"], BENCH_CONFIG["n_routed_experts"]
-    isa = cpu_isa()
-    g = torch.Generator().manual_seed(0)
-    per_layer = {}
-    for layer in MOE_LAYERS:
-        tuned = {n: EsftAdapter.open(adapters[n]).experts.get(layer, ()) for n in names}
-        slots = experts + sum(len(t) for t in tuned.values())
-        table = [list(range(experts))]
-        next_slot = experts
-        for n in names:
-            row = list(range(experts))
-            for e in tuned[n]:
-                row[e], next_slot = next_slot, next_slot + 1
-            table.append(row)
-        table = torch.tensor(table, dtype=torch.int32)
-        w13 = cpu_prepack_moe_weight((torch.randn(slots, 2 * inter, hidden, generator=g) * 0.02).to(torch.bfloat16), isa)
-        w2 = cpu_prepack_moe_weight((torch.randn(slots, hidden, inter, generator=g) * 0.02).to(torch.bfloat16), isa)
-        trace = router_trace("law", TRACE_LAYER)
-        ids = trace[:BATCH * 8].view(8, BATCH, -1)  # 8 steps of real routing, replayed
-        rows = torch.tensor([1 + i % len(names) for i in range(BATCH)])
-        rerouted = torch.stack([table[rows[:, None], step.long()] for step in ids]).to(torch.int32)
-        x = (torch.randn(BATCH, hidden, generator=g)).to(torch.bfloat16)
-        weights = torch.full((BATCH, ids.shape[-1]), 1.0 / ids.shape[-1])
-        backend = HostBackend(granularity=2 << 20)
-        try:
-            mapped = {}
-            for name, w in (("w13", w13), ("w2", w2)):
-                size = -(-w.numel() * w.element_size() // backend.granularity) * backend.granularity
-                address = backend.reserve(size)
-                for offset in range(0, size, backend.granularity):
-                    backend.map(address + offset, backend.granularity, backend.create_physical(backend.granularity))
-                mapped[name] = backend.tensor(address, tuple(w.shape), w.dtype)
-                mapped[name].copy_(w)
-
-            out = torch.empty_like(x)
-            variants = {"base_ids": (ids, w13, w2), "mixed_ids": (rerouted, w13, w2),
-                        "mixed_ids_memfd": (rerouted, mapped["w13"], mapped["w2"])}
-            per_block = {name: [] for name in variants}
-            order = list(variants)
-            for block in range(blocks):  # the variants alternate in short blocks
-                random.Random(block).shuffle(order)
-                for name in order:
-                    ids_steps, w13_, w2_ = variants[name]
-                    for step in ids_steps:  # warm: the memfd copy shares no cache lines with the other two
-                        cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
-                    started = time.perf_counter()
-                    for step in ids_steps:
-                        cpu_fused_moe(out, x, w13_, w2_, None, None, weights, step, "silu", isa)
-                    per_block[name].append((time.perf_counter() - started) / len(ids_steps))
-            per_layer[layer] = {
-                **{name: statistics.median(times) for name, times in per_block.items()},
-                "distinct_base": statistics.fmean(len(set(s.flatten().tolist())) for s in ids),
-                "distinct_mixed": statistics.fmean(len(set(s.flatten().tolist())) for s in rerouted),
-            }
-        finally:
-            mapped.clear()  # the views go before their pages
-            backend.close()
-    total = {k: sum(v[k] for v in per_layer.values()) for k in ("base_ids", "mixed_ids", "mixed_ids_memfd")}
-    return {"extra_experts_us": (total["mixed_ids"] - total["base_ids"]) * 1e6,
-            "memfd_pages_us": (total["mixed_ids_memfd"] - total["mixed_ids"]) * 1e6,
-            "moe_base_us": total["base_ids"] * 1e6,
-            "distinct_experts_per_layer": {"base": statistics.fmean(v["distinct_base"] for v in per_layer.values()),
-                                           "mixed": statistics.fmean(v["distinct_mixed"] for v in per_layer.values())}}
+    return list(clock.steps)
 
 
 def host_pages() -> dict:
@@ -231,6 +168,8 @@ def measure(rounds: int = 90, eager: bool = False, progress=print, instances: in
     wall = {arm: [] for arm in arms}
     cpu = {arm: [] for arm in arms}
     per = rounds // instances
+    top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
+    split_totals = {}
     shuffle = random.Random(0).shuffle
     for instance in range(instances):
         with Engines(base, adapters, names, eager) as engines:
@@ -240,23 +179,23 @@ def measure(rounds: int = 90, eager: bool = False, progress=print, instances: in
             for _ in range(per):
                 shuffle(order)
                 for arm in order:
-                    w, c = engines.run(*arms[arm], batch)
-                    wall[arm].append(w)
-                    cpu[arm].append(c)
+                    w, c = zip(*engines.run(*arms[arm], batch))
+                    wall[arm].append(statistics.median(w))
+                    cpu[arm].append(statistics.median(c))
+            build_split = engines.split(batch, arms[top][1], SPLIT_ROUNDS)
+            for arm, parts in build_split.items():
+                for part, value in parts.items():
+                    split_totals.setdefault(arm, {}).setdefault(part, 0)
+                    split_totals[arm][part] += value
             progress(f"decode: engine instance {instance + 1} of {instances} done")
-            if instance == instances - 1:
-                split = engines.split(batch, arms[f"expertweave, {max(ADAPTER_COUNTS)} adapters"][1])
     groups = [r // per for r in range(rounds)]
-    top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
     comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
                    "fixed cost (base requests)": ("expertweave, base requests", "base-only"),
                    "1 adapter vs its merged model": ("expertweave, 1 adapters", f"merged model of {names[0]}")}
     for k in ADAPTER_COUNTS:
         comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
         comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", "base-only")
-    moe = moe_parts(names, adapters)
-    split["extra_experts"] = moe["extra_experts_us"]
-    split["memfd_pages"] = moe["memfd_pages_us"]
+    split = split_parts(split_totals)
     total = difference_interval(wall[top], wall["base-only"], groups=groups)
     return {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "instances": instances,
             "eager": eager,
@@ -269,10 +208,10 @@ def measure(rounds: int = 90, eager: bool = False, progress=print, instances: in
                                "arms": [a, b]}
                        for label, (a, b) in comparisons.items()},
             "samples": {"wall": wall, "cpu": cpu},
-            "split": {"adapters": max(ADAPTER_COUNTS), "parts_us": split, "sum_us": sum(split.values()),
+            "split": {"adapters": max(ADAPTER_COUNTS), "rounds": SPLIT_ROUNDS * instances, **split,
+                      "sum_us": sum(split["parts_us"].values()),
                       "total_us": {"difference": 1e6 * total.value, "low": 1e6 * total.low, "high": 1e6 * total.high},
-                      "moe_base_us": moe["moe_base_us"], "pages": host_pages(),
-                      "distinct_experts_per_layer": moe["distinct_experts_per_layer"]}}
+                      "pages": host_pages()}}
 
 
 class Engines:
@@ -306,25 +245,63 @@ class Engines:
         del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
         envs.disable_envs_cache()
 
-    def run(self, engine: str, mix, batch: list[dict]) -> tuple[float, float]:
-        return run(self.llms[engine], batch, mix, self.clocks[engine])
+    def run(self, engine: str, mix, batch: list[dict]) -> list[tuple[float, float]]:
+        self.current = self.clocks[engine]
+        return run(self.llms[engine], batch, mix, self.current)
 
-    def split(self, batch: list[dict], mix) -> dict:
-        """The in-engine parts at this adapter mix (us per decode step), over instrumented batches of their own:
-        ExpertWeave's per-step work, and its scheduler against vLLM's."""
+    def split(self, batch: list[dict], mix, rounds: int) -> dict:
+        """Seconds and steps of each part, in full-batch decode steps of three arms alternating over `rounds`:
+        ExpertWeave at this adapter mix, ExpertWeave with base requests, the base-only engine. Timed inside the
+        engines: ExpertWeave's per-step work and each engine's scheduler by wrapping them; vLLM's MoE kernel,
+        which the compiled graph calls directly, by torch's profiler, in a run of its own (the profiler would
+        slow the Python parts)."""
+        from torch.profiler import ProfilerActivity, profile
+
         from expertweave_ascend.integrations.vllm import worker
 
-        steps = 0
-        schedule = {"base-only": 0.0, "expertweave": 0.0}
-        with PartClock(worker._ACTIVE) as parts:
-            for _ in range(10):
-                for engine, engine_mix in (("expertweave", mix), ("base-only", None)):
-                    self.run(engine, engine_mix, batch)
-                    schedule[engine] += self.clocks[engine].schedule_s
-                steps += TOKENS
-        split = {part: 1e6 * s / steps for part, s in parts.seconds.items()}
-        split["scheduler"] = 1e6 * (schedule["expertweave"] - schedule["base-only"]) / steps
-        return split
+        arms = {"mixed": ("expertweave", mix), "base requests": ("expertweave", [None] * BATCH),
+                "base-only": ("base-only", None)}
+        totals = {arm: {"steps": 0, "scheduler": 0.0, "reroute": 0.0, "row_fill": 0.0, "accounting": 0.0,
+                        "profiled_steps": 0, "moe": 0.0, "experts_touched": 0, "reroutes": 0} for arm in arms}
+        touched = []
+        with Stopwatch(lambda: self.current.decoding) as watch:
+            watch.wrap(worker._ACTIVE, "reroute", "reroute",
+                       observe=lambda args, result: touched.append(result.unique().numel()))
+            for part, name in (("row_fill", "on_step"), ("accounting", "on_schedule")):
+                watch.wrap(worker._ACTIVE, name, part)
+            order = list(arms)
+            for r in range(rounds):
+                random.Random(r).shuffle(order)
+                for arm in order:
+                    total = totals[arm]
+                    before = dict(watch.seconds)
+                    touched.clear()
+                    total["steps"] += len(self.run(*arms[arm], batch))
+                    total["scheduler"] += self.current.schedule_s
+                    for part, seconds in watch.seconds.items():
+                        total[part] += seconds - before[part]
+                    total["experts_touched"] += sum(touched)
+                    total["reroutes"] += len(touched)
+                    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
+                        total["profiled_steps"] += len(self.run(*arms[arm], batch))
+                    total["moe"] += 1e-6 * sum(e.cpu_time_total for e in profiled.events()
+                                               if e.name.endswith("cpu_fused_moe") and e.input_shapes
+                                               and e.input_shapes[1][0] == BATCH)  # decode steps' calls
+        return totals
+
+
+def split_parts(totals: dict) -> dict:
+    """us per decode step of each part of the difference between the mixed arm and the base-only engine."""
+    per_step = {arm: {**{k: 1e6 * t[k] / t["steps"] for k in ("scheduler", "reroute", "row_fill", "accounting")},
+                      "moe": 1e6 * t["moe"] / t["profiled_steps"]} for arm, t in totals.items()}
+    mixed, base, alone = per_step["mixed"], per_step["base requests"], per_step["base-only"]
+    parts = {"reroute": mixed["reroute"], "row_fill": mixed["row_fill"], "accounting": mixed["accounting"],
+             "scheduler": mixed["scheduler"] - alone["scheduler"],
+             "memfd_pages": base["moe"] - alone["moe"],  # the same expert ids, ExpertWeave's pages vs torch's
+             "extra_experts": mixed["moe"] - base["moe"]}  # the same pages, the mixed batch's ids vs the base's
+    return {"parts_us": parts, "moe_us": {arm: p["moe"] for arm, p in per_step.items()},
+            "experts_per_layer": {arm: t["experts_touched"] / t["reroutes"]
+                                  for arm, t in totals.items() if t["reroutes"]}}
 
 
 def main() -> int:
@@ -350,6 +327,8 @@ def main() -> int:
         print(f"  {part:<16}{us:>10.1f}")
     t = s["total_us"]
     print(f"  {'sum':<16}{s['sum_us']:>10.1f}   total measured {t['difference']:.1f} [{t['low']:.1f}, {t['high']:.1f}]")
+    print("  MoE kernel us per step: " + ", ".join(f"{arm} {us:.0f}" for arm, us in s["moe_us"].items()))
+    print("  experts touched per layer and step: " + ", ".join(f"{arm} {n:.1f}" for arm, n in s["experts_per_layer"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

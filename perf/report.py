@@ -40,8 +40,8 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
         d = s["decode"]
         aa = d["ratios"]["A/A"]["cpu"]
         rows.append(("decode A/A noise floor: interval half-width <= 2%", f"+-{aa['half_width']:.1%}",
-                     f"{aa['pairs']} alternations" + (f" over {d['instances']} engine builds" if "instances" in d else "")
-                     + ", CPU time per step", aa["half_width"] <= 0.02))
+                     f"{aa['pairs']} alternations over {d['instances']} engine builds, CPU time per step",
+                     aa["half_width"] <= 0.02))
         top = d["ratios"][f"{d['split']['adapters']} adapters vs base-only"]["cpu"]
         rows.append((f"decode overhead at {d['split']['adapters']} adapters <= 5% (interval's upper bound)",
                      f"{top['value'] - 1:+.1%} [{top['low'] - 1:+.1%}, {top['high'] - 1:+.1%}]",
@@ -127,7 +127,8 @@ def _section(title: str, text: str, table: list[str] = (), after: str = "", plot
 
 def markdown(results: dict, stem: str) -> str:
     s, m = results["sections"], results["machine"]
-    lines = [f"# Benchmarks {results['date']}, {m['cpu']} ({m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB)",
+    isa = f", {m['isa']}" if "isa" in m else ""  # the vector ISA torch found; earlier runs did not record it
+    lines = [f"# Benchmarks {results['date']}, {m['cpu']} ({m['cpus']} CPUs{isa}, {m['memory_bytes'] / 2**30:.0f} GiB)",
              "", f"`{results['command']}` (torch {m['torch']}, vLLM {m['vllm']}, Python {m['python']}); "
              f"{results['elapsed_s'] / 60:.1f} minutes.", "", "## Targets", "", *targets_table(results)]
     if "memory" in s:
@@ -151,30 +152,34 @@ def markdown(results: dict, stem: str) -> str:
         ci = lambda c: f"x{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"  # noqa: E731
         split = d["split"]
         total = split["total_us"]
-        builds = d.get("instances")  # runs before engine builds were counted have none
+        builds = d["instances"]
         lines += _section("Decode step: ExpertWeave against the base, same-engine and cross-engine A/B",
                   f"Three engines in one process on the bench model ({'eager' if d['eager'] else 'compiled'}): plain "
                   "vLLM serving the base, plain vLLM serving the first adapter's merged model, and ExpertWeave with "
                   f"{split['adapters']} adapters loaded. Each arm runs "
                   f"batches of {d['batch']} requests x {d['tokens']} tokens; a round runs every arm once in a "
-                  f"shuffled order; {d['rounds']} rounds"
-                  + (f", spread over {builds} builds of the engines" if builds else "")
-                  + ". Time per decode step of the whole batch, from around vLLM's engine step: this process's CPU "
-                  "time and wall time. Ratios are of the arms' means over the rounds, with 95% paired-bootstrap "
-                  "intervals" + (" (builds resampled, then rounds within them)" if builds else "")
-                  + "; A/A is the ExpertWeave base arm against itself.",
-                  _table(["comparison", "CPU time", "half-width", "wall time"]
-                         + (["CPU time, each build"] if builds else []),
-                         [[label, ci(r["cpu"]), f"{r['cpu']['half_width']:.1%}", ci(r["wall"])]
-                          + ([" ".join(f"{v:.3f}" for v in r["per_instance"])] if builds else [])
+                  f"shuffled order; {d['rounds']} rounds, spread over {builds} builds of the engines. Time per "
+                  "decode step of the whole batch, from around vLLM's engine step: this process's CPU time and wall "
+                  "time, each run's median step. Ratios are of the arms' means over the rounds, with 95% "
+                  "paired-bootstrap intervals (builds resampled, then rounds within them); A/A is the ExpertWeave "
+                  "base arm against itself.",
+                  _table(["comparison", "CPU time", "half-width", "wall time", "CPU time, each build"],
+                         [[label, ci(r["cpu"]), f"{r['cpu']['half_width']:.1%}", ci(r["wall"]),
+                           " ".join(f"{v:.3f}" for v in r["per_instance"])]
                           for label, r in d["ratios"].items()]),
                   f"Split at {split['adapters']} adapters, us of wall time per decode step of {d['batch']} tokens, "
-                  "each part timed on its own: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}"
-                                                             for k, v in split["parts_us"].items())
+                  f"each part timed inside the engines over {split['rounds']} rounds of its own (ExpertWeave mixed, "
+                  "ExpertWeave base requests and the base-only engine alternating): "
+                  + ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in split["parts_us"].items())
                   + f"; sum {split['sum_us']:.0f} against the measured difference {total['difference']:.0f} "
-                  f"[{total['low']:.0f}, {total['high']:.0f}] (base-only step {d['arms']['base-only']['step_ms']:.1f} "
-                  f"ms; distinct experts per MoE layer and step {split['distinct_experts_per_layer']['base']:.1f} "
-                  f"base, {split['distinct_experts_per_layer']['mixed']:.1f} mixed)." + _pages(split.get("pages")),
+                  f"[{total['low']:.0f}, {total['high']:.0f}]. Scheduler: ExpertWeave's less vLLM's; memfd pages: "
+                  "the MoE kernel on the base requests' ids, ExpertWeave's expert tensors less the base-only engine's; "
+                  "extra experts: the MoE kernel on ExpertWeave's tensors, the mixed batch's ids less the base "
+                  f"requests'. Base-only step {d['arms']['base-only']['step_ms']:.1f} ms; MoE kernel per step "
+                  + ", ".join(f"{arm} {us:.0f} us" for arm, us in split["moe_us"].items())
+                  + "; experts touched per MoE layer and step "
+                  + ", ".join(f"{arm} {n:.1f}" for arm, n in split["experts_per_layer"].items())
+                  + "." + _pages(split.get("pages")),
                   plot="decode", stem=stem)
     if "reroute" in s:
         rr = s["reroute"]

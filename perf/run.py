@@ -54,7 +54,7 @@ class Settings:
 FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
                 hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
                 serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3),
-                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=90,
+                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=120,
                 decode_instances=6, eager=False)
 QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
                  hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
@@ -72,7 +72,7 @@ def machine() -> dict:
     mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     return {"tag": f"{platform.machine()}-{os.cpu_count()}cpu", "cpu": cpu, "cpus": os.cpu_count(),
             "memory_bytes": mem, "python": platform.python_version(), "torch": torch.__version__,
-            "vllm": vllm.__version__}
+            "vllm": vllm.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def progress(message: str) -> None:
