@@ -26,7 +26,7 @@ tensors, the mixed batch's ids against the base requests' (the extra distinct ex
 The Python parts are timed by wrapping them, the MoE kernel (called from the compiled graph) by torch's
 profiler in runs of their own. Each part is wall time per full-batch decode step (CPU time would overcount
 single-threaded Python while torch's threads spin); their sum is checked against the total difference.
-Run: .venv/bin/python -m perf.bench_decode [--rounds 90] [--instances 6] [--json FILE]
+Run: .venv/bin/python -m perf.bench_decode [--rounds 120] [--instances 6] [--json FILE]
 """
 
 import argparse
@@ -153,7 +153,7 @@ def host_pages() -> dict:
     return {"anonymous_thp": chosen("enabled"), "shmem_thp": chosen("shmem_enabled")}
 
 
-def measure(rounds: int = 90, eager: bool = False, progress=print, instances: int = 6) -> dict:
+def measure(rounds: int = 120, eager: bool = False, progress=print, instances: int = 6) -> dict:
     """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
     if instances < 2 or rounds % instances:
         raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances (2 or more)")
@@ -306,7 +306,7 @@ def split_parts(totals: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=90)
+    parser.add_argument("--rounds", type=int, default=120)
     parser.add_argument("--instances", type=int, default=6, help="builds of the engines the rounds are spread over")
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--json")
