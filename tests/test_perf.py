@@ -239,6 +239,22 @@ def test_grouped_pairs_give_an_interval_that_holds_the_spread_between_instances(
         ratio_interval(slower, base, groups=[0, 1, 2])
 
 
+def test_the_median_of_pair_ratios_is_not_moved_by_a_few_far_off_pairs():
+    from perf.stats import median_ratio_interval, ratio_interval
+
+    rng = np.random.default_rng(7)
+    base = 1 + 0.01 * rng.standard_normal(120)
+    slower = 1.03 * (1 + 0.01 * rng.standard_normal(120))
+    slower[::10] *= 1.35  # one pair in ten: the machine slowed that run by a third
+    mean, median = ratio_interval(slower, base), median_ratio_interval(slower, base)
+    assert not mean.low < 1.03 < mean.high and mean.value > 1.05
+    assert median.low < 1.03 < median.high and median.half_width < mean.half_width / 3
+    grouped = median_ratio_interval(slower, base, groups=np.repeat(np.arange(6), 20))
+    assert grouped.value == median.value and grouped.low < 1.03 < grouped.high
+    with pytest.raises(ValueError, match="needs two equal-length series"):
+        median_ratio_interval([1, 2, 3], [1, 2])
+
+
 def test_an_interval_needs_paired_series():
     from perf.stats import ratio_interval
 
