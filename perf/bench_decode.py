@@ -6,7 +6,8 @@ engine and who the requests go to: the base-only engine; the merged engine (the 
 1-adapter arm: the same tokens, so the same experts); ExpertWeave with every request to the base (the
 mechanism's fixed cost: every token rerouted through row 0); ExpertWeave with the requests spread over 1, 5,
 10 or 20 adapters; and the ExpertWeave base arm again under a second name (A/A: the method's own noise). A
-round runs every arm once, in a shuffled order; each run is a short batch (16 distinct random prompts of 32
+round runs every arm once; the orders come in blocks of rotations of a shuffled order, so that every arm
+runs at every place equally often (balanced_orders); each run is a short batch (16 distinct random prompts of 32
 tokens, 16 tokens out), so arms alternate every 15 decode steps. Time comes from the engine:
 each step is timed (wall and this process's CPU time, which a core taken by another process does not
 inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count; a run gives its
@@ -26,7 +27,7 @@ tensors, the mixed batch's ids against the base requests' (the extra distinct ex
 The Python parts are timed by wrapping them, the MoE kernel (called from the compiled graph) by torch's
 profiler in runs of their own. Each part is wall time per full-batch decode step (CPU time would overcount
 single-threaded Python while torch's threads spin); their sum is checked against the total difference.
-Run: .venv/bin/python -m perf.bench_decode [--rounds 120] [--instances 6] [--json FILE]
+Run: .venv/bin/python -m perf.bench_decode [--rounds 96] [--instances 6] [--json FILE]
 """
 
 import argparse
@@ -141,6 +142,17 @@ def run(llm, batch: list[dict], names, clock: StepClock) -> list[tuple[float, fl
     return list(clock.steps)
 
 
+def balanced_orders(arms: list[str], rounds: int, shuffle) -> list[list[str]]:
+    """Orders of the arms for `rounds` rounds (a multiple of the arms): blocks of rotations of a shuffled order,
+    so that within each block every arm runs once at every place. A round's later runs are slower than its
+    first (by 3% here), and random orders put one arm early more often than another."""
+    orders = []
+    for _ in range(rounds // len(arms)):
+        shuffle(arms)
+        orders += [arms[shift:] + arms[:shift] for shift in range(len(arms))]
+    return orders
+
+
 def host_pages() -> dict:
     """Which transparent huge pages this host gives: to anonymous memory (torch's tensors, had they asked)
     and to shmem (the memfd granules, which ask for them at 2 MiB)."""
@@ -153,7 +165,7 @@ def host_pages() -> dict:
     return {"anonymous_thp": chosen("enabled"), "shmem_thp": chosen("shmem_enabled")}
 
 
-def measure(rounds: int = 120, eager: bool = False, progress=print, instances: int = 6) -> dict:
+def measure(rounds: int = 96, eager: bool = False, progress=print, instances: int = 6) -> dict:
     """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
     if instances < 2 or rounds % instances:
         raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances (2 or more)")
@@ -165,6 +177,9 @@ def measure(rounds: int = 120, eager: bool = False, progress=print, instances: i
             "expertweave, base requests (A/A)": ("expertweave", [None] * BATCH)}
     for k in ADAPTER_COUNTS:
         arms[f"expertweave, {k} adapters"] = ("expertweave", [names[i % k] for i in range(BATCH)])
+    if rounds // instances % len(arms):
+        raise ValueError(f"{rounds // instances} rounds per engine instance: needs a multiple of the {len(arms)} arms, "
+                         "so that every arm runs at every place of a round equally often")
     wall = {arm: [] for arm in arms}
     cpu = {arm: [] for arm in arms}
     per = rounds // instances
@@ -175,9 +190,7 @@ def measure(rounds: int = 120, eager: bool = False, progress=print, instances: i
         with Engines(base, adapters, names, eager) as engines:
             for engine, mix in arms.values():  # warm up
                 engines.run(engine, mix, batch)
-            order = list(arms)
-            for _ in range(per):
-                shuffle(order)
+            for order in balanced_orders(list(arms), per, shuffle):
                 for arm in order:
                     w, c = zip(*engines.run(*arms[arm], batch))
                     wall[arm].append(statistics.median(w))
@@ -306,7 +319,7 @@ def split_parts(totals: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=96)
     parser.add_argument("--instances", type=int, default=6, help="builds of the engines the rounds are spread over")
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--json")
