@@ -37,6 +37,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from .bench_model import BENCH_CONFIG, build, merged
@@ -195,11 +196,8 @@ def measure(rounds: int = 96, eager: bool = False, progress=print, instances: in
                     w, c = zip(*engines.run(*arms[arm], batch))
                     wall[arm].append(statistics.median(w))
                     cpu[arm].append(statistics.median(c))
-            build_split = engines.split(batch, arms[top][1], SPLIT_ROUNDS)
-            for arm, parts in build_split.items():
-                for part, value in parts.items():
-                    split_totals.setdefault(arm, {}).setdefault(part, 0)
-                    split_totals[arm][part] += value
+            for arm, parts in engines.split(batch, arms[top][1], SPLIT_ROUNDS).items():
+                split_totals.setdefault(arm, Counter()).update(parts)
             progress(f"decode: engine instance {instance + 1} of {instances} done")
     groups = [r // per for r in range(rounds)]
     comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),

@@ -55,40 +55,30 @@ def _picks(n: int, groups, resamples: int, rng) -> np.ndarray:
     return members[chosen, within].reshape(resamples, n)
 
 
-def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
+def _interval(a, b, statistic, confidence: float, resamples: int, seed: int, groups) -> Interval:
+    """statistic(a, b) reduces the last axis: on all pairs, and on each resample of them."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"needs two equal-length series of 2 or more paired measurements, got {a.shape} and {b.shape}")
-    return a, b
-
-
-def _interval(a, b, statistic, confidence: float, resamples: int, seed: int, groups) -> Interval:
-    a, b = _paired(a, b)
     picks = _picks(len(a), groups, resamples, np.random.default_rng(seed))
-    resampled = statistic(a[picks].mean(axis=1), b[picks].mean(axis=1))
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(resampled, [tail, 100 - tail])
-    return Interval(float(statistic(a.mean(), b.mean())), float(low), float(high), len(a))
+    low, high = np.percentile(statistic(a[picks], b[picks]), [tail, 100 - tail])
+    return Interval(float(statistic(a, b)), float(low), float(high), len(a))
 
 
 def ratio_interval(a, b, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0,
                    groups=None) -> Interval:
     """mean(a) / mean(b) of paired measurements and its bootstrap interval; groups: each pair's instance."""
-    return _interval(a, b, np.divide, confidence, resamples, seed, groups)
+    return _interval(a, b, lambda a, b: a.mean(-1) / b.mean(-1), confidence, resamples, seed, groups)
 
 
 def difference_interval(a, b, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0,
                         groups=None) -> Interval:
     """mean(a) - mean(b) of paired measurements and its bootstrap interval; groups: each pair's instance."""
-    return _interval(a, b, np.subtract, confidence, resamples, seed, groups)
+    return _interval(a, b, lambda a, b: a.mean(-1) - b.mean(-1), confidence, resamples, seed, groups)
 
 
 def median_ratio_interval(a, b, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0,
                           groups=None) -> Interval:
     """The median of the pairs' ratios a[i] / b[i] and its bootstrap interval; groups: each pair's instance."""
-    a, b = _paired(a, b)
-    ratios = a / b
-    picks = _picks(len(a), groups, resamples, np.random.default_rng(seed))
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(np.median(ratios[picks], axis=1), [tail, 100 - tail])
-    return Interval(float(np.median(ratios)), float(low), float(high), len(a))
+    return _interval(a, b, lambda a, b: np.median(a / b, axis=-1), confidence, resamples, seed, groups)
