@@ -2,35 +2,41 @@
 
 Three engines run in this process on the bench model (perf/bench_model.py): plain vLLM serving the base,
 plain vLLM serving the first adapter's merged model, and ExpertWeave with 20 adapters loaded. An arm is an
-engine and who the requests go to: the base-only engine; the merged engine (the control for ExpertWeave's
-1-adapter arm: the same tokens, so the same experts); ExpertWeave with every request to the base (the
-mechanism's fixed cost: every token rerouted through row 0); ExpertWeave with the requests spread over 1, 5,
-10 or 20 adapters; and the ExpertWeave base arm again under a second name (A/A: the method's own noise). A
-round runs every arm once; the orders come in blocks of rotations of a shuffled order, so that every arm
-runs at every place equally often (balanced_orders); each run is a short batch (16 distinct random prompts of 32
-tokens, 16 tokens out), so arms alternate every 15 decode steps. Time comes from the engine:
-each step is timed (wall and this process's CPU time, which a core taken by another process does not
-inflate) around vLLM's EngineCore step, and only decode steps of the whole batch count; a run gives its
-median step (a step the machine interrupts does not move it). A ratio compares two arms over the rounds: the
-mean of one arm's run medians over the other's, with a paired bootstrap interval (stats.py).
-The rounds are spread over several builds of the three engines: each build places the weights and expert
-granules in memory anew, and two builds of the same engines differ by more than two rounds on one build
-do (a 20-adapter arm moved from x1.02 to x1.07 between runs), so the interval resamples builds, then the
-rounds within them.
+engine and who the requests go to: the merged engine (the control for ExpertWeave's 1-adapter arm: the same
+tokens, so the same experts); ExpertWeave with every request to the base (the mechanism's fixed cost: every
+token rerouted through row 0); ExpertWeave with the requests spread over 1, 5, 10 or 20 adapters; and the
+ExpertWeave base arm again under a second name (A/A: the method's own noise). Each run is a short batch (16
+distinct random prompts of 32 tokens, 16 tokens out) on the arm's engine and the same batch on the base-only
+engine at once, the two engines stepped in turn (lockstep): step i of the arm and step i of base-only are
+taken one step apart. This machine's speed drifts from one second to the next (a run's median step moves by
+~12% against the run before it), and lockstep cancels that drift: an arm's step against the base-only step
+beside it moves by ~2.4%. A round runs every arm once; the orders come in blocks of rotations of a shuffled
+order, so that every arm runs at every place equally often (balanced_orders). Time comes from the engine:
+each step is timed (wall and this process's CPU time) around vLLM's EngineCore step, and only decode steps of
+the whole batch count; a run gives each engine's median step.
+A comparison against base-only pairs each run of the arm with the base-only steps beside it; a comparison of
+two arms pairs their runs of one round, each relative to the base-only steps beside it. Ratios are of the
+means over the rounds, with a paired bootstrap interval, and the median of the rounds' ratios beside it
+(stats.py). The rounds are spread over several builds of the three engines: each build places the weights
+and expert granules in memory anew, so the interval resamples builds, then the rounds within them.
 
 The split times each part of the difference at 20 adapters inside the engines, over rounds of its own in
-which three arms alternate (ExpertWeave's mixed batch, ExpertWeave's base requests, the base-only engine): the
-reroute op of every MoE layer, the per-step row fill and request accounting; the scheduler, ExpertWeave's
-against vLLM's; vLLM's MoE kernel on the same expert ids, ExpertWeave's memfd-backed expert tensors against
-the anonymous pages torch allocates (the memory effect of virtual tensors); and the MoE kernel on ExpertWeave's
-tensors, the mixed batch's ids against the base requests' (the extra distinct experts a mixed batch touches).
+which two arms, each in lockstep with the base-only engine, alternate (ExpertWeave's mixed batch,
+ExpertWeave's base requests): the reroute op of every MoE layer, the per-step row fill and request
+accounting; the scheduler, ExpertWeave's against vLLM's; vLLM's MoE kernel on the same expert ids,
+ExpertWeave's memfd-backed expert tensors against the anonymous pages torch allocates (the memory effect of
+virtual tensors); and the MoE kernel on ExpertWeave's tensors, the mixed batch's ids against the base
+requests' (the extra distinct experts a mixed batch touches), each against the base-only steps beside it.
 The Python parts are timed by wrapping them, the MoE kernel (called from the compiled graph) by torch's
-profiler in runs of their own. Each part is wall time per full-batch decode step (CPU time would overcount
-single-threaded Python while torch's threads spin); their sum is checked against the total difference.
-Run: .venv/bin/python -m perf.bench_decode [--rounds 96] [--instances 6] [--json FILE]
+profiler in runs of their own, each engine's calls told apart by a profiler range around its steps. Each
+part is wall time per full-batch decode step (CPU time would overcount single-threaded Python while torch's
+threads spin); their sum is checked against the total difference.
+Run: .venv/bin/python -m perf.bench_decode [--rounds 84] [--instances 6] [--json FILE]
 """
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -41,13 +47,14 @@ from collections import Counter
 from pathlib import Path
 
 from .bench_model import BENCH_CONFIG, build, merged
-from .stats import difference_interval, ratio_interval
+from .stats import difference_interval, median_ratio_interval, ratio_interval
 
 BATCH = 16
 TOKENS = 16
 ADAPTER_COUNTS = (1, 5, 10, 20)
 PROMPT_TOKENS = 32
-SPLIT_ROUNDS = 5  # per engine build
+SPLIT_ROUNDS = 6  # per engine build: a multiple of its 2 arms
+REFERENCE = "base-only"  # the engine every arm runs beside
 
 
 def prompts(vocab_size: int) -> list[dict]:
@@ -128,21 +135,6 @@ class Stopwatch:
                 setattr(owner, name, method)
 
 
-def run(llm, batch: list[dict], names, clock: StepClock) -> list[tuple[float, float]]:
-    """One batch; the (wall, CPU) seconds of each of its full-batch decode steps."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
-    clock.reset()
-    if names is None:
-        llm.generate(batch, params, use_tqdm=False)
-    else:
-        llm.generate(batch, params, adapter=names, use_tqdm=False)
-    if not clock.steps:
-        raise RuntimeError("no decode step ran the whole batch: raise the engine's token budget or seats")
-    return list(clock.steps)
-
-
 def balanced_orders(arms: list[str], rounds: int, shuffle) -> list[list[str]]:
     """Orders of the arms for `rounds` rounds (a multiple of the arms): blocks of rotations of a shuffled order,
     so that within each block every arm runs once at every place. A round's later runs are slower than its
@@ -166,59 +158,77 @@ def host_pages() -> dict:
     return {"anonymous_thp": chosen("enabled"), "shmem_thp": chosen("shmem_enabled")}
 
 
-def measure(rounds: int = 96, eager: bool = False, progress=print, instances: int = 6) -> dict:
+def beside(samples: dict, a: str, b: str) -> tuple[list[float], list[float]]:
+    """The pairs comparing arm a with b: a's runs and the base-only steps beside them (b is base-only), or
+    a's and b's runs of each round, each relative to the base-only steps beside it."""
+    runs, reference = samples["runs"], samples[REFERENCE]
+    if b == REFERENCE:
+        return runs[a], reference[a]
+    return ([x / y for x, y in zip(runs[a], reference[a])], [x / y for x, y in zip(runs[b], reference[b])])
+
+
+def measure(rounds: int = 84, eager: bool = False, progress=print, instances: int = 6) -> dict:
     """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
     if instances < 2 or rounds % instances:
         raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances (2 or more)")
     base, adapters = build()
     names = list(adapters)[:max(ADAPTER_COUNTS)]
     batch = prompts(json.loads((base / "config.json").read_text())["vocab_size"])
-    arms = {"base-only": ("base-only", None), f"merged model of {names[0]}": ("merged", None),
+    merged_arm = f"merged model of {names[0]}"
+    arms = {merged_arm: ("merged", None),
             "expertweave, base requests": ("expertweave", [None] * BATCH),
             "expertweave, base requests (A/A)": ("expertweave", [None] * BATCH)}
     for k in ADAPTER_COUNTS:
         arms[f"expertweave, {k} adapters"] = ("expertweave", [names[i % k] for i in range(BATCH)])
-    if rounds // instances % len(arms):
-        raise ValueError(f"{rounds // instances} rounds per engine instance: needs a multiple of the {len(arms)} arms, "
-                         "so that every arm runs at every place of a round equally often")
-    wall = {arm: [] for arm in arms}
-    cpu = {arm: [] for arm in arms}
     per = rounds // instances
+    if per % len(arms):
+        raise ValueError(f"{per} rounds per engine instance: needs a multiple of the {len(arms)} arms, "
+                         "so that every arm runs at every place of a round equally often")
+    samples = {clock: {series: {arm: [] for arm in arms} for series in ("runs", REFERENCE)} for clock in ("wall", "cpu")}
     top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
     split_totals = {}
     shuffle = random.Random(0).shuffle
     for instance in range(instances):
-        with Engines(base, adapters, names, eager) as engines:
-            for engine, mix in arms.values():  # warm up
-                engines.run(engine, mix, batch)
+        with Engines(base, adapters, names, eager, batch) as engines:
+            for lane in arms.values():  # warm up
+                engines.run(lane, (REFERENCE, None))
             for order in balanced_orders(list(arms), per, shuffle):
                 for arm in order:
-                    w, c = zip(*engines.run(*arms[arm], batch))
-                    wall[arm].append(statistics.median(w))
-                    cpu[arm].append(statistics.median(c))
-            for arm, parts in engines.split(batch, arms[top][1], SPLIT_ROUNDS).items():
-                split_totals.setdefault(arm, Counter()).update(parts)
+                    for series, steps in zip(("runs", REFERENCE), engines.run(arms[arm], (REFERENCE, None))):
+                        wall, cpu = zip(*steps)
+                        samples["wall"][series][arm].append(statistics.median(wall))
+                        samples["cpu"][series][arm].append(statistics.median(cpu))
+            for lane, parts in engines.split(arms[top][1], SPLIT_ROUNDS).items():
+                split_totals.setdefault(lane, Counter()).update(parts)
             progress(f"decode: engine instance {instance + 1} of {instances} done")
     groups = [r // per for r in range(rounds)]
     comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
-                   "fixed cost (base requests)": ("expertweave, base requests", "base-only"),
-                   "1 adapter vs its merged model": ("expertweave, 1 adapters", f"merged model of {names[0]}")}
+                   "merged model vs base-only (two plain vLLM engines)": (merged_arm, REFERENCE),
+                   "fixed cost (base requests)": ("expertweave, base requests", REFERENCE),
+                   "1 adapter vs its merged model": ("expertweave, 1 adapters", merged_arm)}
     for k in ADAPTER_COUNTS:
         comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
-        comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", "base-only")
+        comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", REFERENCE)
+    ratios = {}
+    for label, (a, b) in comparisons.items():
+        cpu_a, cpu_b = beside(samples["cpu"], a, b)
+        ratios[label] = {"cpu": ratio_interval(cpu_a, cpu_b, groups=groups).to_json(),
+                         "cpu_median": median_ratio_interval(cpu_a, cpu_b, groups=groups).to_json(),
+                         "wall": ratio_interval(*beside(samples["wall"], a, b), groups=groups).to_json(),
+                         "per_instance": [statistics.fmean(cpu_a[i:i + per]) / statistics.fmean(cpu_b[i:i + per])
+                                          for i in range(0, rounds, per)],
+                         "arms": [a, b]}
     split = split_parts(split_totals)
-    total = difference_interval(wall[top], wall["base-only"], groups=groups)
+    total = difference_interval(samples["wall"]["runs"][top], samples["wall"][REFERENCE][top], groups=groups)
+    step_ms = lambda clock, series: {arm: 1000 * statistics.fmean(v) for arm, v in samples[clock][series].items()}  # noqa: E731
+    everywhere = lambda clock: 1000 * statistics.fmean(x for v in samples[clock][REFERENCE].values() for x in v)  # noqa: E731
     return {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "instances": instances,
             "eager": eager,
-            "arms": {arm: {"step_ms": 1000 * statistics.fmean(wall[arm]),
-                           "step_cpu_ms": 1000 * statistics.fmean(cpu[arm])} for arm in arms},
-            "ratios": {label: {"cpu": ratio_interval(cpu[a], cpu[b], groups=groups).to_json(),
-                               "wall": ratio_interval(wall[a], wall[b], groups=groups).to_json(),
-                               "per_instance": [statistics.fmean(cpu[a][i:i + per]) / statistics.fmean(cpu[b][i:i + per])
-                                                for i in range(0, rounds, per)],
-                               "arms": [a, b]}
-                       for label, (a, b) in comparisons.items()},
-            "samples": {"wall": wall, "cpu": cpu},
+            "arms": {REFERENCE: {"step_ms": everywhere("wall"), "step_cpu_ms": everywhere("cpu")},
+                     **{arm: {"step_ms": step_ms("wall", "runs")[arm], "step_cpu_ms": step_ms("cpu", "runs")[arm],
+                              "base_only_beside_ms": step_ms("wall", REFERENCE)[arm]} for arm in arms}},
+            "ratios": ratios,
+            "samples": samples,
             "split": {"adapters": max(ADAPTER_COUNTS), "rounds": SPLIT_ROUNDS * instances, **split,
                       "sum_us": sum(split["parts_us"].values()),
                       "total_us": {"difference": 1e6 * total.value, "low": 1e6 * total.low, "high": 1e6 * total.high},
@@ -226,120 +236,158 @@ def measure(rounds: int = 96, eager: bool = False, progress=print, instances: in
 
 
 class Engines:
-    """One instance of the three engines, in this process so that their steps can be timed."""
+    """One instance of the three engines, in this process so that their steps can be timed and interleaved."""
 
-    def __init__(self, base: Path, adapters: dict, names: list[str], eager: bool):
-        self.base, self.adapters, self.names, self.eager = base, adapters, names, eager
+    def __init__(self, base: Path, adapters: dict, names: list[str], eager: bool, batch: list[dict]):
+        self.base, self.adapters, self.names, self.eager, self.batch = base, adapters, names, eager, batch
 
     def __enter__(self):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
+        from vllm import LLM, SamplingParams
 
         from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
 
         engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=self.eager)
         first = self.names[0]
-        self.llms = {"base-only": LLM(model=str(self.base), **engine),
+        self.llms = {REFERENCE: LLM(model=str(self.base), **engine),
                      "merged": LLM(model=str(merged(self.base, {first: self.adapters[first]})[first]), **engine)}
         self.weave = ExpertWeaveLLM(str(self.base), {n: str(self.adapters[n]) for n in self.names},
                                     max_adapters=len(self.names), **engine)
-        self.llms["expertweave"] = self.weave
-        self.clocks = {name: StepClock(llm.llm if llm is self.weave else llm) for name, llm in self.llms.items()}
+        self.llms["expertweave"] = self.weave.llm
+        self.clocks = {name: StepClock(llm) for name, llm in self.llms.items()}
+        self.params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+        self.request_ids = itertools.count()
         return self
 
     def __exit__(self, *exc):
         from vllm import envs
 
         self.weave.shutdown()
-        for name in ("base-only", "merged"):
+        for name in (REFERENCE, "merged"):
             self.llms[name].llm_engine.engine_core.shutdown()
         del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
         envs.disable_envs_cache()
 
-    def run(self, engine: str, mix, batch: list[dict]) -> list[tuple[float, float]]:
-        self.current = self.clocks[engine]
-        return run(self.llms[engine], batch, mix, self.current)
+    def run(self, *lanes: tuple[str, list | None], label_steps: bool = False) -> list[list[tuple[float, float]]]:
+        """The batch on each lane's engine (engine name, each request's adapter or None for plain vLLM; one lane
+        per engine), the engines stepped in turn until every lane is done: the (wall, CPU) seconds of each
+        lane's full-batch decode steps. label_steps: each lane's steps run in a profiler range "lane <place>"."""
+        from torch.profiler import record_function
 
-    def split(self, batch: list[dict], mix, rounds: int) -> dict:
-        """Seconds and steps of each part, in full-batch decode steps of three arms alternating over `rounds`:
-        ExpertWeave at this adapter mix, ExpertWeave with base requests, the base-only engine. Timed inside the
-        engines: ExpertWeave's per-step work and each engine's scheduler by wrapping them; vLLM's MoE kernel,
-        which the compiled graph calls directly, by torch's profiler, in a run of its own (the profiler would
-        slow the Python parts)."""
+        engines = [engine for engine, _ in lanes]
+        if len(set(engines)) != len(engines):
+            raise ValueError(f"one lane per engine, got {engines}")
+        cores = []
+        for engine, mix in lanes:
+            core = self.llms[engine].llm_engine
+            requests = ([(prompt, self.params) for prompt in self.batch] if mix is None else
+                        zip(*self.weave.vllm_requests(self.batch, [self.params] * BATCH, mix)))
+            for prompt, params in requests:
+                core.add_request(str(next(self.request_ids)), prompt, params)
+            self.clocks[engine].reset()
+            cores.append((self.clocks[engine], core))
+        pending = list(enumerate(cores))
+        while pending:
+            for place, (clock, core) in list(pending):
+                self.current = clock
+                with record_function(f"lane {place}") if label_steps else contextlib.nullcontext():
+                    core.step()
+                if not core.has_unfinished_requests():
+                    pending.remove((place, (clock, core)))
+        if not all(clock.steps for clock, _ in cores):
+            raise RuntimeError("no decode step ran the whole batch: raise the engine's token budget or seats")
+        return [list(clock.steps) for clock, _ in cores]
+
+    def split(self, mix, rounds: int) -> dict:
+        """Seconds and steps of each part per lane (an ExpertWeave arm, or the base-only engine beside it), in
+        full-batch decode steps of two arms alternating over `rounds`, each in lockstep with the base-only
+        engine: ExpertWeave at this adapter mix, and with base requests. Timed inside the engines:
+        ExpertWeave's per-step work and each engine's scheduler by wrapping them; vLLM's MoE kernel, which the
+        compiled graph calls directly, by torch's profiler, in runs of their own (the profiler would slow the
+        Python parts)."""
         from torch.profiler import ProfilerActivity, profile
 
         from expertweave_ascend.integrations.vllm import worker
 
-        arms = {"mixed": ("expertweave", mix), "base requests": ("expertweave", [None] * BATCH),
-                "base-only": ("base-only", None)}
-        totals = {arm: {"steps": 0, "scheduler": 0.0, "reroute": 0.0, "row_fill": 0.0, "accounting": 0.0,
-                        "profiled_steps": 0, "moe": 0.0, "experts_touched": 0, "reroutes": 0} for arm in arms}
+        arms = {"mixed": ("expertweave", mix), "base requests": ("expertweave", [None] * BATCH)}
+        totals = {lane: Counter() for arm in arms for lane in (arm, f"{arm}: {REFERENCE}")}
         touched = []
         with Stopwatch(lambda: self.current.decoding) as watch:
             watch.wrap(worker._ACTIVE, "reroute", "reroute",
                        observe=lambda args, result: touched.append(result.unique().numel()))
             for part, name in (("row_fill", "on_step"), ("accounting", "on_schedule")):
                 watch.wrap(worker._ACTIVE, name, part)
-            order = list(arms)
-            for r in range(rounds):
-                random.Random(r).shuffle(order)
+            for order in balanced_orders(list(arms), rounds, random.Random(1).shuffle):
                 for arm in order:
-                    total = totals[arm]
+                    lanes = (totals[arm], totals[f"{arm}: {REFERENCE}"])
                     before = dict(watch.seconds)
                     touched.clear()
-                    total["steps"] += len(self.run(*arms[arm], batch))
-                    total["scheduler"] += self.current.schedule_s
-                    for part, seconds in watch.seconds.items():
-                        total[part] += seconds - before[part]
-                    total["experts_touched"] += sum(touched)
-                    total["reroutes"] += len(touched)
+                    for total, steps in zip(lanes, self.run(arms[arm], (REFERENCE, None))):
+                        total["steps"] += len(steps)
+                    for total, engine in zip(lanes, ("expertweave", REFERENCE)):
+                        total["scheduler"] += self.clocks[engine].schedule_s
+                    lanes[0].update({part: seconds - before[part] for part, seconds in watch.seconds.items()})
+                    lanes[0].update(experts_touched=sum(touched), reroutes=len(touched))
                     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
-                        total["profiled_steps"] += len(self.run(*arms[arm], batch))
-                    total["moe"] += 1e-6 * sum(e.cpu_time_total for e in profiled.events()
-                                               if e.name.endswith("cpu_fused_moe") and e.input_shapes
-                                               and e.input_shapes[1][0] == BATCH)  # decode steps' calls
+                        profiled_steps = self.run(arms[arm], (REFERENCE, None), label_steps=True)
+                    moe = moe_seconds(profiled.events())
+                    for place, (total, steps) in enumerate(zip(lanes, profiled_steps)):
+                        total.update(profiled_steps=len(steps), moe=moe[place])
         return totals
+
+
+def moe_seconds(events) -> Counter:
+    """Seconds in vLLM's MoE kernel during full-batch decode steps, per lane: each call counts for the lane
+    range ("lane <place>", Engines.run) it ran in."""
+    ranges = [(e.time_range.start, e.time_range.end, int(e.name.split()[1])) for e in events
+              if e.name.startswith("lane ")]
+    seconds = Counter()
+    for e in events:
+        if e.name.endswith("cpu_fused_moe") and e.input_shapes and e.input_shapes[1][0] == BATCH:  # decode steps
+            place = next(place for start, end, place in ranges if start <= e.time_range.start <= end)
+            seconds[place] += 1e-6 * e.cpu_time_total
+    return seconds
 
 
 def split_parts(totals: dict) -> dict:
     """us per decode step of each part of the difference between the mixed arm and the base-only engine."""
-    per_step = {arm: {**{k: 1e6 * t[k] / t["steps"] for k in ("scheduler", "reroute", "row_fill", "accounting")},
-                      "moe": 1e6 * t["moe"] / t["profiled_steps"]} for arm, t in totals.items()}
-    mixed, base, alone = per_step["mixed"], per_step["base requests"], per_step["base-only"]
+    per_step = {lane: {**{k: 1e6 * t[k] / t["steps"] for k in ("scheduler", "reroute", "row_fill", "accounting")},
+                       "moe": 1e6 * t["moe"] / t["profiled_steps"]} for lane, t in totals.items()}
+    mixed, base = per_step["mixed"], per_step["base requests"]
+    mixed_beside, base_beside = per_step[f"mixed: {REFERENCE}"], per_step[f"base requests: {REFERENCE}"]
     parts = {"reroute": mixed["reroute"], "row_fill": mixed["row_fill"], "accounting": mixed["accounting"],
-             "scheduler": mixed["scheduler"] - alone["scheduler"],
-             "memfd_pages": base["moe"] - alone["moe"],  # the same expert ids, ExpertWeave's pages vs torch's
-             "extra_experts": mixed["moe"] - base["moe"]}  # the same pages, the mixed batch's ids vs the base's
-    return {"parts_us": parts, "moe_us": {arm: p["moe"] for arm, p in per_step.items()},
-            "experts_per_layer": {arm: t["experts_touched"] / t["reroutes"]
-                                  for arm, t in totals.items() if t["reroutes"]}}
+             "scheduler": mixed["scheduler"] - mixed_beside["scheduler"],
+             "memfd_pages": base["moe"] - base_beside["moe"],  # the same expert ids, ExpertWeave's pages vs torch's
+             # the same pages, the mixed batch's ids vs the base's, each against the base-only steps beside it
+             "extra_experts": (mixed["moe"] - mixed_beside["moe"]) - (base["moe"] - base_beside["moe"])}
+    return {"parts_us": parts, "moe_us": {lane: p["moe"] for lane, p in per_step.items()},
+            "experts_per_layer": {lane: t["experts_touched"] / t["reroutes"]
+                                  for lane, t in totals.items() if t["reroutes"]}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=84)
     parser.add_argument("--instances", type=int, default=6, help="builds of the engines the rounds are spread over")
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--json")
     args = parser.parse_args()
     result = measure(args.rounds, args.eager, instances=args.instances)
-    print(f"{'arm':<36}{'step ms':>10}{'CPU ms':>10}")
+    print(f"{'arm':<36}{'step ms':>10}{'CPU ms':>10}{'base-only beside, ms':>22}")
     for arm, r in result["arms"].items():
-        print(f"{arm:<36}{r['step_ms']:>10.2f}{r['step_cpu_ms']:>10.2f}")
-    print(f"\n{'comparison':<36}{'CPU time ratio [95% interval]':>34}{'wall':>28}   per engine instance (CPU)")
+        print(f"{arm:<36}{r['step_ms']:>10.2f}{r['step_cpu_ms']:>10.2f}{r.get('base_only_beside_ms', r['step_ms']):>22.2f}")
+    interval = lambda c: f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"  # noqa: E731
+    print(f"\n{'comparison':<52}{'CPU, ratio of means':>26}{'CPU, median ratio':>26}{'wall':>26}")
     for label, r in result["ratios"].items():
-        c, w = r["cpu"], r["wall"]
-        print(f"{label:<36}{c['value']:>14.3f} [{c['low']:.3f}, {c['high']:.3f}]"
-              f"{w['value']:>14.3f} [{w['low']:.3f}, {w['high']:.3f}]   "
-              + " ".join(f"{v:.3f}" for v in r["per_instance"]))
+        print(f"{label:<52}{interval(r['cpu']):>26}{interval(r['cpu_median']):>26}{interval(r['wall']):>26}")
     s = result["split"]
     print(f"\nsplit at {s['adapters']} adapters, us (wall) per decode step of {BATCH} tokens:")
     for part, us in s["parts_us"].items():
         print(f"  {part:<16}{us:>10.1f}")
     t = s["total_us"]
     print(f"  {'sum':<16}{s['sum_us']:>10.1f}   total measured {t['difference']:.1f} [{t['low']:.1f}, {t['high']:.1f}]")
-    print("  MoE kernel us per step: " + ", ".join(f"{arm} {us:.0f}" for arm, us in s["moe_us"].items()))
-    print("  experts touched per layer and step: " + ", ".join(f"{arm} {n:.1f}" for arm, n in s["experts_per_layer"].items()))
+    print("  MoE kernel us per step: " + ", ".join(f"{lane} {us:.0f}" for lane, us in s["moe_us"].items()))
+    print("  experts touched per layer and step: " + ", ".join(f"{lane} {n:.1f}" for lane, n in s["experts_per_layer"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

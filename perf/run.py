@@ -54,12 +54,12 @@ class Settings:
 FULL = Settings(reroute_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256), reroute_min_run_s=1.0,
                 hotload_layers=tuple(range(1, 27)), hotload_repeats=5,
                 serving=ServingConfig(requests=32, rate=2.0, order="ABBAABBA", merged_adapters=3),
-                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=96,
+                tiering=TieringConfig(requests=240, rate=2.0), contrastive_rounds=12, decode_rounds=84,
                 decode_instances=6, eager=False)
 QUICK = Settings(reroute_tokens=(1, 4, 16, 64, 256), reroute_min_run_s=0.2,
                  hotload_layers=tuple(range(1, 7)), hotload_repeats=3,
                  serving=ServingConfig(requests=16, rate=3.0, order="AB", merged_adapters=2),
-                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, decode_rounds=16,
+                 tiering=TieringConfig(requests=80, rate=2.0, warm_up=8), contrastive_rounds=3, decode_rounds=14,
                  decode_instances=2, eager=True)
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         progress("memory: real ESFT geometries on DeepSeek-V2-Lite shapes")
         results["sections"]["memory"] = memory.measure()
     if "decode" in only:
-        progress("decode: base-only and ExpertWeave engines, arms alternating")
+        progress("decode: base-only, merged and ExpertWeave engines, each arm in lockstep with base-only")
         results["sections"]["decode"] = bench_decode.measure(settings.decode_rounds, settings.eager, progress,
                                                              settings.decode_instances)
     if "reroute" in only:

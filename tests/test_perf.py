@@ -131,9 +131,9 @@ def committed_results() -> list[Path]:
 def test_readme_table_is_generated_from_committed_results():
     text = (ROOT / "README.md").read_text()
     block = text.split(report.README_BEGIN, 1)[1].split(report.README_END, 1)[0]
-    source = re.search(r"From \[`(perf/results/[^`]+\.json)`\]", block).group(1)
-    assert (ROOT / source) in committed_results()
-    assert report.README_BEGIN + block + report.README_END == report.readme_block(ROOT / source, ROOT)
+    sources = [ROOT / source for source in re.findall(r"\[`(perf/results/[^`]+\.json)`\]", block)]
+    assert sources and all(source in committed_results() for source in sources)
+    assert report.README_BEGIN + block + report.README_END == report.readme_block(sources, ROOT)
 
 
 @pytest.mark.parametrize("path", committed_results(), ids=lambda p: p.name)
@@ -260,3 +260,25 @@ def test_an_interval_needs_paired_series():
 
     with pytest.raises(ValueError, match=r"needs two equal-length series of 2 or more paired measurements, got \(3,\)"):
         ratio_interval([1, 2, 3], [1, 2])
+
+
+def test_balanced_orders_put_every_arm_at_every_place_equally_often():
+    import random
+
+    from perf.bench_decode import balanced_orders
+
+    arms = [f"arm {i}" for i in range(7)]
+    orders = balanced_orders(list(arms), 28, random.Random(0).shuffle)
+    assert len(orders) == 28 and all(sorted(order) == arms for order in orders)
+    for place in range(7):
+        assert sorted(order[place] for order in orders) == sorted(arms * 4)
+
+
+def test_decode_pairs_arms_through_the_base_only_steps_beside_them():
+    from perf.bench_decode import REFERENCE, beside
+
+    # the machine ran twice as slow in the second round: both lanes of each run see it
+    samples = {"runs": {"a": [1.1, 2.2], "b": [1.0, 2.0]}, REFERENCE: {"a": [1.0, 2.0], "b": [0.8, 1.6]}}
+    assert beside(samples, "a", REFERENCE) == ([1.1, 2.2], [1.0, 2.0])
+    relative_a, relative_b = beside(samples, "a", "b")
+    assert relative_a == pytest.approx([1.1, 1.1]) and relative_b == pytest.approx([1.25, 1.25])

@@ -188,10 +188,19 @@ class ExpertWeaveLLM:
 
     def _generate(self, prompts: list, params: list, names: list[str | None], options: list[Contrastive | None],
                   use_tqdm: bool) -> list:
-        from vllm import SamplingParams
-
         if not prompts:
             return []
+        requests, per_request = self.vllm_requests(prompts, params, names, options)
+        return self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
+
+    def vllm_requests(self, prompts: list, params: list, names: list[str | None],
+                      options: list[Contrastive | None] | None = None) -> tuple[list, list]:
+        """The prompts and sampling params vLLM's engine gets for these requests to loaded adapters: each
+        names its adapter in extra_args and carries the adapter's cache salt. generate() runs them; a caller
+        that steps the engine itself (perf/bench_decode.py) adds them to `self.llm.llm_engine`."""
+        from vllm import SamplingParams
+
+        options = options or [None] * len(prompts)
         with self._lock:
             hashes = {name: self._adapters.get(name) for name in set(names) - {None}}
             variants = set(self._variants)
@@ -218,7 +227,7 @@ class ExpertWeaveLLM:
                 prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
-        return self.llm.generate(requests, per_request, use_tqdm=use_tqdm)
+        return requests, per_request
 
     def _refusal(self, name: str) -> str | None:
         """Why a request for this adapter may not start now, or None."""
