@@ -167,6 +167,10 @@ def beside(samples: dict, a: str, b: str) -> tuple[list[float], list[float]]:
     return ([x / y for x, y in zip(runs[a], reference[a])], [x / y for x, y in zip(runs[b], reference[b])])
 
 
+def _mean_ms(seconds) -> float:
+    return 1000 * statistics.fmean(seconds)
+
+
 def measure(rounds: int = 84, eager: bool = False, progress=print, instances: int = 6) -> dict:
     """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
     if instances < 2 or rounds % instances:
@@ -220,13 +224,14 @@ def measure(rounds: int = 84, eager: bool = False, progress=print, instances: in
                          "arms": [a, b]}
     split = split_parts(split_totals)
     total = difference_interval(samples["wall"]["runs"][top], samples["wall"][REFERENCE][top], groups=groups)
-    step_ms = lambda clock, series: {arm: 1000 * statistics.fmean(v) for arm, v in samples[clock][series].items()}  # noqa: E731
-    everywhere = lambda clock: 1000 * statistics.fmean(x for v in samples[clock][REFERENCE].values() for x in v)  # noqa: E731
+    wall, cpu = samples["wall"], samples["cpu"]
+    steps_ms = {REFERENCE: {"step_ms": _mean_ms(x for v in wall[REFERENCE].values() for x in v),
+                            "step_cpu_ms": _mean_ms(x for v in cpu[REFERENCE].values() for x in v)}}
+    for arm in arms:
+        steps_ms[arm] = {"step_ms": _mean_ms(wall["runs"][arm]), "step_cpu_ms": _mean_ms(cpu["runs"][arm]),
+                         "base_only_beside_ms": _mean_ms(wall[REFERENCE][arm])}
     return {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "instances": instances,
-            "eager": eager,
-            "arms": {REFERENCE: {"step_ms": everywhere("wall"), "step_cpu_ms": everywhere("cpu")},
-                     **{arm: {"step_ms": step_ms("wall", "runs")[arm], "step_cpu_ms": step_ms("cpu", "runs")[arm],
-                              "base_only_beside_ms": step_ms("wall", REFERENCE)[arm]} for arm in arms}},
+            "eager": eager, "arms": steps_ms,
             "ratios": ratios,
             "samples": samples,
             "split": {"adapters": max(ADAPTER_COUNTS), "rounds": SPLIT_ROUNDS * instances, **split,
