@@ -195,10 +195,10 @@ def measure(rounds: int = 84, eager: bool = False, progress=print, instances: in
     for instance in range(instances):
         with Engines(base, adapters, names, eager, batch) as engines:
             for lane in arms.values():  # warm up
-                engines.run(lane, (REFERENCE, None))
+                engines.run(*lane)
             for order in balanced_orders(list(arms), per, shuffle):
                 for arm in order:
-                    for series, steps in zip(("runs", REFERENCE), engines.run(arms[arm], (REFERENCE, None))):
+                    for series, steps in zip(("runs", REFERENCE), engines.run(*arms[arm])):
                         wall, cpu = zip(*steps)
                         samples["wall"][series][arm].append(statistics.median(wall))
                         samples["cpu"][series][arm].append(statistics.median(cpu))
@@ -273,35 +273,31 @@ class Engines:
         del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
         envs.disable_envs_cache()
 
-    def run(self, *lanes: tuple[str, list | None], label_steps: bool = False) -> list[list[tuple[float, float]]]:
-        """The batch on each lane's engine (engine name, each request's adapter or None for plain vLLM; one lane
-        per engine), the engines stepped in turn until every lane is done: the (wall, CPU) seconds of each
-        lane's full-batch decode steps. label_steps: each lane's steps run in a profiler range "lane <place>"."""
+    def run(self, engine: str, mix, label_steps: bool = False) -> list[list[tuple[float, float]]]:
+        """The batch on this engine (mix: each request's adapter, or None for plain vLLM) and on the base-only
+        engine, the two stepped in turn until both are done: the (wall, CPU) seconds of each one's full-batch
+        decode steps, this engine's first. label_steps: each engine's steps run in a profiler range, "lane 0"
+        for this engine's, "lane 1" for base-only's."""
         from torch.profiler import record_function
 
-        engines = [engine for engine, _ in lanes]
-        if len(set(engines)) != len(engines):
-            raise ValueError(f"one lane per engine, got {engines}")
-        cores = []
-        for engine, mix in lanes:
-            core = self.llms[engine].llm_engine
-            requests = ([(prompt, self.params) for prompt in self.batch] if mix is None else
-                        zip(*self.weave.vllm_requests(self.batch, [self.params] * BATCH, mix)))
+        lanes = [(engine, mix), (REFERENCE, None)]
+        for name, lane_mix in lanes:
+            requests = ([(prompt, self.params) for prompt in self.batch] if lane_mix is None else
+                        zip(*self.weave.vllm_requests(self.batch, [self.params] * BATCH, lane_mix)))
             for prompt, params in requests:
-                core.add_request(str(next(self.request_ids)), prompt, params)
-            self.clocks[engine].reset()
-            cores.append((self.clocks[engine], core))
-        pending = list(enumerate(cores))
-        while pending:
-            for place, (clock, core) in list(pending):
-                self.current = clock
-                with record_function(f"lane {place}") if label_steps else contextlib.nullcontext():
-                    core.step()
-                if not core.has_unfinished_requests():
-                    pending.remove((place, (clock, core)))
-        if not all(clock.steps for clock, _ in cores):
+                self.llms[name].llm_engine.add_request(str(next(self.request_ids)), prompt, params)
+            self.clocks[name].reset()
+        cores = [self.llms[name].llm_engine for name, _ in lanes]
+        while any(core.has_unfinished_requests() for core in cores):
+            for place, ((name, _), core) in enumerate(zip(lanes, cores)):
+                if core.has_unfinished_requests():
+                    self.current = self.clocks[name]
+                    with record_function(f"lane {place}") if label_steps else contextlib.nullcontext():
+                        core.step()
+        steps = [list(self.clocks[name].steps) for name, _ in lanes]
+        if not all(steps):
             raise RuntimeError("no decode step ran the whole batch: raise the engine's token budget or seats")
-        return [list(clock.steps) for clock, _ in cores]
+        return steps
 
     def split(self, mix, rounds: int) -> dict:
         """Seconds and steps of each part per lane (an ExpertWeave arm, or the base-only engine beside it), in
@@ -327,14 +323,14 @@ class Engines:
                     lanes = (totals[arm], totals[f"{arm}: {REFERENCE}"])
                     before = dict(watch.seconds)
                     touched.clear()
-                    for total, steps in zip(lanes, self.run(arms[arm], (REFERENCE, None))):
+                    for total, steps in zip(lanes, self.run(*arms[arm])):
                         total["steps"] += len(steps)
                     for total, engine in zip(lanes, ("expertweave", REFERENCE)):
                         total["scheduler"] += self.clocks[engine].schedule_s
                     lanes[0].update({part: seconds - before[part] for part, seconds in watch.seconds.items()})
                     lanes[0].update(experts_touched=sum(touched), reroutes=len(touched))
                     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
-                        profiled_steps = self.run(arms[arm], (REFERENCE, None), label_steps=True)
+                        profiled_steps = self.run(*arms[arm], label_steps=True)
                     moe = moe_seconds(profiled.events())
                     for place, (total, steps) in enumerate(zip(lanes, profiled_steps)):
                         total.update(profiled_steps=len(steps), moe=moe[place])
