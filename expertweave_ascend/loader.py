@@ -23,8 +23,10 @@ class BackgroundLoader:
     def __init__(self, weave: ExpertWeave, host_tier: HostTier):
         self.weave = weave
         self.host_tier = host_tier
-        self._loads = ThreadPoolExecutor(1, thread_name_prefix="expertweave-load")
-        self._prefetches = ThreadPoolExecutor(1, thread_name_prefix="expertweave-prefetch")
+        # Both threads map device memory and copy into it: each gets the device first.
+        self._loads = ThreadPoolExecutor(1, thread_name_prefix="expertweave-load", initializer=weave.backend.bind_thread)
+        self._prefetches = ThreadPoolExecutor(1, thread_name_prefix="expertweave-prefetch",
+                                              initializer=weave.backend.bind_thread)
         self._lock = threading.Lock()
         self._running: dict[str, Future] = {}  # name -> future of (PendingLoad, facts about the load)
         self._packing: dict[str, Future] = {}  # name -> future of a prefetch's PackedAdapter
@@ -116,16 +118,15 @@ class BackgroundLoader:
         return done
 
     def _packed(self, name: str, path: str) -> tuple[PackedAdapter, str]:
+        # A prefetch on its way is waited for first: once collect() has forgotten it, its copy is in the tier.
+        with self._lock:
+            packing = self._packing.get(name)
+        if packing is not None:
+            try:
+                packing.result()
+            except ExpertWeaveError:
+                pass  # read it here and report the error as the load's own
         packed = self.host_tier.get(name, path)
-        if packed is None:
-            with self._lock:
-                packing = self._packing.get(name)
-            if packing is not None:
-                try:
-                    packing.result()
-                except ExpertWeaveError:
-                    pass  # read it here and report the error as the load's own
-                packed = self.host_tier.get(name, path)
         if packed is not None:  # a prefetch's copy counts as one until a load of it is published
             return packed, "prefetch" if name in self.prefetched else "host"
         packed = self.weave.pack(path)
@@ -141,8 +142,10 @@ class BackgroundLoader:
         return pending, {"source": source, "read_s": packed_at - start, "copy_s": time.perf_counter() - packed_at}
 
     def _prefetch(self, name: str, path: str) -> None:
-        if self.host_tier.put(name, self.weave.pack(path)):
-            self.prefetched.add(name)
+        packed = self.weave.pack(path)
+        self.prefetched.add(name)  # before the copy is visible: a load that finds it there counts it as prefetched
+        if not self.host_tier.put(name, packed):
+            self.prefetched.discard(name)
 
     def close(self) -> None:
         """Waits for the loader threads and gives back every load not published."""

@@ -13,11 +13,14 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 import memory_suite
+from npu import on_npu
 import pinned
 from expertweave_ascend.errors import MemoryBackendError
 from expertweave_ascend.memory import acl_backend
@@ -298,8 +301,69 @@ def test_the_stand_in_refuses_null_pointers_and_reserved_arguments(backend):
 def test_a_device_that_does_not_exist(shim):
     with pytest.raises(MemoryBackendError) as excinfo:
         AclBackend(device_id=1, library=str(shim), view=host_bytes)
-    assert_refused(excinfo, "aclrtMemGetAllocationGranularity", "ACL_ERROR_RT_INVALID_DEVICEID",
-                   "device 1 does not exist")
+    assert_refused(excinfo, "aclrtSetDevice", "ACL_ERROR_RT_INVALID_DEVICEID", "device 1 does not exist")
+
+
+def in_a_new_thread(work):
+    """work() on a thread of its own (no device bound, as the loader's threads start); its result or error."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work()
+        except Exception as e:  # handed back to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_a_thread_without_the_device_is_refused_until_it_binds_it(backend):
+    """AscendCL's memory calls act on the calling thread's context, which a new thread lacks (the stand-in
+    refuses as the runtime does); bind_thread gives it the device."""
+    address = backend.reserve(G)
+    handle = ctypes.c_void_p()
+    with pytest.raises(MemoryBackendError) as excinfo:
+        in_a_new_thread(lambda: backend.call("aclrtMallocPhysical", ctypes.byref(handle), G,
+                                             ctypes.byref(device_prop()), 0))
+    assert_refused(excinfo, "aclrtMallocPhysical", "ACL_ERROR_RT_CONTEXT_NULL", "the calling thread has no context")
+
+    def bound_map():
+        backend.bind_thread()
+        physical = backend.create_physical(G)
+        backend.map(address, G, physical)
+        return physical
+
+    physical = in_a_new_thread(bound_map)
+    backend.unmap(address, G)
+    backend.free_physical(physical)
+    backend.release(address, G)
+
+
+def test_the_loaders_threads_bind_the_device_before_they_map(backend, tiny, geometry):
+    """A background load reads, maps and copies on the loader's own thread, over the stand-in."""
+    from expertweave_ascend.host_tier import HostTier
+    from expertweave_ascend.loader import BackgroundLoader
+    from expertweave_ascend.weave import ExpertWeave, WeaveConfig
+
+    handles = [memory_suite.GranuleSizedLayer(layer, backend.granularity) for layer in geometry.moe_layers]
+    weave = ExpertWeave(geometry, handles, WeaveConfig(max_adapters=2, adapter_slots=16,
+                                                       granularity=backend.granularity), backend=backend)
+    loader = BackgroundLoader(weave, HostTier(1 << 30))
+    try:
+        loader.start("law", tiny / "adapters" / "law")
+        loader.wait({"law"})
+        loader.prefetch("math", tiny / "adapters" / "math")
+        loader.start("math", tiny / "adapters" / "math")
+        loader.wait({"math"})
+        assert set(weave.adapters) == {"law", "math"}
+    finally:
+        loader.close()
+        weave.close()
 
 
 def test_the_recent_error_message_is_read_once(backend, shim):
@@ -356,3 +420,51 @@ def test_without_a_view_only_torch_npu_can_view_the_memory(shim):
     with pytest.raises(MemoryBackendError) as excinfo:
         AclBackend(library=str(shim))
     assert_one_clear_error(excinfo, f"{shim} is a real AscendCL but torch_npu is not importable")
+
+
+# ----------------------------------------------------------------------------------------------
+# on an Atlas server (scripts/validate_atlas.sh runs these; skipped elsewhere)
+
+@on_npu
+def test_npu_the_loaders_threads_map_and_fill_npu_memory(tiny, geometry):
+    """A background load on the real libascendcl: the loader's thread binds the NPU, maps, and copies the
+    experts into NPU memory, which then holds the adapter's weights."""
+    from expertweave_ascend.host_tier import HostTier
+    from expertweave_ascend.loader import BackgroundLoader
+    from expertweave_ascend.weave import ExpertWeave, WeaveConfig
+
+    backend = AclBackend(device_id=0)
+    handles = [memory_suite.GranuleSizedLayer(layer, backend.granularity) for layer in geometry.moe_layers]
+    weave = ExpertWeave(geometry, handles, WeaveConfig(max_adapters=2, adapter_slots=16,
+                                                       granularity=backend.granularity),
+                        backend=backend, device=backend.device)
+    loader = BackgroundLoader(weave, HostTier(1 << 30))
+    try:
+        direct = weave.pack(tiny / "adapters" / "law")
+        loader.start("law", tiny / "adapters" / "law")
+        loader.wait({"law"})
+        loaded = weave.adapters["law"]
+        for layer, slots in loaded.slots.items():
+            for name, view in weave.memory.views(layer).items():
+                assert view.device.type == "npu"
+                assert torch.equal(view[slots].cpu(), direct.weights[layer][name].cpu())
+    finally:
+        loader.close()
+        weave.close()
+        backend.close()
+
+
+@on_npu
+def test_npu_synchronize_waits_for_work_torch_npu_still_holds_in_its_task_queue(monkeypatch):
+    """With TASK_QUEUE_ENABLE (vllm-ascend's default) torch_npu queues launches on the host; synchronize must
+    return only once they have run."""
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "1")
+    backend = AclBackend(device_id=0)
+    try:
+        x = torch.randn(4096, 4096, device=backend.device)
+        for _ in range(20):
+            x = x @ x / 4096
+        backend.synchronize()
+        assert torch.npu.current_stream(backend.device).query(), "launched work still pending after synchronize"
+    finally:
+        backend.close()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from expertweave_ascend.integrations.ascend import kernels as ascend_kernels
+from npu import on_npu
 from expertweave_ascend.routing.reroute import reroute_reference, reroute_torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,20 +328,6 @@ def test_loader_names_the_missing_library_and_how_to_point_at_one(monkeypatch, t
 def test_loader_defaults_to_the_cmake_build_directory(monkeypatch):
     monkeypatch.delenv(ascend_kernels.LIBRARY_ENV, raising=False)
     assert ascend_kernels.library_path() == ROOT / "build" / "ascendc_kernels" / "libexpertweave_ascend_ops.so"
-
-
-def npu_present() -> bool:
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError:
-        return False
-    return torch.npu.is_available()
-
-
-def on_npu(test):
-    """Marked npu (scripts/validate_atlas.sh selects those), and skipped where there is none."""
-    skip = pytest.mark.skipif(not npu_present(), reason="needs torch_npu and an Ascend NPU (ascendc_kernels/README.md)")
-    return pytest.mark.npu(skip(test))
 
 
 @on_npu

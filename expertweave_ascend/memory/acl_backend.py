@@ -30,9 +30,14 @@ libascendcl without an importable torch_npu is refused at construction. The test
 a stand-in libascendcl whose memory is host memory (tests/ascend_shim/acl_shim.c) and pass
 memory.host_backend.host_bytes, which makes the device cpu.
 
+Threads: AscendCL's calls act on the calling thread's context. The constructing thread and every thread the
+loader starts bind the device first (bind_thread: aclrtSetDevice); the stand-in refuses memory calls from a
+thread that did not, as the runtime does.
+
 Not yet verified on Ascend hardware: tensor() through torch_npu, the device setup through
-torch.npu.set_device, which error code the runtime returns for each misuse, and the text
-aclGetRecentErrMsg gives for them.
+torch.npu.set_device and aclrtSetDevice on the loader's threads, synchronize() through torch_npu with its
+task queue on, which error code the runtime returns for each misuse, and the text aclGetRecentErrMsg gives
+for them.
 """
 
 import ctypes
@@ -103,6 +108,7 @@ _SIGNATURES = {
     "aclrtMapMem": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, aclrtDrvMemHandle, ctypes.c_uint64],
     "aclrtUnmapMem": [ctypes.c_void_p],
     "aclrtSynchronizeDevice": [],
+    "aclrtSetDevice": [ctypes.c_int32],
 }
 
 
@@ -150,12 +156,16 @@ class AclBackend:
         self._recent_error = getattr(lib, "aclGetRecentErrMsg", None)
         if self._recent_error is not None:
             self._recent_error.argtypes, self._recent_error.restype = [], ctypes.c_char_p
+        self.device_id = device_id
+        self.bind_thread()
 
         if view is None:
             self.device = _npu_device(device_id, self.library)
             self.view = lambda address, nbytes: _npu_bytes(address, nbytes, self.device)
+            self._synchronize = lambda: torch.npu.synchronize(self.device)
         else:
             self.device, self.view = torch.device("cpu"), view
+            self._synchronize = lambda: self.call("aclrtSynchronizeDevice")
         self._prop = aclrtPhysicalMemProp(
             handleType=ACL_MEM_HANDLE_TYPE_NONE, allocationType=ACL_MEM_ALLOCATION_TYPE_PINNED,
             memAttr=ACL_HBM_MEM_HUGE, location=aclrtMemLocation(device_id, ACL_MEM_LOCATION_TYPE_DEVICE))
@@ -174,6 +184,13 @@ class AclBackend:
         recent = self._recent_error() if self._recent_error is not None else None
         detail = f": {_one_line(recent.decode(errors='replace'))}" if recent else ""
         raise MemoryBackendError(f"{name} failed with {code}{detail}")
+
+    def bind_thread(self) -> None:
+        """AscendCL's memory calls act on the calling thread's context: aclrtSetDevice gives the thread the
+        device's default context (the one torch_npu's own set_device gives it; reference-counted, so a
+        thread that has it already loses nothing). vllm-ascend's allocator ensures a context the same way
+        before it maps (csrc/camem_allocator.cpp)."""
+        self.call("aclrtSetDevice", self.device_id)
 
     def reserve(self, size: int) -> int:
         self.ledger.check_size("aclrtReserveMemAddress", size)
@@ -210,8 +227,11 @@ class AclBackend:
         self.ledger.unmapped(address)
 
     def synchronize(self) -> None:
-        """Waits for every stream of the current device (vLLM's steps, ACL graph replays included)."""
-        self.call("aclrtSynchronizeDevice")
+        """Waits for every stream of the device (vLLM's steps, ACL graph replays included). On an NPU through
+        torch_npu: with TASK_QUEUE_ENABLE (vllm-ascend's default) its launches wait in a host-side queue
+        first, which a bare aclrtSynchronizeDevice does not drain; torch.npu.synchronize drains it, then
+        synchronizes the device. Over a stand-in (no torch_npu) the AscendCL call itself."""
+        self._synchronize()
 
     def tensor(self, address: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self.view(address, dtype.itemsize * math.prod(shape)).view(dtype).view(shape)

@@ -32,6 +32,10 @@ class MemoryBackend(Protocol):
     def unmap(self, address: int, size: int) -> None:
         """Unmaps what map() put at address; the range stays reserved."""
 
+    def bind_thread(self) -> None:
+        """Makes the backend's device current on the calling thread, as the device's memory calls need: a
+        thread started after the backend (the loader's) has none until it calls this."""
+
     def synchronize(self) -> None:
         """Returns once all device work queued so far has finished (before memory it may read is unmapped)."""
 

@@ -61,11 +61,8 @@ class CudaBackend:
         if not supported:
             raise MemoryBackendError(f"CUDA device {device_index} does not support virtual memory management "
                                      "(cuMemCreate / cuMemMap)")
-        # The driver's memory calls act on the calling thread's context: make the primary one current,
-        # as torch does on its first CUDA call.
         self._context = self.call("cuDevicePrimaryCtxRetain", self._device)
-        if not int(self.call("cuCtxGetCurrent")):
-            self.call("cuCtxSetCurrent", self._context)
+        self.bind_thread()
 
         self.view = view or (lambda address, nbytes: torch.as_tensor(_DeviceArray(address, nbytes), device=self.device))
         self.device = torch.device("cpu") if view is not None else torch.device("cuda", device_index)
@@ -82,6 +79,12 @@ class CudaBackend:
                                      driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)
         self.ledger = MappingLedger(self.granularity)
         self._handles: dict[int, object] = {}  # handle as int -> the driver's handle object
+
+    def bind_thread(self) -> None:
+        """The driver's memory calls act on the calling thread's context: makes the primary one current where
+        the thread has none, as torch does on its first CUDA call."""
+        if not int(self.call("cuCtxGetCurrent")):
+            self.call("cuCtxSetCurrent", self._context)
 
     def call(self, name: str, *args):
         """One driver call by name; returns what it gives back besides its CUresult (one value or None)."""

@@ -117,6 +117,9 @@ class HostBackend:
         _check_errno(got == address, "mmap(unmap)")
         self.ledger.unmapped(address)
 
+    def bind_thread(self) -> None:
+        """Host memory belongs to no device."""
+
     def synchronize(self) -> None:
         """CPU kernels have finished when they return: nothing is ever queued."""
 

@@ -9,6 +9,9 @@
  *
  * The memory is host memory: the tests give AclBackend a host-memory view (host_backend.host_bytes)
  * to make tensors of it.
+ *
+ * As in the real runtime, the memory calls act on the calling thread's context, which a thread gets from
+ * aclrtSetDevice: a thread that never set a device is refused with ACL_ERROR_RT_CONTEXT_NULL.
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -37,6 +40,7 @@ static struct mapping *mappings;
 
 static __thread char recent[256];
 static __thread char handed_out[256];
+static __thread int thread_device = -1; /* set by aclrtSetDevice; -1: this thread has no context */
 
 static aclError fail(aclError code, const char *format, ...)
 {
@@ -86,6 +90,22 @@ const char *aclGetRecentErrMsg(void)
     return handed_out;
 }
 
+aclError aclrtSetDevice(int32_t deviceId)
+{
+    if (deviceId != 0)
+        return fail(ACL_ERROR_RT_INVALID_DEVICEID, "aclrtSetDevice: device %d does not exist (the stand-in has device 0)",
+                    (int)deviceId);
+    thread_device = deviceId;
+    return ACL_SUCCESS;
+}
+
+#define NEED_CONTEXT(call)                                                                                      \
+    do {                                                                                                         \
+        if (thread_device < 0)                                                                                   \
+            return fail(ACL_ERROR_RT_CONTEXT_NULL, "%s: the calling thread has no context (no aclrtSetDevice)", \
+                        call);                                                                                   \
+    } while (0)
+
 aclError aclrtMemGetAllocationGranularity(aclrtPhysicalMemProp *prop, aclrtMemGranularityOptions option,
                                           size_t *granularity)
 {
@@ -101,6 +121,7 @@ aclError aclrtMemGetAllocationGranularity(aclrtPhysicalMemProp *prop, aclrtMemGr
 
 aclError aclrtReserveMemAddress(void **virPtr, size_t size, size_t alignment, void *expectPtr, uint64_t flags)
 {
+    NEED_CONTEXT("aclrtReserveMemAddress");
     if (!virPtr)
         return fail(ACL_ERROR_RT_PARAM_INVALID, "aclrtReserveMemAddress: virPtr is NULL");
     if (alignment || expectPtr || flags)
@@ -117,6 +138,7 @@ aclError aclrtReserveMemAddress(void **virPtr, size_t size, size_t alignment, vo
 
 aclError aclrtReleaseMemAddress(void *virPtr)
 {
+    NEED_CONTEXT("aclrtReleaseMemAddress");
     uintptr_t base = (uintptr_t)virPtr;
     aclError err = ACL_SUCCESS;
     pthread_mutex_lock(&lock);
@@ -134,6 +156,7 @@ aclError aclrtReleaseMemAddress(void *virPtr)
 aclError aclrtMallocPhysical(aclrtDrvMemHandle *handle, size_t size, const aclrtPhysicalMemProp *prop,
                              uint64_t flags)
 {
+    NEED_CONTEXT("aclrtMallocPhysical");
     if (!handle || !prop)
         return fail(ACL_ERROR_RT_PARAM_INVALID, "aclrtMallocPhysical: handle or prop is NULL");
     if (flags)
@@ -164,6 +187,7 @@ aclError aclrtMallocPhysical(aclrtDrvMemHandle *handle, size_t size, const aclrt
 
 aclError aclrtFreePhysical(aclrtDrvMemHandle handle)
 {
+    NEED_CONTEXT("aclrtFreePhysical");
     aclError err = ACL_SUCCESS;
     pthread_mutex_lock(&lock);
     log_call("aclrtFreePhysical");
@@ -221,6 +245,7 @@ static aclError map_locked(uintptr_t base, size_t size, size_t offset, aclrtDrvM
 
 aclError aclrtMapMem(void *virPtr, size_t size, size_t offset, aclrtDrvMemHandle handle, uint64_t flags)
 {
+    NEED_CONTEXT("aclrtMapMem");
     if (!virPtr || !handle)
         return fail(ACL_ERROR_RT_PARAM_INVALID, "aclrtMapMem: virPtr or handle is NULL");
     if (flags)
@@ -240,6 +265,7 @@ aclError aclrtMapMem(void *virPtr, size_t size, size_t offset, aclrtDrvMemHandle
 /* No device work runs here, so there is nothing to wait for; the call is logged so tests see its order. */
 aclError aclrtSynchronizeDevice(void)
 {
+    NEED_CONTEXT("aclrtSynchronizeDevice");
     pthread_mutex_lock(&lock);
     log_call("aclrtSynchronizeDevice");
     pthread_mutex_unlock(&lock);
@@ -248,6 +274,7 @@ aclError aclrtSynchronizeDevice(void)
 
 aclError aclrtUnmapMem(void *virPtr)
 {
+    NEED_CONTEXT("aclrtUnmapMem");
     uintptr_t base = (uintptr_t)virPtr;
     aclError err = ACL_SUCCESS;
     pthread_mutex_lock(&lock);
