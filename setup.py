@@ -10,9 +10,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.10",
-        "transformers>=5.16.1,<5.20",
+        "transformers>=5.5.4,<5.20",  # 5.5.4: vllm-ascend 0.23.0.post1's pin (the 0.23 suite runs on it)
         "safetensors>=0.6.2",
-        "tokenizers>=0.23.2",
+        "tokenizers>=0.22",
         "tqdm",
         "numpy",
     ],
@@ -25,6 +25,5 @@ setup(
     },
     entry_points={
         "console_scripts": ["expertweave = expertweave_ascend.cli:main"],
-        "vllm.general_plugins": ["expertweave = expertweave_ascend.integrations.vllm.plugin:register"],
     },
 )

@@ -63,9 +63,10 @@ class WeaveConfig:
     granularity: int = DEFAULT_GRANULARITY
     warm_bytes: int = 0  # freed granules kept mapped for the next load (ExpertMemory); 0: unmapped at once
     consolidate_rel_l2: float | None = None  # serve near-duplicate experts by one copy (sharing.py); None: off
-    # the engine runs each step with one set of non-expert weights and switches them between steps, so
-    # adapters that tune non-expert modules can be served (integrations/vllm/variants.py)
-    non_expert_variants: bool = False
+    # why this engine cannot run each step with one set of non-expert weights, switched between steps (None:
+    # it can, so adapters that tune non-expert modules are served: integrations/vllm/variants.py)
+    non_expert_refusal: str | None = ("such adapters need vLLM with ExpertWeave's scheduler (expertweave serve, "
+                                      "ExpertWeaveLLM)")
 
 
 @dataclass
@@ -146,10 +147,9 @@ class ExpertWeave:
         """Reads and checks the adapter's files (validate_adapter) and packs its experts on the host,
         in pinned memory when the weave's device is not the CPU."""
         adapter = validate_adapter(path, self.base)
-        if adapter.non_expert_keys and not self.config.non_expert_variants:
+        if adapter.non_expert_keys and self.config.non_expert_refusal is not None:
             raise AdapterError(adapter.path / CFG_NAME, '"non_expert_modules" is true: this engine runs every request '
-                               "with the base's non-expert weights; such adapters need vLLM on the CPU with "
-                               "ExpertWeave's scheduler (expertweave serve, ExpertWeaveLLM; no --scheduler-cls)")
+                               f"with the base's non-expert weights; {self.config.non_expert_refusal}")
         pin = torch.device(self.device).type != "cpu"
         weights, expert_sha256 = {}, {}
         with adapter.reading() as read:

@@ -45,19 +45,12 @@ class Fact:
 
 
 @dataclass(frozen=True)
-class VllmName:
-    """A vLLM 0.23 name ExpertWeave imports, with the vllm-ascend file that imports it the same way."""
-    module: str
-    name: str
-    evidence: str
-
-
-@dataclass(frozen=True)
 class NpuOp:
     """A torch_npu name, as its path under torch_npu ("npu_swiglu", "npu.synchronize"): `params` the
     parameter names its callers pass, in the signature's order (callers pass most by keyword);
     `schema` says where torch-npu declares it: "meta" (op_plugin/meta/_meta_registrations.py),
-    "native" (csrc/aten/npu_native_functions.yaml) or "python:<file in the wheel>"."""
+    "native" (csrc/aten/npu_native_functions.yaml), "python:<file in the wheel>" or "binding" (a method of
+    torch_npu._C its C++ library registers by name; no parameters to check)."""
     name: str
     params: tuple[str, ...]
     schema: str
@@ -69,15 +62,18 @@ DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 @cache
 def pinned_tree(file: str) -> ast.Module:
-    """A file of the pinned vllm-ascend source release (vllm_ascend/...) or of the pinned vLLM one (vllm/...)."""
-    root = pinned.vllm_sources() if file.startswith("vllm/") else pinned.vllm_ascend_sources()
-    return ast.parse((root / file).read_text(), file)
+    """A file of the pinned vllm-ascend source release (vllm_ascend/...)."""
+    return ast.parse((pinned.vllm_ascend_sources() / file).read_text(), file)
 
 
 @cache
-def torch_npu_text(member: str) -> str:
+def torch_npu_bytes(member: str) -> bytes:
     with zipfile.ZipFile(pinned.torch_npu_wheel()) as wheel:
-        return wheel.read(member).decode()
+        return wheel.read(member)
+
+
+def torch_npu_text(member: str) -> str:
+    return torch_npu_bytes(member).decode()
 
 
 def find(tree: ast.Module, qualname: str) -> ast.ClassDef | ast.FunctionDef | None:

@@ -1,8 +1,9 @@
 """The engine interface and its platform classes, checked on the CPU: each class implements the
-protocol the integration calls, the one for this process is picked once, the private runner methods
-the vLLM 0.32 classes wrap exist in the installed vLLM, the CUDA class's decisions on vLLM's own configs
-(which MoE layers it refuses, the engine arguments it adds), and how an adapter expert is split over
-tensor-parallel ranks. The vllm-ascend class's names are checked in tests/test_vllm_ascend_hooks.py."""
+protocol the integration calls, the one for this process is picked once (by device and vLLM line), the
+CUDA class's decisions on vLLM's own configs (which MoE layers it refuses, the engine arguments it adds),
+and how an adapter expert is split over tensor-parallel ranks. The runner methods the classes wrap run in
+every engine test (vLLM 0.32 here, 0.23 in tests/vllm023); the vllm-ascend class's own names are checked
+in tests/test_vllm_ascend_hooks.py."""
 
 import ast
 import inspect
@@ -26,12 +27,13 @@ from expertweave_ascend.integrations.vllm.engine import EnginePlatform, shard_ex
 from expertweave_ascend.integrations.vllm.patching import resolve  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.ascend import VllmAscend  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.cpu import VllmCpu  # noqa: E402
+from expertweave_ascend.integrations.vllm.platforms.cpu023 import Vllm023Cpu  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.cuda import VllmCuda  # noqa: E402
-from expertweave_ascend.integrations.vllm.platforms.vllm032 import refuse_model_runner_v2  # noqa: E402
+from expertweave_ascend.integrations.vllm.platforms.runner import refuse_model_runner_v2  # noqa: E402
 from expertweave_ascend.integrations.vllm.launch import serve_command, serve_environment  # noqa: E402
 from expertweave_ascend.integrations.vllm.engine import SCHEDULER  # noqa: E402
 
-PLATFORMS = (VllmCpu, VllmCuda, VllmAscend)
+PLATFORMS = (VllmCpu, VllmCuda, Vllm023Cpu, VllmAscend)
 PACKAGE = Path(expertweave_ascend.__file__).parent
 
 
@@ -58,11 +60,13 @@ def attributes_on(tree: ast.Module, receivers: tuple[str, ...]) -> set[str]:
 
 def test_the_integration_calls_only_what_the_protocol_names():
     used = set()
-    for file in ("worker.py", "layer.py", "plugin.py", "llm.py", "server.py"):
+    for file in ("worker.py", "layer.py", "llm.py", "server.py", "grouping.py", "pairing.py"):
         used |= attributes_on(ast.parse((Path(engine.__file__).parent / file).read_text()), ("self.api", "api"))
     assert {"check_engine", "iter_moe_layers", "patch_model_runner", "batch_layout", "moe_token_rows",
-            "pack_expert", "engine_defaults"} <= used
-    assert used <= set(protocol_methods()), used - set(protocol_methods())
+            "pack_expert", "engine_defaults", "CLI_ARGS", "SCHEDULER_SEATS", "SCHEDULER_WAITING",
+            "finished_request_id"} <= used
+    named = set(protocol_methods()) | set(EnginePlatform.__annotations__) | {"finished_request_id"}
+    assert used <= named, used - named
 
 
 def module_imports(path: Path) -> set[str]:
@@ -112,6 +116,7 @@ def test_this_process_gets_the_cpu_platform_once(monkeypatch):
         platforms.current.cache_clear()
         assert type(platforms.current()) is VllmCuda
         monkeypatch.setattr(platform, "device_type", VllmAscend.DEVICE_TYPE)
+        monkeypatch.setattr(sys.modules["vllm"], "__version__", "0.23.0+empty")
         platforms.current.cache_clear()
         assert type(platforms.current()) is VllmAscend
     finally:
@@ -120,35 +125,34 @@ def test_this_process_gets_the_cpu_platform_once(monkeypatch):
     assert type(platforms.current()) is VllmCpu
 
 
-# -- the vLLM 0.32 runner methods the CPU and CUDA classes wrap ---------------------------------------
-@pytest.mark.parametrize("cls", (VllmCpu, VllmCuda), ids=lambda c: c.__name__)
-@pytest.mark.parametrize("method, params", [
-    ("LOAD_MODEL", ("self",)),
-    ("EXECUTE_MODEL", ("self", "scheduler_output", "intermediate_tensors")),
-    ("PREPARE_INPUTS", ("self", "scheduler_output", "num_scheduled_tokens")),
-])
-def test_the_wrapped_runner_methods_exist_in_the_installed_vllm(cls, method, params):
-    runner, _ = resolve(cls.MODEL_RUNNER + ".x")
-    function = inspect.unwrap(getattr(runner, getattr(cls, method)))
-    assert list(inspect.signature(function).parameters)[: len(params)] == list(params)
-    v2, name = resolve(f"{cls.MODEL_RUNNER_V2}.{cls.LOAD_MODEL}")
-    assert callable(getattr(v2, name)) and isinstance(resolve(cls.MOE_RUNNER + ".x")[0], type)
+@pytest.mark.parametrize("version, cls", [("0.32.0", VllmCpu), ("0.23.0", Vllm023Cpu), ("0.23.1+empty", Vllm023Cpu)])
+def test_the_cpu_platform_is_chosen_by_the_vllm_line(monkeypatch, version, cls):
+    monkeypatch.setattr(sys.modules["vllm"], "__version__", version)
+    platforms.current.cache_clear()
+    try:
+        assert type(platforms.current()) is cls
+    finally:
+        platforms.current.cache_clear()
 
 
-def test_the_runner_lays_out_the_batch_where_batch_layout_reads_it():
-    """_prepare_inputs fills query_start_loc from the input batch whose req_ids batch_layout reads."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    source = inspect.getsource(inspect.unwrap(GPUModelRunner._prepare_inputs))
-    assert "self.query_start_loc.np" in source and "self.input_batch" in source
+def test_a_vllm_line_no_platform_is_written_for_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(sys.modules["vllm"], "__version__", "0.25.0")
+    monkeypatch.setattr(type(sys.modules["vllm.platforms"].current_platform), "is_cuda", lambda self: True)
+    platforms.current.cache_clear()
+    try:
+        with pytest.raises(ExpertWeaveError, match=r"^ExpertWeave on CUDA runs on vLLM 0\.32, and this is vLLM 0\.25: "
+                                                   "install the versions the README names$"):
+            platforms.current()
+    finally:
+        platforms.current.cache_clear()
 
 
 def test_model_runner_v2_is_refused_when_expertweave_is_on():
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as ModelRunnerV2
 
-    from expertweave_ascend.integrations.vllm import plugin
+    from expertweave_ascend.integrations.vllm import worker
 
-    plugin.register()
+    worker.install_hooks()
     assert getattr(ModelRunnerV2.load_model, "_expertweave", False), "Model Runner V2's load_model is not hooked"
     runner = SimpleNamespace(vllm_config=SimpleNamespace(additional_config={"expertweave": {"max_adapters": 2}}))
     with pytest.raises(ExpertWeaveError, match="start it with VLLM_USE_V2_MODEL_RUNNER=0"):

@@ -88,7 +88,7 @@ def test_a_streamed_chat_completion_equals_the_same_request_in_one_piece(server)
      "contrastive decoding does not take structured outputs"),
     ("law", {"contrastive": OPTION, "prompt_embeds": "AAAA"}, "contrastive decoding runs the base model on the same"),
     ("base", {"contrastive": OPTION}, "contrastive decoding contrasts an adapter with its base model: set \"model\""),
-    ("law", {"vllm_xargs": {"esft_contrastive": [0.1, 0.5]}}, "vllm_xargs.esft_contrastive is set by the server"),
+    ("law", {"vllm_xargs": {"esft_contrastive_beta": 0.5}}, "vllm_xargs.esft_contrastive_beta is set by the server"),
     ("law", {"vllm_xargs": {"esft_pair": ["x", "base"]}}, "vllm_xargs.esft_pair is set by the server"),
 ])
 def test_bad_contrastive_requests_are_400(server, model, extra, message):

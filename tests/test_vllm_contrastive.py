@@ -47,11 +47,11 @@ def add_contrastive(llm, request_id: str, prompt: list[int], max_tokens: int) ->
     arguments and salt), so a test can step the engine itself."""
     from vllm import SamplingParams
 
-    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARG
+    from expertweave_ascend.integrations.vllm.contrastive import CONTRASTIVE_ARGS
     from expertweave_ascend.integrations.vllm.engine import ADAPTER_ARG, adapter_cache_salt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                            extra_args={ADAPTER_ARG: "law", CONTRASTIVE_ARG: [0.1, 0.5]})
+                            extra_args={ADAPTER_ARG: "law", **dict(zip(CONTRASTIVE_ARGS, (0.1, 0.5)))})
     salt = adapter_cache_salt(llm.list_adapters()["law"]["sha256"], None)
     llm.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt, "cache_salt": salt}, params)
 

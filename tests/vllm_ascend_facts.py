@@ -5,7 +5,7 @@ what the bodies behind them do; the vLLM names imported; the torch_npu names the
 scripts call."""
 
 from expertweave_ascend.integrations.vllm.platforms.ascend import VllmAscend as A
-from source_facts import Fact, Hook, NpuOp, VllmName
+from source_facts import Fact, Hook, NpuOp
 
 LOAD_MODEL = Hook(f"{A.MODEL_RUNNER}.{A.LOAD_MODEL}", ("self",))
 PREPARE_INPUTS = Hook(f"{A.MODEL_RUNNER}.{A.PREPARE_INPUTS}", ("self", "scheduler_output", "num_scheduled_tokens"))
@@ -93,10 +93,11 @@ FACTS = (
     Fact("vllm_ascend/worker/worker.py", "NPUWorker.__init__", "calls", "adapt_patch"),
 )
 
+# vLLM 0.23 names only VllmAscend's own code paths import (module, name): tests/vllm023 imports each on vLLM 0.23.
 VLLM_NAMES = (
-    VllmName("vllm.forward_context", "get_forward_context", _FUSED),
-    VllmName("vllm.distributed", "get_dp_group", _FUSED),
-    VllmName("vllm.platforms", "current_platform", "vllm_ascend/worker/worker.py"),
+    ("vllm.forward_context", "get_forward_context"),
+    ("vllm.distributed", "get_dp_group"),
+    ("vllm.platforms", "current_platform"),
 )
 
 TORCH_NPU_OPS = (
@@ -110,9 +111,12 @@ TORCH_NPU_OPS = (
     NpuOp("npu_swiglu", ("x", "dim"), "meta", "scripts/reroute_share.py"),
     NpuOp("npu_moe_token_unpermute", ("permuted_tokens", "sorted_indices", "probs"), "meta",
           "scripts/reroute_share.py"),
+    NpuOp("_C._construct_storage_from_data_pointer", (), "binding", "AclBackend.tensor: NPU storage over a mapping"),
+    NpuOp("_C._construct_NPU_Tensor_From_Storage_And_Metadata", (), "binding", "AclBackend.tensor"),
     NpuOp("npu.empty_cache", (), "python:torch_npu/npu/memory.py", "VllmAscend.weave_installed"),
-    NpuOp("npu.synchronize", ("device",), "python:torch_npu/npu/utils.py", "scripts/reroute_share.py"),
-    NpuOp("npu.set_device", ("device",), "python:torch_npu/npu/utils.py", "scripts/reroute_share.py"),
+    NpuOp("npu.synchronize", ("device",), "python:torch_npu/npu/utils.py",
+          "AclBackend.synchronize (drains the task queue), scripts/reroute_share.py"),
+    NpuOp("npu.set_device", ("device",), "python:torch_npu/npu/utils.py", "AclBackend, scripts/reroute_share.py"),
     NpuOp("npu.get_device_name", ("device_name",), "python:torch_npu/npu/__init__.py", "scripts/reroute_share.py"),
     NpuOp("profiler.profiler.analyse", ("profiler_path",), "python:torch_npu/profiler/profiler.py",
           "scripts/profile_msprof.sh"),

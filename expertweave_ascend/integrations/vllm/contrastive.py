@@ -1,6 +1,6 @@
 """Contrastive decoding in vLLM: the logits processor that picks one token for a request and its twin.
 
-A contrastive request (extra_args CONTRASTIVE_ARG, set by the front-ends from the client's option) runs
+A contrastive request (extra_args CONTRASTIVE_ARGS, set by the front-ends from the client's option) runs
 with a twin: a hidden request for the base model on the same tokens, made by ExpertWeave's scheduler
 (pairing.py), which marks both with PAIR_ARG = [pair id, role]. In a step where both rows of a pair are
 in the batch, ContrastiveLogits scores the adapter row's logits against the base row's by the CoLD rule
@@ -15,7 +15,9 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, proces
 from ...contrastive import Contrastive, cold_choose, cold_scores, parse_contrastive
 from .engine import request_adapter
 
-CONTRASTIVE_ARG = "esft_contrastive"  # extra_args: [alpha, beta] of an adapter's request (vllm_xargs' shape)
+# extra_args: alpha and beta of an adapter's request, two numbers (vLLM 0.23's completions take only scalars in
+# vllm_xargs)
+CONTRASTIVE_ARGS = ("esft_contrastive_alpha", "esft_contrastive_beta")
 PAIR_ARG = "esft_pair"  # extra_args: [pair id, "adapter" | "base"], set by the scheduler
 PROCESSOR = f"{__name__}:ContrastiveLogits"  # what the engine's logits_processors gets (module:class)
 
@@ -25,20 +27,20 @@ def variant_refusal(name: str) -> str:
             "decoding serves adapters that tune experts (routed or shared) only")
 
 
-def contrastive_arg(option: Contrastive) -> list[float]:
-    return [option.alpha, option.beta]
+def contrastive_args(option: Contrastive) -> dict[str, float]:
+    return dict(zip(CONTRASTIVE_ARGS, (option.alpha, option.beta)))
 
 
 def request_contrastive(sampling_params) -> Contrastive | None:
-    """The request's option, or None; ValueError where the argument is malformed."""
+    """The request's option, or None; ValueError where the arguments are malformed."""
     extra = (sampling_params.extra_args if sampling_params is not None else None) or {}
-    value = extra.get(CONTRASTIVE_ARG)
-    if value is None:
+    values = [extra.get(arg) for arg in CONTRASTIVE_ARGS]
+    if values == [None, None]:
         return None
-    where = f"extra_args[{CONTRASTIVE_ARG!r}]"
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"{where}: expected [alpha, beta], got {value!r}")
-    return parse_contrastive({"alpha": value[0], "beta": value[1]}, where)
+    where = f"extra_args[{CONTRASTIVE_ARGS[0]!r}, {CONTRASTIVE_ARGS[1]!r}]"
+    if None in values:
+        raise ValueError(f"{where}: expected both, got {values!r}")
+    return parse_contrastive(dict(zip(("alpha", "beta"), values)), where)
 
 
 PROMPT_LOGPROBS_REFUSAL = "contrastive decoding does not return prompt_logprobs: leave them out"
@@ -63,11 +65,6 @@ def request_pair(sampling_params) -> tuple[str, str] | None:
     extra = (sampling_params.extra_args if sampling_params is not None else None) or {}
     pair = extra.get(PAIR_ARG)
     return (pair[0], pair[1]) if pair else None
-
-
-def is_twin(sampling_params) -> bool:
-    pair = request_pair(sampling_params)
-    return pair is not None and pair[1] == "base"
 
 
 class _Row:

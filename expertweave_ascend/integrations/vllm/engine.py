@@ -1,7 +1,8 @@
 """What an engine platform provides ExpertWeave, and the conventions every vLLM line shares.
 
-One class per platform implements EnginePlatform (platforms/: vLLM 0.32 on the CPU and on CUDA,
-vllm-ascend 0.23 on the NPU); platforms.current() picks it once per process. The worker, the MoE layer
+One class per platform implements EnginePlatform (platforms/: vLLM 0.32 on the CPU and on CUDA, vLLM 0.23
+on the CPU, vllm-ascend 0.23 on the NPU); platforms.current() picks it once per process, by device and vLLM
+version. The worker, the MoE layer
 handle and the plugin call only what this protocol names, so everything that differs between vLLM lines
 and devices lives in one platform class.
 """
@@ -33,6 +34,15 @@ OnStep = Callable[[object], None]  # (model runner) once the step's batch is lai
 @runtime_checkable
 class EnginePlatform(Protocol):
     name: str
+    VLLM_LINE: str  # the vLLM release line the class is written for, "0.32" or "0.23"
+    # vLLM's scheduler (grouping.py): its queues of waiting requests, and the attribute bounding running requests
+    SCHEDULER_WAITING: tuple[str, ...]
+    SCHEDULER_SEATS: str
+    CLI_ARGS: str  # the module holding `vllm serve`'s argument parser and its checks (server.py)
+
+    @staticmethod
+    def finished_request_id(finished) -> str:
+        """The request id of one item of what vLLM's Scheduler.finish_requests returns (pairing.py)."""
 
     # -- the front-end process, before an engine starts --------------------------------------------
     def engine_defaults(self, given: set[str]) -> dict:
@@ -82,9 +92,10 @@ class EnginePlatform(Protocol):
         """A tuned shared-expert MLP ([2I', H] gate rows first, [H, I']) as this rank computes it; one
         clear ExpertWeaveError where the platform does not serve tuned shared experts."""
 
-    def serves_non_expert_variants(self, runner) -> bool:
-        """Whether this engine runs each step with one adapter's non-expert weights, switched between steps
-        (variants.py, grouping.py), so adapters that tune non-expert modules can be served."""
+    def non_expert_variants_refusal(self, runner) -> str | None:
+        """Why this engine cannot run each step with one adapter's non-expert weights, switched between steps
+        (variants.py, grouping.py), naming the flags that would let it; None: it can, so adapters that tune
+        non-expert modules are served."""
 
     def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
         """This step's requests in batch order and how many tokens each has in the flattened batch."""
@@ -123,14 +134,22 @@ def runs_expertweave_scheduler(vllm_config) -> bool:
     return vllm_config.scheduler_config.scheduler_cls == SCHEDULER
 
 
+def scheduler_flags(vllm_config) -> list[str]:
+    """The engine flags this engine would need to run ExpertWeave's scheduler synchronously, as contrastive
+    decoding and non-expert adapters need (the CPU platforms' defaults; on vllm-ascend, flags to give)."""
+    flags = [] if runs_expertweave_scheduler(vllm_config) else [f"--scheduler-cls {SCHEDULER}"]
+    return flags + (["--no-async-scheduling"] if vllm_config.scheduler_config.async_scheduling else [])
+
+
 def contrastive_refusal(vllm_config) -> str | None:
     """Why this engine cannot run contrastive requests (pairing.py), or None."""
     scheduler = vllm_config.scheduler_config
     if not runs_expertweave_scheduler(vllm_config):
-        return ("contrastive decoding needs ExpertWeave's scheduler, the default of vLLM CPU engines; this engine "
-                f"runs {scheduler.scheduler_cls}")
+        return (f"contrastive decoding needs ExpertWeave's scheduler, the default of vLLM CPU engines; this engine "
+                f"runs {scheduler.scheduler_cls}: start it with {' '.join(scheduler_flags(vllm_config))}")
     if scheduler.async_scheduling:
-        return "contrastive decoding needs synchronous scheduling; this engine schedules asynchronously"
+        return ("contrastive decoding needs synchronous scheduling; this engine schedules asynchronously: start it "
+                "with --no-async-scheduling")
     if scheduler.max_num_seqs < 2:
         return "contrastive decoding runs each request beside a base-model twin: max_num_seqs must be 2 or more"
     tokens = (vllm_config.cache_config.num_gpu_blocks or 0) * vllm_config.cache_config.block_size
@@ -145,13 +164,6 @@ def contrastive_refusal(vllm_config) -> str | None:
 def expertweave_config(runner) -> dict | None:
     """The engine's `additional_config["expertweave"]` (None: ExpertWeave is off in this engine)."""
     return (runner.vllm_config.additional_config or {}).get("expertweave")
-
-
-def runner_batch_layout(runner) -> tuple[list[str], np.ndarray]:
-    """The V1 model runner's batch once `_prepare_inputs` laid it out (NPUModelRunner keeps the same
-    input_batch and query_start_loc): request ids in batch order, tokens per request."""
-    n = runner.input_batch.num_reqs
-    return list(runner.input_batch.req_ids[:n]), np.diff(runner.query_start_loc.np[: n + 1])
 
 
 def shutdown_llm(llm) -> None:

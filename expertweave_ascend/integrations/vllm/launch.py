@@ -21,7 +21,6 @@ from . import admission, platforms, server
 from .llm import WORKER_EXTENSION, engine_config
 from .server import ServerOptions
 
-GENERAL_PLUGIN = "expertweave"  # our entry point in vllm.general_plugins: must load in every engine process
 READY = "Application startup complete."  # uvicorn's line once the server serves
 # vLLM's log prefix: "(EngineCore pid=7) " for its child processes, then "ERROR 11-30 15:02:27 [core.py:1510] ".
 LOG_LINE = re.compile(r"^(?:\((?P<process>[^)]*)\) )?(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:]+ \[[^]]*\] )?"
@@ -53,12 +52,9 @@ def serve_command(base: str, adapters: dict[str, str], host: str, port: int, vll
 
 
 def serve_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The server's environment: VLLM_PLUGINS is an allowlist of every plugin group, platform plugins
-    included, so it is left unset when unset; a list the user gave gets our general plugin added."""
+    """The server's environment: the user's, VLLM_PLUGINS included as given (it filters every plugin group,
+    vllm-ascend's platform plugin too, and ExpertWeave needs none), with the platform's defaults added."""
     env = dict(environ)
-    allowed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
-    if "VLLM_PLUGINS" in env and GENERAL_PLUGIN not in allowed:
-        env["VLLM_PLUGINS"] = ",".join(allowed + [GENERAL_PLUGIN])
     for key, value in platforms.current().engine_environment().items():
         env.setdefault(key, value)
     return env

@@ -15,7 +15,7 @@ from ...residency import Residency
 from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
-from .contrastive import (CONTRASTIVE_ARG, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, contrastive_arg, params_problem,
+from .contrastive import (CONTRASTIVE_ARGS, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, contrastive_args, params_problem,
                           variant_refusal)
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal, shutdown_llm
 from .variants import VARIANT_ARG
@@ -213,7 +213,7 @@ class ExpertWeaveLLM:
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
             if option is not None and name in variants:  # its files changed since generate() looked
                 raise ValueError(variant_refusal(name))
-            for arg in (ADAPTER_ARG, VARIANT_ARG, CONTRASTIVE_ARG, PAIR_ARG):
+            for arg in (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS, PAIR_ARG):
                 if (sp.extra_args or {}).get(arg) is not None:
                     raise ValueError(f"extra_args[{arg!r}] is set by ExpertWeaveLLM: pass adapter= instead")
             if name is None:
@@ -223,7 +223,7 @@ class ExpertWeaveLLM:
             else:
                 sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name,
                                  **({VARIANT_ARG: name} if name in variants else {}),
-                                 **({CONTRASTIVE_ARG: contrastive_arg(option)} if option is not None else {})}
+                                 **(contrastive_args(option) if option is not None else {})}
                 prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)

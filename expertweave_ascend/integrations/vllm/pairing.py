@@ -24,7 +24,8 @@ from vllm.logger import init_logger
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from .contrastive import PAIR_ARG, is_twin, request_contrastive
+from . import platforms
+from .contrastive import PAIR_ARG, request_contrastive
 from .engine import SALT_MARKER
 from .grouping import VariantScheduler, sitting_out
 
@@ -129,20 +130,28 @@ class PairedScheduler(VariantScheduler):
         return outputs
 
     def _fail(self, request_id: str, why: str) -> None:
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished():
+            return
         logger.warning("contrastive request %s failed: %s", request_id, why)
-        self.failed += self.finish_requests(request_id, RequestStatus.FINISHED_ERROR)
+        self.finish_requests(request_id, RequestStatus.FINISHED_ERROR)
+        self.failed.append(request)
 
     def finish_requests(self, request_ids, finished_status):
+        """vLLM's, with a pair's twin finished with its request and left out of what is returned (vLLM 0.32
+        returns the requests finished, 0.23 their (id, client index): the platform's finished_request_id)."""
         if request_ids is None:
             ending = list(self.twins)
         else:
             request_ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
             ending = [rid for rid in request_ids if rid in self.twins]
             request_ids |= {self.twins[rid] for rid in ending}
+        twins = self.twin_ids
         finished = super().finish_requests(request_ids, finished_status)
         for rid in ending:
             del self.twins[rid]
-        return [r for r in finished if not is_twin(r.sampling_params)]
+        finished_id = platforms.current().finished_request_id
+        return [r for r in finished if finished_id(r) not in twins]
 
     @property
     def twin_ids(self) -> set[str]:

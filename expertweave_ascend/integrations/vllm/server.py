@@ -34,10 +34,10 @@ from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
 from ...files import confined
 from ...geometry import BaseGeometry
 from ...residency import Residency
-from . import admission, agreement, lifetime
+from . import admission, agreement, lifetime, platforms
 from ...contrastive import parse_contrastive
-from .contrastive import (CONTRASTIVE_ARG, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
-                          contrastive_arg, variant_refusal)
+from .contrastive import (CONTRASTIVE_ARGS, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
+                          contrastive_args, variant_refusal)
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal
 from .variants import VARIANT_ARG
 from .metrics import AdapterMetrics
@@ -48,10 +48,9 @@ logger = logging.getLogger("expertweave")
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 # The vLLM details of the front-end, 0.32 and 0.23 alike. API_SERVER re-exports build_and_serve, which
 # calls build_app and init_app_state by their global names where it is defined (0.32: the module
-# vllm.entrypoints.launchers.api_server.entry; 0.23: API_SERVER itself). vLLM's own argument parser
-# and its checks live in the first CLI_ARGS module that exists (0.32, then 0.23).
+# vllm.entrypoints.launchers.api_server.entry; 0.23: API_SERVER itself). vLLM's own argument parser and
+# its checks live in the platform's CLI_ARGS module (one per vLLM line).
 API_SERVER = "vllm.entrypoints.openai.api_server"
-CLI_ARGS = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
 
 
 def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResponse:
@@ -97,12 +96,20 @@ async def _read_body(receive) -> bytes:
             return b"".join(chunks)
 
 
-def _json_object(raw: bytes):
-    """The request's JSON object, or None when the body is something else (vLLM answers it)."""
+_NOT_JSON = object()
+
+
+def _json_value(raw: bytes):
+    """The request's JSON value (an empty body is an empty object), or _NOT_JSON (vLLM answers it)."""
     try:
-        body = json.loads(raw or b"{}")
+        return json.loads(raw or b"{}")
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, an integer past Python's digit limit
-        return None
+        return _NOT_JSON
+
+
+def _json_object(raw: bytes):
+    """The request's JSON object, or None when the body is something else."""
+    body = _json_value(raw)
     return body if isinstance(body, dict) else None
 
 
@@ -130,7 +137,10 @@ class AdapterModelMiddleware:
         if scope["method"] != "POST" or not _is_json(scope):
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
-        body = _json_object(raw)
+        body = _json_value(raw)
+        if body is not _NOT_JSON and not isinstance(body, dict):  # vLLM 0.23's completions answer it with a 500
+            return await _error(400, f"expected a JSON object, got {type(body).__name__}")(scope, receive, send)
+        body = body if isinstance(body, dict) else None
         name, option = None, None
         if body is not None:
             model = body.get("model")
@@ -163,7 +173,7 @@ class AdapterModelMiddleware:
                 headers.append((b"x-esft-contrastive", f"alpha={option.alpha}, beta={option.beta}".encode()))
             body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), ADAPTER_ARG: name,
                                   **({VARIANT_ARG: name} if lease.entry.variant else {}),
-                                  **({CONTRASTIVE_ARG: contrastive_arg(option)} if option is not None else {})}
+                                  **(contrastive_args(option) if option is not None else {})}
             body["cache_salt"] = adapter_cache_salt(lease.entry.sha256, body.get("cache_salt"))
             body["model"] = registry.base_name
             replay = _replay(json.dumps(body).encode(), receive)
@@ -174,7 +184,7 @@ class AdapterModelMiddleware:
     @staticmethod
     def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
         xargs = body.get("vllm_xargs")
-        for arg in (ADAPTER_ARG, VARIANT_ARG, CONTRASTIVE_ARG, PAIR_ARG):
+        for arg in (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS, PAIR_ARG):
             if isinstance(xargs, dict) and arg in xargs:
                 return _error(400, f"vllm_xargs.{arg} is set by the server: name the adapter in \"model\" "
                                    "(and contrastive decoding in \"contrastive\")")
@@ -469,13 +479,13 @@ def add_front_end(module, front_end: ExpertWeaveFrontEnd) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`vllm serve`'s API server (argument parser, checks, run_server) with the ExpertWeave front-end."""
-    import importlib.util
+    import importlib
 
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    cli_args = importlib.import_module(next(m for m in CLI_ARGS if importlib.util.find_spec(m) is not None))
+    cli_args = importlib.import_module(platforms.current().CLI_ARGS)
     cli_env_setup()
     handler = logging.StreamHandler()  # loads and unloads, one line each: name, path, content hash
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s expertweave: %(message)s", "%m-%d %H:%M:%S"))

@@ -1,5 +1,11 @@
 """The worker side: the weave over the loaded model, the per-token adapter buffer, and the RPCs.
 
+vLLM imports this module in each worker process, and only there, as it resolves the engine's
+worker_extension_cls (ExpertWeaveWorkerExtension, which ExpertWeaveLLM and `expertweave serve` name),
+after the general plugins (vllm-ascend's among them) have loaded and before the model runner loads the
+model; importing it installs the model runner's hooks (install_hooks). So the API server never imports a
+model runner (on Atlas: vllm-ascend's NPU runner), and an engine started without ExpertWeave is never hooked.
+
 vLLM may compile the model with Dynamo, which runs Python hooks once at trace time. Rerouting is
 therefore the custom op `expertweave::reroute_layer`, opaque to the compiler, whose body runs on
 every forward and reads this process's current buffer and table.
@@ -45,7 +51,7 @@ class WorkerWeave:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
         if config.get("warm"):
             weave_config.warm_bytes = 2 * warm_share(weave_config, self.layers.values())
-        weave_config.non_expert_variants = self.api.serves_non_expert_variants(model_runner)
+        weave_config.non_expert_refusal = self.api.non_expert_variants_refusal(model_runner)
         geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
         device_args = self.api.weave_device(model_runner)
         self.backend = device_args.get("backend")  # given to the weave, so closed here
@@ -71,7 +77,7 @@ class WorkerWeave:
         self.started: Counter[str | None] = Counter()  # adapter -> requests begun (metrics.py)
         self.generated: Counter[str | None] = Counter()  # adapter -> tokens sampled
         self.switcher = VariantSwitcher(model_runner, model_runner.model_config.model) \
-            if weave_config.non_expert_variants else None
+            if weave_config.non_expert_refusal is None else None
         self.host_tier = HostTier(config.get("host_adapter_bytes") or 0)
         self.loader = BackgroundLoader(self.weave, self.host_tier)
         for name, path in (config.get("adapters") or {}).items():
@@ -345,3 +351,12 @@ def _active() -> WorkerWeave:
         raise ExpertWeaveError("ExpertWeave is not enabled in this engine "
                                "(start it with additional_config={'expertweave': {...}})")
     return _ACTIVE
+
+
+def install_hooks() -> None:
+    """The model runner's hooks on this process's platform (once however often it is called): they act
+    only on the runner whose engine turned ExpertWeave on (on_load)."""
+    platforms.current().patch_model_runner(on_load, on_schedule, on_step)
+
+
+install_hooks()

@@ -1,12 +1,13 @@
-"""Every vllm-ascend 0.23.0.post1 (on vLLM 0.23) detail ExpertWeave's NPU path relies on, and nothing else.
+"""Every vllm-ascend 0.23.0.post1 detail ExpertWeave's NPU path relies on, and nothing else.
 
 VllmAscend implements the engine interface (engine.py) on vllm-ascend's NPU platform; platforms.current()
-picks it there. Written against the pinned source release (requirements-ascend.txt, fetched by
-tests/pinned.py) and NOT YET RUN ON ASCEND HARDWARE: tests/test_vllm_ascend_hooks.py checks every name
-this class looks up (and tests/vllm_ascend_facts.py: every assumption about the bodies behind them)
-against those sources and runs the pure parts (packing, token layout) on CPU tensors;
-scripts/validate_atlas.sh runs the rest on an Atlas server. File paths in the table are relative to the
-vllm_ascend package.
+picks it there. Its vLLM half (the runner seams, the scheduler and front-end facts) is vLLM 0.23's
+(vllm023.py), which the 0.23 suite runs on the CPU. The vllm-ascend half below was written against the
+pinned source release (requirements-ascend.txt, fetched by tests/pinned.py) and is NOT YET RUN ON ASCEND
+HARDWARE: tests/test_vllm_ascend_hooks.py checks every name this class looks up (and
+tests/vllm_ascend_facts.py: every assumption about the bodies behind them) against those sources and runs
+the pure parts (packing, token layout) on CPU tensors; scripts/validate_atlas.sh runs the rest on an
+Atlas server. File paths in the table are relative to the vllm_ascend package.
 
 | what                   | vllm-ascend 0.23.0.post1 file: function (vLLM 0.23)                  | ExpertWeave        |
 | ---------------------- | -------------------------------------------------------------------- | ------------------ |
@@ -63,8 +64,9 @@ import numpy as np
 import torch
 
 from ....errors import ExpertWeaveError
-from ..engine import OnLoad, OnSchedule, OnStep, runner_batch_layout, shard_expert
-from ..patching import lookup, replace_method, resolve, wrap_after, wrap_before
+from ..engine import scheduler_flags, shard_expert
+from ..patching import lookup, replace_method, resolve
+from .vllm023 import Vllm023
 
 ACL_FORMAT_ND = 2  # aclFormat in acl/acl_base_rt.h
 # npu_moe_init_routing_custom takes expert ids up to 10240, 5120 in its key-value count mode
@@ -79,12 +81,12 @@ REROUTE_ATTR = "_expertweave_reroute"  # set on a woven AscendFusedMoE: its ids 
 _MOE = "vllm_ascend.ops.fused_moe.fused_moe"
 
 
-class VllmAscend:
+class VllmAscend(Vllm023):
     """Every vllm-ascend name this class looks up is one of these "module:qualname" targets."""
     name = "vllm-ascend"
     DEVICE_TYPE = "npu"  # vllm-ascend's NPUPlatform.device_type, which platforms.current() looks for
     MODEL_RUNNER = "vllm_ascend.worker.model_runner_v1:NPUModelRunner"
-    LOAD_MODEL, EXECUTE_MODEL, PREPARE_INPUTS, GET_MODEL = "load_model", "execute_model", "_prepare_inputs", "get_model"
+    GET_MODEL = "get_model"
     MOE_LAYER = f"{_MOE}:AscendFusedMoE"
     MOE_METHOD = f"{_MOE}:AscendUnquantizedFusedMoEMethod"
     MOE_APPLY = f"{MOE_METHOD}.apply"
@@ -104,17 +106,10 @@ class VllmAscend:
         return {}
 
     # -- the model runner -----------------------------------------------------------------------------
-    def patch_model_runner(self, on_load: OnLoad, on_schedule: OnSchedule, on_step: OnStep) -> None:
-        """On NPUModelRunner, which overrides all three methods.
-
-        vllm-ascend's own general plugins apply its process-wide patches of vLLM before anything imports
-        its model runner; this plugin may load first, so it applies them the same way before the import."""
+    def before_runner_import(self) -> None:
+        """vllm-ascend's own general plugins apply its process-wide patches of vLLM before anything imports
+        its model runner; they are applied the same way (once) in case they have not run yet."""
         lookup(self.GLOBAL_PATCH)()
-        runner = lookup(self.MODEL_RUNNER)
-        wrap_after(runner, self.LOAD_MODEL, lambda self, *a, **k: on_load(self))
-        wrap_before(runner, self.EXECUTE_MODEL,
-                    lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
-        wrap_after(runner, self.PREPARE_INPUTS, lambda self, *a, **k: on_step(self))
 
     def loaded_model(self, runner) -> torch.nn.Module:
         """The model itself, out of the ACL graph wrapper."""
@@ -139,12 +134,10 @@ class VllmAscend:
         torch_npu.npu.empty_cache()
         runner.model_memory_usage -= weave.memory.base_expert_bytes
 
-    def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
-        return runner_batch_layout(runner)
-
     # -- engine options and MoE layers ----------------------------------------------------------------
     def check_engine(self, runner, max_adapters: int) -> None:
-        check_options(runner.vllm_config, lookup(self.GET_ASCEND_CONFIG)(), max_adapters)
+        super().check_engine(runner, max_adapters)
+        check_options(runner.vllm_config.model_config.hf_config, lookup(self.GET_ASCEND_CONFIG)(), max_adapters)
 
     def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
         layer_cls = lookup(self.MOE_LAYER)
@@ -201,9 +194,17 @@ class VllmAscend:
         """Not yet: vllm-ascend runs shared experts inside its own MoE paths (and ACL graphs would replay
         the per-token selection as captured); pack_shared refuses such adapters."""
 
-    def serves_non_expert_variants(self, runner) -> bool:
-        """Not yet: the switch between steps is written for vLLM's CPU layers and synchronous scheduling."""
-        return False
+    def non_expert_variants_refusal(self, runner) -> str | None:
+        """Served where the engine runs ExpertWeave's scheduler synchronously (grouping.py gives each step one
+        variant; the switch happens before the step it is for) and eagerly (an ACL graph would replay the
+        non-expert weights it captured); vllm-ascend's defaults are neither. Unverified on hardware:
+        tests/test_npu_serving.py, which scripts/validate_atlas.sh runs, serves such an adapter there."""
+        flags = scheduler_flags(runner.vllm_config)
+        if not runner.vllm_config.model_config.enforce_eager:
+            flags.append("--enforce-eager")
+        if not flags:
+            return None
+        return f"on vllm-ascend such adapters need the engine started with {' '.join(flags)}"
 
     def pack_shared(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,12 +283,9 @@ def max_table_entries(top_k: int) -> int:
     return (REROUTE_UB_BYTES - 8 * 32 * top_k) // 4
 
 
-def check_options(vllm_config, ascend_config, max_adapters: int) -> None:
-    """Engine options that break the slot layout on vllm-ascend."""
+def check_options(hf_config, ascend_config, max_adapters: int) -> None:
+    """vllm-ascend's options that break the slot layout (vLLM's own: Vllm023.check_engine)."""
     where = "ExpertWeave on vllm-ascend"
-    if vllm_config.model_config.enable_return_routed_experts:
-        raise ExpertWeaveError(f"{where}: enable_return_routed_experts would return expert slots, not expert ids "
-                               "(rerouting rewrites them before the capture); start without it")
     if getattr(ascend_config, "mix_placement", False):
         raise ExpertWeaveError(f"{where}: mix_placement puts the shared experts after the routed ones, in the rows "
                                "the adapter slots take; start without it")
@@ -297,8 +295,7 @@ def check_options(vllm_config, ascend_config, max_adapters: int) -> None:
         raise ExpertWeaveError(f"{where}: weight prefetch of MoE weights reads a share of the enlarged w13, adapter "
                                "slots no adapter holds included; set weight_prefetch_config's moe ratios to 0 or "
                                "disable it")
-    hf = vllm_config.model_config.hf_config
-    experts, top_k = hf.n_routed_experts, hf.num_experts_per_tok
+    experts, top_k = hf_config.n_routed_experts, hf_config.num_experts_per_tok
     rows = max_adapters + 1
     if rows * experts > max_table_entries(top_k):
         raise ExpertWeaveError(f"{where}: {max_adapters} adapters make a routing table of {rows} x {experts} "

