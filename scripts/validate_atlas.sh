@@ -12,13 +12,17 @@ Usage: scripts/validate_atlas.sh [options]
 
 Validates ExpertWeave on an Atlas server, from a fresh checkout, in five steps, stopping at the
 first that fails (each step's log is OUT/<step>.log):
-  1 install  pip install -r requirements-ascend.txt (vLLM 0.23, vllm-ascend 0.23.0.post1, torch 2.10,
-             torch-npu 2.10.0.post4), then this project with its test extra
+  1 install  in vllm-ascend 0.23.0.post1's documented order (README, Ascend NPU): torch 2.10 and
+             torch-npu 2.10.0.post4, vLLM 0.23.0 from source for an empty target device, vllm-ascend
+             0.23.0.post1 from source (with Ascend's index), then this project with its test extra
   2 build    the Ascend C kernels (ascendc_kernels/README.md): cmake -S ascendc_kernels
              -B build/ascendc_kernels -DSOC_VERSION=SOC, cmake --build; the library must land
              where the kernel loader looks
-  3 test     the NPU tests (pytest -m npu) and the vllm-ascend hook checks
-             (tests/test_vllm_ascend_hooks.py)
+  3 test     the NPU tests (pytest -m npu: the kernels; the loader's threads binding the NPU before they
+             map; synchronize draining torch_npu's task queue; serve_atlas.sh serving contrastive
+             decoding and a non-expert adapter under the README's flags and refusing them, naming the
+             flags, without), the vllm-ascend hook checks (tests/test_vllm_ascend_hooks.py) and the
+             front-end's (tests/test_frontend.py: the API server imports no NPU model runner)
   4 verify   expertweave verify --engine vllm: the base and every adapter in one engine, each row
              against the merged model served by plain vLLM (report: OUT/verify.json)
   5 bench    scripts/reroute_share.py: reroute's share of one MoE layer's time (OUT/reroute_share.json)
@@ -87,11 +91,34 @@ step() {
     fi
 }
 
+cann_env
+# pin NAME: its version in requirements-ascend.txt
+pin() {
+    sed -n "s/^$1==\([^ #]*\).*/\1/p" requirements-ascend.txt
+}
+install_torch() {
+    local extra=()
+    # torch_npu's x86 wheels want torch's CPU build, which PyTorch's own index serves
+    [[ $(uname -m) != x86_64 ]] || extra=(--extra-index-url https://download.pytorch.org/whl/cpu/)
+    "$python" -m pip install "${extra[@]}" "torch==$(pin torch)" "torch-npu==$(pin torch-npu)"
+}
+install_vllm() {
+    rm -rf "$out/src/vllm"
+    git clone --depth 1 --branch "v$(pin vllm)" https://github.com/vllm-project/vllm "$out/src/vllm"
+    (cd "$out/src/vllm" && VLLM_TARGET_DEVICE=empty "$python" -m pip install -e .)
+}
+install_vllm_ascend() {
+    rm -rf "$out/src/vllm-ascend"
+    git clone --depth 1 --branch "v$(pin vllm-ascend)" https://github.com/vllm-project/vllm-ascend "$out/src/vllm-ascend"
+    (cd "$out/src/vllm-ascend" && git submodule update --init --recursive &&
+        "$python" -m pip install -e . --extra-index-url https://mirrors.huaweicloud.com/ascend/repos/pypi)
+}
 if ((install)); then
-    step install "$python" -m pip install -r requirements-ascend.txt
+    step install-torch install_torch
+    step install-vllm install_vllm
+    step install-vllm-ascend install_vllm_ascend
     step install-project "$python" -m pip install -e ".[test]"
 fi
-cann_env
 export ASCEND_RT_VISIBLE_DEVICES=$device
 if [[ -z $soc ]]; then
     soc=$("$python" -c 'import torch_npu; print(torch_npu.npu.get_device_name(0).lower())') \
@@ -107,7 +134,7 @@ step build cmake --build build/ascendc_kernels -j
 
 # pytest -m npu exits 5 when it collects nothing: no NPU test at all is a failure here too.
 step test-npu "$python" -m pytest -q -m npu tests
-step test-hooks "$python" -m pytest -q tests/test_vllm_ascend_hooks.py
+step test-hooks "$python" -m pytest -q tests/test_vllm_ascend_hooks.py tests/test_frontend.py
 
 if [[ -z $base ]]; then
     step make-tiny "$python" -m expertweave_ascend.cli make-tiny "$out/tiny"

@@ -2,8 +2,8 @@
 and the CUDA driver header.
 
 Nothing here is installed: torch_npu's wheel gives the real AscendCL headers, vllm-ascend's source
-release gives the code the plugin hooks, vLLM's source release the API server and engine code it runs on,
-nvidia-cuda-runtime's wheel gives cuda.h. Downloads use PyPI's
+release gives the code the NPU platform hooks (vLLM 0.23 itself, which runs here, is executed by
+tests/vllm023 instead), nvidia-cuda-runtime's wheel gives cuda.h. Downloads use PyPI's
 simple index (PEP 691) and are checked against the sha256 it publishes.
 """
 
@@ -90,14 +90,26 @@ def _sdist_tree(project: str, top: str, keep) -> Path:
     return out
 
 
+def wheels_of(project: str, version: str) -> list[str]:
+    """The wheels PyPI serves for a release (empty: a source release only)."""
+    request = urllib.request.Request(f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = [f["filename"] for f in json.load(response)["files"]]
+    prefix = f"{project.replace('-', '_').lower()}-{version}-"
+    return [f for f in files if f.lower().startswith(prefix) and f.endswith(".whl")]
+
+
+def sdist_text(project: str, version: str, member: str) -> str:
+    """A file of a source release from PyPI, by its path under the release's top directory."""
+    sdist = _fetch(project, f"{project.replace('-', '_')}-{version}.tar.gz")
+    with tarfile.open(sdist) as archive:
+        top = archive.getmembers()[0].name.split("/")[0]
+        return archive.extractfile(f"{top}/{member}").read().decode()
+
+
 def vllm_ascend_sources() -> Path:
     """The pinned source release's root: its vllm_ascend package and its csrc."""
     return _sdist_tree("vllm-ascend", "vllm_ascend", lambda path: path.split("/")[0] in ("vllm_ascend", "csrc"))
-
-
-def vllm_sources() -> Path:
-    """The pinned vLLM source release's root (what vllm-ascend runs on): its vllm package, Python only."""
-    return _sdist_tree("vllm", "vllm", lambda path: path.startswith("vllm/") and path.endswith(".py"))
 
 
 def cuda_include_dir() -> Path:
