@@ -24,7 +24,8 @@ class BackgroundLoader:
         self.weave = weave
         self.host_tier = host_tier
         # Both threads map device memory and copy into it: each gets the device first.
-        self._loads = ThreadPoolExecutor(1, thread_name_prefix="expertweave-load", initializer=weave.backend.bind_thread)
+        self._loads = ThreadPoolExecutor(1, thread_name_prefix="expertweave-load",
+                                         initializer=weave.backend.bind_thread)
         self._prefetches = ThreadPoolExecutor(1, thread_name_prefix="expertweave-prefetch",
                                               initializer=weave.backend.bind_thread)
         self._lock = threading.Lock()

@@ -27,8 +27,8 @@ ASCEND_INDEX = "https://mirrors.huaweicloud.com/ascend/repos/pypi"
 ASCEND_INDEX_ONLY = ("triton-ascend",)
 # glibc 2.35 (Ubuntu 22.04, vllm-ascend's CANN image): wheels for any older manylinux install there; pip takes
 # each platform tag as given, older ones included only when named.
-ATLAS_HOST = [*(f"--platform=manylinux_2_{minor}_aarch64" for minor in range(17, 36)), "--platform=manylinux2014_aarch64",
-              "--python-version", "3.11", "--only-binary=:all:"]
+ATLAS_HOST = [*(f"--platform=manylinux_2_{minor}_aarch64" for minor in range(17, 36)),
+              "--platform=manylinux2014_aarch64", "--python-version", "3.11", "--only-binary=:all:"]
 
 
 def pins() -> dict[str, str]:
@@ -86,7 +86,8 @@ def atlas_requirements() -> list[str]:
     found = pins()
     vllm = base_requirements(pinned.sdist_text("vllm", found["vllm"], "requirements/common.txt").splitlines())
     ascend = source_release_requirements("vllm-ascend", found["vllm-ascend"])
-    others = [Requirement(f"{name}=={version}") for name, version in found.items() if name not in ("vllm", "vllm-ascend")]
+    others = [Requirement(f"{name}=={version}") for name, version in found.items()
+              if name not in ("vllm", "vllm-ascend")]
     return expand(others + vllm + ascend + base_requirements(own_requirements()))
 
 

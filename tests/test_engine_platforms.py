@@ -24,7 +24,6 @@ import expertweave_ascend  # noqa: E402
 from expertweave_ascend.errors import ExpertWeaveError  # noqa: E402
 from expertweave_ascend.integrations.vllm import engine, platforms  # noqa: E402
 from expertweave_ascend.integrations.vllm.engine import EnginePlatform, shard_expert  # noqa: E402
-from expertweave_ascend.integrations.vllm.patching import resolve  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.ascend import VllmAscend  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.cpu import VllmCpu  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.cpu023 import Vllm023Cpu  # noqa: E402

@@ -3,7 +3,6 @@ NPU serves the decisive tiny model's adapters equal to their merged models, cont
 adapter tuning non-expert modules under the flags the README names, and refuses both, naming those flags,
 under vllm-ascend's defaults."""
 
-import pytest
 import requests
 import torch
 
@@ -33,8 +32,8 @@ def complete(url: str, model: str, **extra) -> requests.Response:
 def serving(tiny_decisive, tmp_path, vllm_args):
     (tmp_path / "server").mkdir()
     law, law_ne = tiny_decisive / "adapters" / "law", with_non_expert(tiny_decisive, "law", tmp_path / "law-ne")
-    return atlas_server(tiny_decisive / "base", ["--base-name", "base", "--adapter", f"law={law}", "--allow-runtime-loading"],
-                        ENGINE + vllm_args,
+    serve_args = ["--base-name", "base", "--adapter", f"law={law}", "--allow-runtime-loading"]
+    return atlas_server(tiny_decisive / "base", serve_args, ENGINE + vllm_args,
                         tmp_path / "server", free_port(), stand_in_toolkit=False), law, law_ne
 
 

@@ -1,25 +1,29 @@
 """The offline ExpertWeaveLLM on vLLM 0.23, in this process (the decisive tiny model, law and math loaded):
 outputs equal the merged models (transformers references), contrastive decoding and its twins on ExpertWeave's
 scheduler over vLLM 0.23's (tests/test_vllm_contrastive.py's tests, run again here), adapters tuning
-non-expert modules switched between steps, runtime load and unload, admission where vLLM 0.23 admits a
-request, and the engine platform this line gets."""
+non-expert modules switched between steps, and the engine platform this line gets."""
 
-import pytest
 import torch
 
 from catalogue_variants import merged_tokens
-from expertweave_ascend.errors import AdapterBusyError
 from expertweave_ascend.integrations.hf import load_model
 from expertweave_ascend.integrations.vllm import platforms
 from expertweave_ascend.integrations.vllm.engine import SCHEDULER
 from test_variants import with_non_expert
 from test_vllm_contrastive import (  # noqa: F401  (the main suite's tests and fixtures)
-    llm, references, scheduler, test_a_mixed_batch_equals_the_reference_for_each_request,
-    test_a_request_whose_twin_ends_first_fails_and_leaves_nothing, test_aborting_a_contrastive_request_frees_its_twin,
+    scheduler,
+    references,
+    llm,
+    test_a_mixed_batch_equals_the_reference_for_each_request,
+    test_beta_zero_equals_plain_adapter_decoding,
+    test_the_twin_is_hidden_from_outputs_and_metrics,
+    test_aborting_a_contrastive_request_frees_its_twin,
+    test_a_request_whose_twin_ends_first_fails_and_leaves_nothing,
+    test_seeded_sampling_repeats_whatever_the_batch,
+    test_refusals_name_the_problem,
     test_an_engine_that_cannot_pair_requests_is_named_in_the_refusal,
-    test_an_engine_whose_kv_cache_holds_one_longest_sequence_refuses, test_beta_zero_equals_plain_adapter_decoding,
-    test_refusals_name_the_problem, test_seeded_sampling_repeats_whatever_the_batch,
-    test_the_twin_is_hidden_from_outputs_and_metrics)
+    test_an_engine_whose_kv_cache_holds_one_longest_sequence_refuses,
+)
 from test_vllm_variants import PROMPTS, TOKENS
 from test_vllm_variants import generate as generate_variants
 from vllm_ascend_facts import VLLM_NAMES
@@ -57,34 +61,10 @@ def test_a_non_expert_adapter_loaded_at_run_time_equals_its_merged_model_beside_
         got = generate_variants(llm, names)
         base_model = load_model(tiny_decisive / "base", torch.float32)
         for i, name in enumerate(names):
-            want = merged_tokens(base_model, None if name is None else adapters[name], PROMPTS[i % len(PROMPTS)], TOKENS)
+            adapter = None if name is None else adapters[name]
+            want = merged_tokens(base_model, adapter, PROMPTS[i % len(PROMPTS)], TOKENS)
             assert got[i] == want, name
         assert worker._ACTIVE.switcher.switches >= 1, "law-ne's steps ran with its own non-expert weights"
     finally:
         llm.unload_adapter("law-ne")
     assert llm.memory_report() == before
-
-
-def test_unload_waits_for_a_running_request_and_vllm_admits_none_meanwhile(llm, tiny_decisive):
-    from vllm import SamplingParams
-
-    from expertweave_ascend.integrations.vllm import worker
-
-    start = llm.memory_report()
-    llm.load_adapter("code", tiny_decisive / "adapters" / "code")
-    active = worker._ACTIVE
-    active.weave.begin_request("code")  # a request the workers saw scheduled and not yet finish
-    before = llm.memory_report()
-    with pytest.raises(AdapterBusyError, match=r"adapter 'code' still has 1 request\(s\) running and 0 queued"):
-        llm.unload_adapter("code", timeout=0.2)
-    assert llm.memory_report() == before and "code" in llm.list_adapters()
-    llm._unloading.add("code")
-    try:
-        with pytest.raises(ValueError, match="adapter 'code' is being unloaded"):
-            llm.llm.generate(["hello"], SamplingParams(max_tokens=2, extra_args={"esft_adapter": "code"}),
-                             use_tqdm=False)
-    finally:
-        llm._unloading.discard("code")
-    active.weave.end_request("code")
-    llm.unload_adapter("code", timeout=5)
-    assert set(llm.list_adapters()) == {"law", "math"} and llm.memory_report() == start

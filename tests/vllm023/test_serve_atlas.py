@@ -12,17 +12,28 @@ from atlas_server import atlas_server, models
 from perf.servers import free_port
 from serving import ENGINE_ARGS
 from test_server import (  # noqa: F401  (the main suite's tests, run here against the 0.23 server)
-    test_a_disconnected_stream_is_waited_for_and_nothing_leaks, test_an_adapter_tuning_non_expert_modules_is_served_beside_the_base,
-    test_an_adapter_with_an_hf_style_name_is_served, test_bad_adapter_loads_are_400_and_disturb_nothing,
-    test_benchmark_client_replays_a_trace_with_vllm_metrics, test_chat_streaming_names_the_adapter,
-    test_completions_per_adapter, test_concurrent_requests_for_different_adapters, test_load_serve_unload_at_run_time,
-    test_malformed_completion_bodies_are_400_without_a_traceback, test_malformed_load_and_unload_bodies_are_400,
-    test_metrics_count_loads_and_unloads_and_time_them, test_metrics_count_requests_and_generated_tokens_per_adapter,
-    test_models_lists_base_and_adapters, test_models_lists_each_adapter_with_its_content_hash,
+    test_models_lists_base_and_adapters,
+    test_completions_per_adapter,
+    test_unknown_model_is_openai_404,
+    test_xargs_cannot_select_an_adapter,
+    test_malformed_completion_bodies_are_400_without_a_traceback,
+    test_models_lists_each_adapter_with_its_content_hash,
     test_routes_without_adapter_support_refuse_adapter_names,
+    test_chat_streaming_names_the_adapter,
+    test_concurrent_requests_for_different_adapters,
+    test_bad_adapter_loads_are_400_and_disturb_nothing,
+    test_malformed_load_and_unload_bodies_are_400,
+    test_an_adapter_with_an_hf_style_name_is_served,
     test_the_same_adapter_under_a_second_name_maps_nothing_and_is_listed_as_shared,
-    test_unknown_model_is_openai_404, test_unload_during_a_stream_waits_and_the_stream_ends_with_the_adapters_tokens,
-    test_unload_that_times_out_is_409_and_changes_nothing, test_xargs_cannot_select_an_adapter)
+    test_an_adapter_tuning_non_expert_modules_is_served_beside_the_base,
+    test_load_serve_unload_at_run_time,
+    test_benchmark_client_replays_a_trace_with_vllm_metrics,
+    test_unload_during_a_stream_waits_and_the_stream_ends_with_the_adapters_tokens,
+    test_unload_that_times_out_is_409_and_changes_nothing,
+    test_a_disconnected_stream_is_waited_for_and_nothing_leaks,
+    test_metrics_count_requests_and_generated_tokens_per_adapter,
+    test_metrics_count_loads_and_unloads_and_time_them,
+)
 
 TP = 2
 
@@ -92,6 +103,7 @@ def test_each_adapters_prefix_cache_is_its_own(server):
 
 def test_a_client_salt_is_kept_and_the_adapter_marker_refused(server):
     body = {"model": "law", "prompt": "the court held", "max_tokens": 2, "temperature": 0}
-    assert requests.post(f"{server}/v1/completions", json={**body, "cache_salt": "tenant-1"}, timeout=60).status_code == 200
+    r = requests.post(f"{server}/v1/completions", json={**body, "cache_salt": "tenant-1"}, timeout=60)
+    assert r.status_code == 200, r.text
     r = requests.post(f"{server}/v1/completions", json={**body, "cache_salt": "x~esft:abc"}, timeout=60)
     assert r.status_code == 400 and "cache_salt may not contain '~esft:'" in r.json()["error"]["message"]

@@ -15,13 +15,22 @@ from catalogue_variants import merged_tokens
 from expertweave_ascend.integrations.hf import load_model
 from perf.servers import free_port
 from test_server_contrastive import (  # noqa: F401  (the main suite's tests and their fixture)
-    reference, test_a_completion_decodes_against_the_base_and_says_so, test_a_disconnected_contrastive_stream_leaves_nothing_running,
-    test_a_streamed_chat_completion_equals_the_same_request_in_one_piece, test_a_streamed_completion_equals_the_reference,
-    test_bad_contrastive_requests_are_400)
+    reference,
+    test_a_completion_decodes_against_the_base_and_says_so,
+    test_a_streamed_completion_equals_the_reference,
+    test_a_streamed_chat_completion_equals_the_same_request_in_one_piece,
+    test_bad_contrastive_requests_are_400,
+    test_a_disconnected_contrastive_stream_leaves_nothing_running,
+)
 from test_server_tiering import (  # noqa: F401
-    PROMPTS, TOKENS, catalogue, complete, states,
+    TOKENS,
+    PROMPTS,
+    catalogue,
+    complete,
+    states,
     test_200_random_requests_over_20_adapters_with_room_for_4_equal_their_merged_models,
-    test_adapters_with_requests_running_are_never_evicted_and_a_request_waits_then_gets_503)
+    test_adapters_with_requests_running_are_never_evicted_and_a_request_waits_then_gets_503,
+)
 from test_variants import with_non_expert
 
 ROOM = 4

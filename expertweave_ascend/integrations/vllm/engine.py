@@ -171,6 +171,18 @@ def shutdown_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def refuse_moe_parallelism(where: str, parallel) -> None:
+    """Refuses, in one line, what vLLM's FusedMoEParallelConfig (0.32 and 0.23 alike) says ExpertWeave's vLLM
+    CPU and CUDA platforms cannot serve."""
+    if parallel.use_ep:
+        raise ExpertWeaveError(f"{where}: expert parallelism (EP {parallel.ep_size}) is not supported: its dispatch "
+                               "needs every adapter expert on the EP rank of its base expert; serve with TP")
+    if parallel.dp_size > 1 or parallel.pcp_size > 1 or parallel.is_sequence_parallel:
+        raise ExpertWeaveError(f"{where}: data, context or sequence parallelism is not supported: the MoE layer "
+                               "routes tokens gathered from other ranks, whose adapters this rank does not know; "
+                               "serve with TP, or one engine per device")
+
+
 def shard_expert(w13: torch.Tensor, w2: torch.Tensor, tp_rank: int, tp_size: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert (w13 [2I, H], gate rows then up; w2 [H, I]) as TP rank tp_rank of tp_size holds it, as

@@ -60,7 +60,6 @@ NZ expert weights, and enable_sp_by_pass with DP (its gather keeps the padding).
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from ....errors import ExpertWeaveError

@@ -44,7 +44,8 @@ class VllmCpu(Vllm032):
             return w13, w2
         from vllm._custom_ops import cpu_prepack_moe_weight
 
-        return cpu_prepack_moe_weight(w13[None].contiguous(), isa)[0], cpu_prepack_moe_weight(w2[None].contiguous(), isa)[0]
+        return (cpu_prepack_moe_weight(w13[None].contiguous(), isa)[0],
+                cpu_prepack_moe_weight(w2[None].contiguous(), isa)[0])
 
     def prepack_isa(self, layer: torch.nn.Module) -> str | None:
         """The instruction set vLLM prepacked the layer's experts for (None: they are not prepacked)."""

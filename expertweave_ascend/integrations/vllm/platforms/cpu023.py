@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from ....errors import ExpertWeaveError
+from ..engine import refuse_moe_parallelism
 from ..patching import lookup
 from .cpu import VllmCpu
 from .vllm023 import Vllm023
@@ -49,15 +50,7 @@ class Vllm023Cpu(Vllm023, VllmCpu):
 
     def check_layer(self, index: int, layer: torch.nn.Module) -> None:
         where = f"ExpertWeave on vLLM {self.name}, MoE layer {index}"
-        parallel = layer.moe_parallel_config
-        if parallel.use_ep:
-            raise ExpertWeaveError(f"{where}: expert parallelism (EP {parallel.ep_size}) is not supported: its "
-                                   "dispatch needs every adapter expert on the EP rank of its base expert; serve "
-                                   "with TP")
-        if parallel.dp_size > 1 or parallel.pcp_size > 1 or parallel.is_sequence_parallel:
-            raise ExpertWeaveError(f"{where}: data, context or sequence parallelism is not supported: the MoE "
-                                   "layer routes tokens gathered from other ranks, whose adapters this rank does "
-                                   "not know; serve with TP, or one engine per device")
+        refuse_moe_parallelism(where, layer.moe_parallel_config)
         method = layer.quant_method
         if type(method) is not lookup(self.MOE_METHOD):
             raise ExpertWeaveError(f"{where}: only unquantized MoE layers are supported, this one uses "
@@ -68,8 +61,8 @@ class Vllm023Cpu(Vllm023, VllmCpu):
                                    "packed for the base experts only; unset VLLM_CPU_SGL_KERNEL")
         if kernel.forward_method.__name__ != self.GROUPED_GEMM:
             raise ExpertWeaveError(f"{where}: vLLM runs this layer's experts through one closure per base expert "
-                                   "(its CPU MoE without the prepacked grouped GEMM, isa 'none'), which adapter slots "
-                                   "cannot join; serve on a CPU and with sizes the grouped GEMM takes (multiples of 32)")
+                                   "(its CPU MoE without the prepacked grouped GEMM, isa 'none'), which adapter "
+                                   "slots cannot join; serve with sizes the grouped GEMM takes (multiples of 32)")
 
     def expert_module(self, layer: torch.nn.Module) -> torch.nn.Module:
         """FusedMoE owns w13_weight / w2_weight itself."""

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from ....errors import ExpertWeaveError
-from ..engine import shard_expert
+from ..engine import refuse_moe_parallelism, shard_expert
 from ..patching import lookup
 from .runner import V1Runner
 
@@ -65,15 +65,7 @@ class Vllm032(V1Runner):
 
     def check_layer(self, index: int, module: torch.nn.Module) -> None:
         where = f"ExpertWeave on vLLM {self.name}, MoE layer {index}"
-        parallel = module.moe_config.moe_parallel_config
-        if parallel.use_ep:
-            raise ExpertWeaveError(f"{where}: expert parallelism (EP {parallel.ep_size}) is not supported: its "
-                                   "dispatch needs every adapter expert on the EP rank of its base expert; serve "
-                                   "with TP")
-        if parallel.dp_size > 1 or parallel.pcp_size > 1 or parallel.is_sequence_parallel:
-            raise ExpertWeaveError(f"{where}: data, context or sequence parallelism is not supported: the MoE "
-                                   "layer routes tokens gathered from other ranks, whose adapters this rank does "
-                                   "not know; serve with TP, or one engine per device")
+        refuse_moe_parallelism(where, module.moe_config.moe_parallel_config)
         method = module.quant_method
         backend = getattr(method, "unquantized_backend", None)
         if backend is None:
