@@ -107,8 +107,16 @@ def test_other_routes_refuse_adapter_names_and_pass_the_base_through():
     assert status == 200 and "vllm_xargs" not in seen and "cache_salt" not in seen
 
 
-@pytest.mark.parametrize("body", [b"[1, 2]", b'"law"', b"[" * 100_000 + b"]" * 100_000, b"{not json"])
-def test_bodies_that_are_not_json_objects_go_to_vllm_untouched(body):
+@pytest.mark.parametrize("body, kind", [(b"[1, 2]", "list"), (b'"law"', "str"), (b"7", "int")])
+def test_json_that_is_not_an_object_is_refused_before_vllm(body, kind):
+    """vLLM 0.23's completions answer such a body with a 500 and a traceback; every route takes an object."""
+    status, answer, seen = post({"law": LAW}, "/v1/completions", body)
+    assert status == 400 and not seen
+    assert answer["error"]["message"] == f"expected a JSON object, got {kind}"
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b"{not json"])
+def test_bodies_that_are_not_json_go_to_vllm_untouched(body):
     seen = []
 
     async def app_receiving_raw(scope, receive, send):
