@@ -30,13 +30,18 @@ def pin(project: str) -> str:
     raise KeyError(f"requirements-ascend.txt: no pin for {project}")
 
 
+def _index_files(project: str) -> dict[str, dict]:
+    """PyPI's files of a project (every release), by file name, with their URLs and hashes."""
+    request = urllib.request.Request(f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return {f["filename"]: f for f in json.load(response)["files"]}
+
+
 def _fetch(project: str, filename: str) -> Path:
     target = CACHE / filename
     if target.exists():
         return target
-    request = urllib.request.Request(f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = {f["filename"]: f for f in json.load(response)["files"]}
+    files = _index_files(project)
     if filename not in files:
         raise FileNotFoundError(f"PyPI {project}: no file {filename}")
     entry = files[filename]
@@ -92,11 +97,8 @@ def _sdist_tree(project: str, top: str, keep) -> Path:
 
 def wheels_of(project: str, version: str) -> list[str]:
     """The wheels PyPI serves for a release (empty: a source release only)."""
-    request = urllib.request.Request(f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = [f["filename"] for f in json.load(response)["files"]]
     prefix = f"{project.replace('-', '_').lower()}-{version}-"
-    return [f for f in files if f.lower().startswith(prefix) and f.endswith(".whl")]
+    return [f for f in _index_files(project) if f.lower().startswith(prefix) and f.endswith(".whl")]
 
 
 def sdist_text(project: str, version: str, member: str) -> str:

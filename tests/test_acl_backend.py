@@ -13,7 +13,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -306,20 +306,8 @@ def test_a_device_that_does_not_exist(shim):
 
 def in_a_new_thread(work):
     """work() on a thread of its own (no device bound, as the loader's threads start); its result or error."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = work()
-        except Exception as e:  # handed back to the test
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(60)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(work).result(60)
 
 
 def test_a_thread_without_the_device_is_refused_until_it_binds_it(backend):

@@ -11,7 +11,6 @@ from expertweave_ascend.integrations.vllm import platforms
 from expertweave_ascend.integrations.vllm.engine import SCHEDULER
 from test_variants import with_non_expert
 from test_vllm_contrastive import (  # noqa: F401  (the main suite's tests and fixtures)
-    scheduler,
     references,
     llm,
     test_a_mixed_batch_equals_the_reference_for_each_request,

@@ -144,12 +144,13 @@ def scheduler_flags(vllm_config) -> list[str]:
 def contrastive_refusal(vllm_config) -> str | None:
     """Why this engine cannot run contrastive requests (pairing.py), or None."""
     scheduler = vllm_config.scheduler_config
+    flags = " ".join(scheduler_flags(vllm_config))
     if not runs_expertweave_scheduler(vllm_config):
         return (f"contrastive decoding needs ExpertWeave's scheduler, the default of vLLM CPU engines; this engine "
-                f"runs {scheduler.scheduler_cls}: start it with {' '.join(scheduler_flags(vllm_config))}")
+                f"runs {scheduler.scheduler_cls}: start it with {flags}")
     if scheduler.async_scheduling:
         return ("contrastive decoding needs synchronous scheduling; this engine schedules asynchronously: start it "
-                "with --no-async-scheduling")
+                f"with {flags}")
     if scheduler.max_num_seqs < 2:
         return "contrastive decoding runs each request beside a base-model twin: max_num_seqs must be 2 or more"
     tokens = (vllm_config.cache_config.num_gpu_blocks or 0) * vllm_config.cache_config.block_size
@@ -169,6 +170,17 @@ def expertweave_config(runner) -> dict | None:
 def shutdown_llm(llm) -> None:
     """Stops a vllm.LLM's engine processes now rather than at garbage collection."""
     llm.llm_engine.engine_core.shutdown()
+
+
+def checked_moe_layers(api: EnginePlatform, model: torch.nn.Module, layer_cls: type
+                       ) -> Iterator[tuple[int, torch.nn.Module]]:
+    """(decoder layer index, MoE layer) for every decoder layer whose `mlp.experts` is a layer_cls, each
+    refused or accepted by api.check_layer on the module that owns its expert weights."""
+    for index, layer in enumerate(model.model.layers):
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if isinstance(experts, layer_cls):
+            api.check_layer(index, api.expert_module(experts))
+            yield index, experts
 
 
 def refuse_moe_parallelism(where: str, parallel) -> None:

@@ -140,7 +140,7 @@ class AdapterModelMiddleware:
         body = _json_value(raw)
         if body is not _NOT_JSON and not isinstance(body, dict):  # vLLM 0.23's completions answer it with a 500
             return await _error(400, f"expected a JSON object, got {type(body).__name__}")(scope, receive, send)
-        body = body if isinstance(body, dict) else None
+        body = None if body is _NOT_JSON else body
         name, option = None, None
         if body is not None:
             model = body.get("model")

@@ -63,7 +63,7 @@ from typing import Callable, Iterator
 import torch
 
 from ....errors import ExpertWeaveError
-from ..engine import scheduler_flags, shard_expert
+from ..engine import checked_moe_layers, scheduler_flags, shard_expert
 from ..patching import lookup, replace_method, resolve
 from .vllm023 import Vllm023
 
@@ -139,12 +139,7 @@ class VllmAscend(Vllm023):
         check_options(runner.vllm_config.model_config.hf_config, lookup(self.GET_ASCEND_CONFIG)(), max_adapters)
 
     def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
-        layer_cls = lookup(self.MOE_LAYER)
-        for index, layer in enumerate(model.model.layers):
-            experts = getattr(getattr(layer, "mlp", None), "experts", None)
-            if isinstance(experts, layer_cls):
-                self.check_layer(index, experts)
-                yield index, experts
+        return checked_moe_layers(self, model, lookup(self.MOE_LAYER))
 
     def check_layer(self, index: int, layer: torch.nn.Module) -> None:
         import torch_npu

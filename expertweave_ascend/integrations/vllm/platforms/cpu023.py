@@ -18,12 +18,13 @@ expert count) and CPUFusedMOE's torch path (no prepack op or sizes off its grid:
 expert, none for the adapter slots).
 """
 
+import functools
 from typing import Callable, Iterator
 
 import torch
 
 from ....errors import ExpertWeaveError
-from ..engine import refuse_moe_parallelism
+from ..engine import checked_moe_layers, refuse_moe_parallelism
 from ..patching import lookup
 from .cpu import VllmCpu
 from .vllm023 import Vllm023
@@ -41,12 +42,7 @@ class Vllm023Cpu(Vllm023, VllmCpu):
         return {**super().engine_environment(), "VLLM_MLA_DISABLE": "1"}
 
     def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
-        moe_layer = lookup(self.MOE_LAYER)
-        for index, layer in enumerate(model.model.layers):
-            experts = getattr(getattr(layer, "mlp", None), "experts", None)
-            if isinstance(experts, moe_layer):
-                self.check_layer(index, experts)
-                yield index, experts
+        return checked_moe_layers(self, model, lookup(self.MOE_LAYER))
 
     def check_layer(self, index: int, layer: torch.nn.Module) -> None:
         where = f"ExpertWeave on vLLM {self.name}, MoE layer {index}"
@@ -73,10 +69,10 @@ class Vllm023Cpu(Vllm023, VllmCpu):
         kernel = layer.quant_method.cpu_fused_moe
         forward = kernel.forward_method
 
+        @functools.wraps(forward)  # keeps the name check_layer reads
         def forward_rerouted(module, x, topk_weights, topk_ids, *args, **kwargs):
             return forward(module, x, topk_weights, reroute(topk_ids), *args, **kwargs)
 
-        forward_rerouted.__name__ = forward.__name__
         kernel.forward_method = forward_rerouted
 
     def prepack_isa(self, layer: torch.nn.Module) -> str | None:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from ....errors import ExpertWeaveError
-from ..engine import refuse_moe_parallelism, shard_expert
+from ..engine import checked_moe_layers, refuse_moe_parallelism, shard_expert
 from ..patching import lookup
 from .runner import V1Runner
 
@@ -56,12 +56,7 @@ class Vllm032(V1Runner):
         vLLM 0.32, and it needs Model Runner V2, which patch_model_runner refuses."""
 
     def iter_moe_layers(self, model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
-        moe_runner = lookup(self.MOE_RUNNER)
-        for index, layer in enumerate(model.model.layers):
-            experts = getattr(getattr(layer, "mlp", None), "experts", None)
-            if isinstance(experts, moe_runner):
-                self.check_layer(index, experts.routed_experts)
-                yield index, experts
+        return checked_moe_layers(self, model, lookup(self.MOE_RUNNER))
 
     def check_layer(self, index: int, module: torch.nn.Module) -> None:
         where = f"ExpertWeave on vLLM {self.name}, MoE layer {index}"
