@@ -24,6 +24,12 @@ class AdapterError(ExpertWeaveError):
         return f"{self.file}: {self.public}"
 
 
+class AdapterFileError(AdapterError):
+    """The file system lacks or refuses an adapter's file or directory (missing, not a directory, not a
+    regular file, unreadable). A server without --adapter-root answers a remote client no more than that
+    there is no adapter it can read at the path the client gave, so answers do not map the server's files."""
+
+
 class CapacityError(ExpertWeaveError):
     """Not enough adapter slots, table rows or physical memory; nothing was changed."""
 

@@ -6,10 +6,13 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import AdapterError, ConfinementError
+from .errors import AdapterError, AdapterFileError, ConfinementError
 
 MAX_JSON_BYTES = 1 << 20  # expert_cfg.json and config.json are a few KiB
+
+FileIdentity = tuple[str, int, int, int, int, int]  # path, device, inode, size, mtime_ns, ctime_ns
 
 
 def os_problem(error: OSError) -> str:
@@ -22,27 +25,54 @@ def regular_file(path: Path) -> os.stat_result:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise AdapterError(path, "missing") from None
+        raise AdapterFileError(path, "missing") from None
     except OSError as e:
-        raise AdapterError(path, f"cannot be read ({os_problem(e)})") from None
+        raise AdapterFileError(path, f"cannot be read ({os_problem(e)})") from None
     if not stat.S_ISREG(info.st_mode):
         kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
-        raise AdapterError(path, f"is {kind}, not a regular file; it was not read")
+        raise AdapterFileError(path, f"is {kind}, not a regular file; it was not read")
     if info.st_size == 0:
-        raise AdapterError(path, "is empty (or a /proc-like file that reports no size); it was not read")
+        raise AdapterFileError(path, "is empty (or a /proc-like file that reports no size); it was not read")
     return info
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Opens a file regular_file accepts; a FIFO or device swapped in after the stat is refused without
+    blocking on it (O_NONBLOCK), and so is any other file swapped in."""
+    before = regular_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise AdapterFileError(path, f"cannot be read ({os_problem(e)})") from None
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        os.close(fd)
+        raise AdapterFileError(path, "was replaced while it was being opened; it was not read")
+    return os.fdopen(fd, "rb")
+
+
+def file_identity(path: Path, info: os.stat_result) -> FileIdentity:
+    """What tells one version of a file from another, taken before its content is read: a copy made from
+    it is stale when the file's identity is no longer this."""
+    return str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def shown(name: str) -> str:
+    """A name read from a file as a one-line message shows it: as is when plain, else as a Python string
+    literal, so that spaces, control characters and look-alike digits are visible and cannot break the line."""
+    return name if name.isascii() and name.isprintable() and " " not in name else ascii(name)
 
 
 def directory(path: Path) -> list[Path]:
     """The entries of a directory, or one AdapterError saying why it cannot be listed."""
     try:
         if not stat.S_ISDIR(os.stat(path).st_mode):
-            raise AdapterError(path, "not a directory")
+            raise AdapterFileError(path, "not a directory")
         return sorted(path.iterdir())
     except FileNotFoundError:
-        raise AdapterError(path, "not a directory (missing)") from None
+        raise AdapterFileError(path, "not a directory (missing)") from None
     except OSError as e:
-        raise AdapterError(path, f"cannot be listed ({os_problem(e)})") from None
+        raise AdapterFileError(path, f"cannot be listed ({os_problem(e)})") from None
 
 
 def confined(root: Path, path: str) -> Path:
@@ -61,19 +91,22 @@ def confined(root: Path, path: str) -> Path:
 
 
 def read_bytes(path: Path, limit: int) -> bytes:
-    size = regular_file(path).st_size
-    if size > limit:
-        raise AdapterError(path, f"is {size} bytes, more than the {limit} this file may hold; it was not read")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise AdapterError(path, f"is {size} bytes, more than the {limit} this file may hold; it was not read")
             return f.read(limit + 1)
     except OSError as e:
-        raise AdapterError(path, f"cannot be read ({os_problem(e)})") from None
+        raise AdapterFileError(path, f"cannot be read ({os_problem(e)})") from None
 
 
 def parse_json(path: Path, data: bytes) -> dict:
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys)
+    except RepeatedKey as e:
+        raise AdapterError(path, f"not valid JSON ({e})",
+                           "not valid JSON (a key appears twice in one object)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(path, f"not valid JSON ({e})") from None
     except RecursionError:
@@ -85,3 +118,18 @@ def parse_json(path: Path, data: bytes) -> dict:
 
 def read_json(path: Path) -> dict:
     return parse_json(path, read_bytes(path, MAX_JSON_BYTES))
+
+
+class RepeatedKey(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A json.loads object_pairs_hook refusing repeated keys, which json.loads would take the last of: two
+    entries for one thing, of which another reader may take the first."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RepeatedKey(f"key {json.dumps(key)} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)

@@ -1,8 +1,9 @@
 """An adapter read from disk, checked, and packed on the host in the engine's storage layout.
 
 It is what the host tier keeps and what a device load copies from: per layer and weight one host tensor
-[experts, *slot_shape], so a run of consecutive slots is filled by one copy. It remembers the identity of
-the files it was read from, so a copy whose files changed on disk is not served.
+[experts, *slot_shape], so a run of consecutive slots is filled by one copy. Every tensor in it is memory
+of its own, copied out of the files, never a view of them. It remembers the identity of the files it was
+read from, taken before they were read, so a copy whose files changed on disk since is not served again.
 """
 
 import os
@@ -11,10 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import EsftAdapter
-from .adapters.esft import CFG_NAME
-
-FileIdentity = tuple[str, int, int, int, int, int]  # path, device, inode, size, mtime_ns, ctime_ns
+from .files import FileIdentity, file_identity
 
 
 @dataclass
@@ -51,16 +49,6 @@ class PackedAdapter:
     def unchanged(self) -> bool:
         """Whether the files it was read from are still the same files, unmodified."""
         try:
-            return tuple(_identity(Path(f[0])) for f in self.files) == self.files
+            return tuple(file_identity(Path(f[0]), os.stat(f[0])) for f in self.files) == self.files
         except OSError:
             return False
-
-
-def file_identities(adapter: EsftAdapter) -> tuple[FileIdentity, ...]:
-    files = {adapter.path / CFG_NAME, *(adapter.file_of(key) for key in adapter.keys.values())}
-    return tuple(_identity(f) for f in sorted(files))
-
-
-def _identity(path: Path) -> FileIdentity:
-    st = os.stat(path)
-    return str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

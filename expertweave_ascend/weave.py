@@ -18,12 +18,12 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
-from .adapters import validate_adapter
+from .adapters import check_adapter
 from .adapters.esft import CFG_NAME
 from .errors import AdapterError, AdapterStateError
 from .geometry import BaseGeometry
 from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
-from .packed import PackedAdapter, file_identities
+from .packed import PackedAdapter
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
 from .shared_experts import SharedExpertRows
@@ -77,7 +77,7 @@ class LoadedAdapter:
     experts: dict[int, tuple[int, ...]]
     slots: dict[int, list[int]]  # layer -> the slot serving each of experts[layer] (< M: the base's own)
     nbytes: int  # engine-layout bytes of its experts
-    sha256: str  # its identity: expert_cfg.json and expert tensors as read (AdapterReader)
+    sha256: str  # its identity: expert_cfg.json and the tensors as read and served (AdapterReader)
     base_experts: int = 0  # experts served by the base's own (identical, or consolidated) expert
     distances: dict[str, float] = field(default_factory=dict)  # "layer.expert" -> rel L2 of consolidated ones
     shared_bytes: int = 0  # its tuned shared experts, on the device (shared_experts.py)
@@ -144,9 +144,9 @@ class ExpertWeave:
         return self.publish(self.prepare(name, self.pack(path)))
 
     def pack(self, path: str | Path) -> PackedAdapter:
-        """Reads and checks the adapter's files (validate_adapter) and packs its experts on the host,
-        in pinned memory when the weave's device is not the CPU."""
-        adapter = validate_adapter(path, self.base)
+        """Reads and checks the adapter's files and packs its experts on the host, in pinned memory when the
+        weave's device is not the CPU: validate_adapter's checks, in its order, with the copies."""
+        adapter = check_adapter(path, self.base)
         if adapter.non_expert_keys and self.config.non_expert_refusal is not None:
             raise AdapterError(adapter.path / CFG_NAME, '"non_expert_modules" is true: this engine runs every request '
                                f"with the base's non-expert weights; {self.config.non_expert_refusal}")
@@ -170,7 +170,7 @@ class ExpertWeave:
             non_expert = read.non_expert()
             sha256 = read.sha256()
         return PackedAdapter(adapter.path.resolve(), {l: ids for l, ids in adapter.experts.items() if ids}, weights,
-                             expert_sha256, sha256, file_identities(adapter), shared, non_expert)
+                             expert_sha256, sha256, adapter.file_identities, shared, non_expert)
 
     def prepare(self, name: str, packed: PackedAdapter) -> "PendingLoad":
         """Takes a row and slots for the adapter and copies its new experts in; publish() or abandon() it.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from expertweave_ascend.adapters import EsftAdapter, extract_adapter, validate_adapter
+from expertweave_ascend.adapters import EsftAdapter, check_adapter, extract_adapter, validate_adapter
 from expertweave_ascend.adapters import checkpoint as checkpoint_module
 from expertweave_ascend.cli import main
 from expertweave_ascend.errors import AdapterError
@@ -659,45 +659,27 @@ def corrupt_data_region(path: Path) -> None:
 def test_open_reads_headers_only(adapter_copy, geometry):
     path = adapter_copy("law")
     corrupt_data_region(weights_file(path))
-    adapter = validate_adapter(path, geometry)
+    adapter = check_adapter(path, geometry)
     assert adapter.nbytes == adapter.num_experts * EXPERT_BYTES
     layer, ids = next((layer, ids) for layer, ids in adapter.experts.items() if ids)
     with adapter.reading() as read, pytest.raises(AdapterError) as excinfo:
         read(layer, ids[0])
     assert str(excinfo.value) == (f"{weights_file(path)}: tensor model.layers.{layer}.mlp.experts.{ids[0]}.gate_proj"
                                   ".weight holds NaN or infinite values")
-
-
-class CountingHandle:
-    def __init__(self, handle, calls: list[str]):
-        self.handle, self.calls = handle, calls
-
-    def __enter__(self):
-        self.handle.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.handle.__exit__(*exc)
-
-    def keys(self):
-        return self.handle.keys()
-
-    def metadata(self):
-        return self.handle.metadata()
-
-    def get_slice(self, key):
-        return self.handle.get_slice(key)
-
-    def get_tensor(self, key):
-        self.calls.append(key)
-        return self.handle.get_tensor(key)
+    with pytest.raises(AdapterError) as validated:
+        validate_adapter(path, geometry)  # validating reads the data, as a load does
+    assert str(validated.value) == str(excinfo.value)
 
 
 def test_reading_is_expert_by_expert(tiny, monkeypatch):
     calls: list[str] = []
-    real_safe_open = checkpoint_module.safe_open
-    monkeypatch.setattr(checkpoint_module, "safe_open",
-                        lambda *args, **kwargs: CountingHandle(real_safe_open(*args, **kwargs), calls))
+    real_read_owned = checkpoint_module.read_owned
+
+    def counting(f, key, *args):
+        calls.append(key)
+        return real_read_owned(f, key, *args)
+
+    monkeypatch.setattr(checkpoint_module, "read_owned", counting)
 
     adapter = EsftAdapter.open(tiny / "adapters" / "math")
     assert calls == []

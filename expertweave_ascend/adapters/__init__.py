@@ -2,6 +2,6 @@
 
 from .esft import EsftAdapter, read_expert_cfg, save_adapter
 from .extract import extract_adapter
-from .validate import validate_adapter
+from .validate import check_adapter, validate_adapter
 
-__all__ = ["EsftAdapter", "read_expert_cfg", "save_adapter", "extract_adapter", "validate_adapter"]
+__all__ = ["EsftAdapter", "read_expert_cfg", "save_adapter", "extract_adapter", "check_adapter", "validate_adapter"]

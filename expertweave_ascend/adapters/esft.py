@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import AdapterError
-from ..files import MAX_JSON_BYTES, directory, parse_json, read_bytes, read_json
+from ..files import (MAX_JSON_BYTES, FileIdentity, directory, file_identity, parse_json, read_bytes, read_json,
+                     regular_file, shown)
 from ..geometry import DTYPE_SIZES
-from .checkpoint import EXPERT_KEY, PROJS, SHARED_KEY, Checkpoint
+from .checkpoint import EXPERT_KEY, EXPERT_KEY_FORM, IN_EXPERTS, PROJS, SHARED_KEY, Checkpoint, parse_index
 
 CFG_NAME = "expert_cfg.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -35,6 +36,7 @@ class EsftAdapter:
     checkpoint: Checkpoint
     config: dict | None  # the adapter's own config.json, when it ships one
     cfg_bytes: bytes  # expert_cfg.json as read, part of the adapter's identity
+    cfg_identity: FileIdentity  # expert_cfg.json's file, taken before it was read
 
     @property
     def name(self) -> str:
@@ -69,6 +71,7 @@ class EsftAdapter:
         path = Path(path)
         directory(path)
         cfg_path = path / CFG_NAME
+        cfg_identity = file_identity(cfg_path, regular_file(cfg_path))
         cfg_bytes = read_bytes(cfg_path, MAX_JSON_BYTES)
         experts, shared, non_expert = _parse_expert_cfg(parse_json(cfg_path, cfg_bytes), cfg_path)
         checkpoint = Checkpoint.open(path)
@@ -88,11 +91,16 @@ class EsftAdapter:
                 shared_keys[int(s.group(1)), s.group(2)] = key
                 continue
             m = EXPERT_KEY.match(key)
+            if not m and IN_EXPERTS.search(key):
+                raise AdapterError(info.file, f"tensor {shown(key)} is not an expert weight's name: expected "
+                                   f"{EXPERT_KEY_FORM} (or shared_experts in place of experts.<expert>), indices "
+                                   "in ASCII digits without sign or leading zeros",
+                                   "holds a tensor named like an expert weight, but not as ESFT names them")
             if not m and non_expert:
                 non_expert_keys.append(key)
                 continue
             if not m:
-                raise AdapterError(info.file, f"tensor {key} is not a routed- or shared-expert weight, and "
+                raise AdapterError(info.file, f"tensor {shown(key)} is not a routed- or shared-expert weight, and "
                                    f'{CFG_NAME} says "non_expert_modules": false',
                                    "holds a tensor that is not an expert weight")
             layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -124,10 +132,17 @@ class EsftAdapter:
         config_path = path / "config.json"
         config = read_json(config_path) if config_path.exists() else None
         return cls(path, experts, shared, non_expert, keys, shared_keys, tuple(sorted(non_expert_keys)), checkpoint,
-                   config, cfg_bytes)
+                   config, cfg_bytes, cfg_identity)
 
     def file_of(self, key: str) -> Path:
         return self.checkpoint.tensors[key].file
+
+    @property
+    def file_identities(self) -> tuple[FileIdentity, ...]:
+        """The identities of every file it is read from, taken before they were read."""
+        keys = (*self.keys.values(), *self.shared_keys.values(), *self.non_expert_keys)
+        files = {self.file_of(key) for key in keys}
+        return tuple(sorted((self.cfg_identity, *(self.checkpoint.identities[f] for f in files))))
 
     @contextmanager
     def reading(self) -> Iterator["AdapterReader"]:
@@ -138,8 +153,9 @@ class EsftAdapter:
 
 class AdapterReader:
     """read(layer, expert) -> (gate, up, down), refusing non-finite weights, and hashing what it reads:
-    once every expert was read, sha256() is the adapter's identity, its expert_cfg.json and every expert
-    tensor (name, dtype, shape, bytes); the same bytes under any name or path give the same identity."""
+    once every tensor was read, sha256() is the adapter's identity, its expert_cfg.json and every tensor
+    (name, dtype, shape, bytes); the same bytes under any name or path give the same identity. Each tensor
+    is hashed as its bytes are read into the memory it is served from (Checkpoint.reading)."""
 
     def __init__(self, adapter: EsftAdapter, read_key):
         self.adapter = adapter
@@ -154,14 +170,15 @@ class AdapterReader:
         return tuple(self.read_tensor(self.adapter.shared_keys[layer, proj]) for proj in PROJS)
 
     def read_tensor(self, key: str) -> torch.Tensor:
-        tensor = self.read_key(key).contiguous()
+        digest = hashlib.sha256()
+        tensor = self.read_key(key, digest)
         exponent = NON_FINITE_EXPONENT.get(tensor.dtype)
         if exponent is not None:
             mask, bits = exponent
             if bool(((tensor.view(bits) & mask) == mask).any()):
-                raise AdapterError(self.adapter.file_of(key), f"tensor {key} holds NaN or infinite values",
+                raise AdapterError(self.adapter.file_of(key), f"tensor {shown(key)} holds NaN or infinite values",
                                    "a tensor holds NaN or infinite values")
-        self.digests[key] = hashlib.sha256(tensor.view(torch.uint8).numpy()).digest()
+        self.digests[key] = digest.digest()
         return tensor
 
     def expert_sha256(self, layer: int, expert: int) -> str:
@@ -191,7 +208,7 @@ class AdapterReader:
 
 # A float is NaN or infinite when every bit of its exponent is set: (mask, integer view of the same width).
 NON_FINITE_EXPONENT = {torch.bfloat16: (0x7F80, torch.int16), torch.float16: (0x7C00, torch.int16),
-                       torch.float32: (0x7F800000, torch.int32)}
+                       torch.float32: (0x7F800000, torch.int32), torch.float64: (0x7FF0000000000000, torch.int64)}
 
 
 def read_expert_cfg(path: str | Path) -> dict[int, tuple[int, ...]]:
@@ -205,11 +222,10 @@ def _parse_expert_cfg(cfg: dict, cfg_path: Path) -> tuple[dict[int, tuple[int, .
         raise AdapterError(cfg_path, '"experts" must be an object mapping layer index to a list of expert ids')
     experts: dict[int, tuple[int, ...]] = {}
     for layer_key, ids in raw.items():
-        try:
-            layer = int(layer_key)
-        except ValueError:
-            raise AdapterError(cfg_path, f'layer key "{layer_key}" is not a layer index',
-                               "a layer key is not a layer index") from None
+        layer = parse_index(layer_key)
+        if layer is None:
+            raise AdapterError(cfg_path, f"layer key {json.dumps(layer_key)} is not a layer index (ASCII digits "
+                               "without sign or leading zeros)", "a layer key is not a layer index")
         if not isinstance(ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
             raise AdapterError(cfg_path, f'layer "{layer_key}": expected a list of integer expert ids, got {ids!r}',
                                "a layer's experts are not a list of integer expert ids")

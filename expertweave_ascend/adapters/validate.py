@@ -1,8 +1,11 @@
-"""Checks an ESFT adapter against the base model it will be served on. Reads headers only."""
+"""Checks an ESFT adapter against the base model it will be served on: everything a load checks
+(ExpertWeave.pack runs check_adapter, then reads every tensor as validate_adapter does), so an adapter
+passes here exactly when a load takes it, and a refusal says the same in both."""
 
 from pathlib import Path
 
 from ..errors import AdapterError
+from ..files import shown
 from ..geometry import BaseGeometry
 from .esft import CFG_NAME, EsftAdapter
 
@@ -11,6 +14,20 @@ BASE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts")
 
 
 def validate_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
+    """check_adapter, then every tensor read and checked (finite values), in the order a load reads them."""
+    adapter = check_adapter(path, base)
+    with adapter.reading() as read:
+        for layer, ids in adapter.experts.items():
+            for expert in ids:
+                read(layer, expert)
+        for layer in adapter.shared_layers:
+            read.shared(layer)
+        read.non_expert()
+    return adapter
+
+
+def check_adapter(path: str | Path, base: BaseGeometry) -> EsftAdapter:
+    """What the files' headers tell: names, shapes and dtypes fit the base. Reads no tensor data."""
     adapter = EsftAdapter.open(path)
     cfg_path = adapter.path / CFG_NAME
     if adapter.config is not None:
@@ -48,14 +65,15 @@ def check_non_expert(adapter: EsftAdapter, base: BaseGeometry) -> None:
     for key in adapter.non_expert_keys:
         info = adapter.checkpoint.tensors[key]
         if key not in base.non_expert:
-            raise AdapterError(info.file, f"tensor {key} is not a tensor of the base model",
+            raise AdapterError(info.file, f"tensor {shown(key)} is not a tensor of the base model",
                                "holds a tensor the base model does not have")
         shape, dtype = base.non_expert[key]
         if info.shape != shape:
-            raise AdapterError(info.file, f"tensor {key} has shape {list(info.shape)}, the base's has {list(shape)}",
+            raise AdapterError(info.file, f"tensor {shown(key)} has shape {list(info.shape)}, the base's has "
+                               f"{list(shape)}",
                                "a non-expert tensor's shape is not the base's")
         if info.dtype != dtype:
-            raise AdapterError(info.file, f"tensor {key} has dtype {info.dtype}, the base's is {dtype}",
+            raise AdapterError(info.file, f"tensor {shown(key)} has dtype {info.dtype}, the base's is {dtype}",
                                "a non-expert tensor's dtype is not the base's")
 
 
