@@ -56,6 +56,12 @@ DP; with EP each adapter expert would have to live on the EP rank of its base ex
 EOF
 }
 
+# at_most OPTION VALUE MAX: a positive integer VALUE no larger than MAX, compared as digits because bash's
+# arithmetic wraps a long number around (and first_devices counts up to TP x DP).
+at_most() {
+    [[ ${#2} -lt ${#3} || (${#2} -eq ${#3} && ! $2 > $3) ]] || die "$1 must be at most $3, not '$2'"
+}
+
 base="" tp=1 dp=1 devices="" host=0.0.0.0 port=8000 log="" pid_file="" timeout=1800 detach=0
 serve_args=()
 vllm_args=()
@@ -86,6 +92,10 @@ positive_int --tp "$tp"
 positive_int --dp "$dp"
 positive_int --port "$port"
 positive_int --timeout "$timeout"
+at_most --tp "$tp" 1024
+at_most --dp "$dp" 1024
+at_most --port "$port" 65535
+at_most --timeout "$timeout" 604800
 for arg in "${vllm_args[@]}"; do
     [[ $arg != --enable-expert-parallel* ]] || die "expert parallelism is not supported by ExpertWeave on vllm-ascend"
 done

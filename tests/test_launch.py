@@ -2,14 +2,18 @@
 root cause and the flag to change, its tracebacks kept out of the terminal (checked on a real failed
 start, and on vLLM's log format line by line)."""
 
+import os
+import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from expertweave_ascend.integrations.vllm.launch import TracebackFilter  # noqa: E402
+from expertweave_ascend.integrations.vllm.launch import TracebackFilter, tracebacks_file  # noqa: E402
 from perf.servers import free_port  # noqa: E402
 
 FAILED_START = """\
@@ -47,6 +51,30 @@ def test_a_server_that_came_up_and_stopped_says_so():
     assert output.summary() == "the server stopped: OSError: [Errno 98] Address already in use; choose another --port"
 
 
+def private(directory: Path) -> bool:
+    info = os.lstat(directory)
+    return stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+
+
+def test_the_tracebacks_file_follows_no_symlink_planted_in_the_temporary_directory(tmp_path, monkeypatch):
+    """Another user's symlinks, at the name the file had before and at a directory name they guessed,
+    must not make a server run as root write to (or truncate) the file they point to."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "tracebacks.log").write_text("not the server's")
+    (tmp_path / "expertweave-serve-8000-tracebacks.log").symlink_to(victim / "tracebacks.log")
+    (tmp_path / "expertweave-serve-8000-guessed").symlink_to(victim)
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: iter(["guessed", "fresh"]))
+    with tracebacks_file(8000) as tracebacks:
+        tracebacks.write("Traceback (most recent call last):\n")
+    kept = Path(tracebacks.name)
+    assert kept == tmp_path / "expertweave-serve-8000-fresh" / "tracebacks.log"
+    assert (victim / "tracebacks.log").read_text() == "not the server's" and os.listdir(victim) == ["tracebacks.log"]
+    assert private(kept.parent) and stat.S_IMODE(os.lstat(kept).st_mode) == 0o600
+    assert kept.read_text() == "Traceback (most recent call last):\n"
+
+
 def test_a_failed_start_is_one_line_naming_the_cause_and_the_flag(tiny):
     """vLLM's CPU worker refuses to reserve 99% of memory: the real failure, through the real CLI."""
     result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "serve", str(tiny / "base"),
@@ -58,5 +86,5 @@ def test_a_failed_start_is_one_line_naming_the_cause_and_the_flag(tiny):
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-2000:]
     assert errors[0].startswith("error: the server did not start: ValueError: Available memory on node")
     assert "; size the KV cache instead: -- --kv-cache-memory-bytes SIZE (tracebacks in " in errors[0]
-    kept = errors[0].split("(tracebacks in ")[1].split(";")[0]
-    assert "Traceback (most recent call last):" in open(kept).read()
+    kept = Path(errors[0].split("(tracebacks in ")[1].split(";")[0])
+    assert "Traceback (most recent call last):" in kept.read_text() and private(kept.parent)

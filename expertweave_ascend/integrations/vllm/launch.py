@@ -15,6 +15,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 
 from ...geometry import BaseGeometry
 from . import admission, platforms, server
@@ -91,18 +92,25 @@ class TracebackFilter:
         return f"the server {what}: {self.cause}{hint}"
 
 
+def tracebacks_file(port: int) -> TextIO:
+    """A new file for the server's tracebacks, in a new directory only this user may enter: a name others can
+    predict in the shared temporary directory may be their symlink, which a server run as root would follow."""
+    directory = tempfile.mkdtemp(prefix=f"expertweave-serve-{port}-")
+    return open(os.path.join(directory, "tracebacks.log"), "x",
+                opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o600))
+
+
 def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: list[str], max_adapters: int = 8,
           adapter_slots: int | None = None, base_name: str | None = None,
           options: ServerOptions = ServerOptions(), debug: bool = False) -> int:
     """Runs the server until it stops; its exit status, and on failure one line on stderr."""
     argv = serve_command(base, adapters, host, port, vllm_args, max_adapters, adapter_slots, base_name, options)
-    kept = Path(tempfile.gettempdir()) / f"expertweave-serve-{port}-tracebacks.log"
     process = subprocess.Popen(argv, env=serve_environment(dict(os.environ)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, errors="replace")
     for signum in (signal.SIGINT, signal.SIGTERM):  # the server stops itself; this process waits for it
         signal.signal(signum, lambda sig, frame: process.send_signal(sig))
     output = TracebackFilter()
-    with open(kept, "w") as tracebacks:
+    with tracebacks_file(port) as tracebacks:
         for line in process.stdout:
             if debug or output.shown(line):
                 sys.stdout.write(line)
@@ -112,6 +120,9 @@ def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: 
                 tracebacks.flush()
     code = process.wait()
     if code > 0:
-        where = "" if debug else f" (tracebacks in {kept}; --debug shows them)"
+        where = "" if debug else f" (tracebacks in {tracebacks.name}; --debug shows them)"
         print(f"error: {output.summary()}{where}", file=sys.stderr)
+    elif not os.path.getsize(tracebacks.name):  # nothing kept: no empty directory left behind per run
+        os.remove(tracebacks.name)
+        os.rmdir(os.path.dirname(tracebacks.name))
     return code
