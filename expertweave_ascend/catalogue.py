@@ -18,10 +18,12 @@ class AdapterCatalogue:
         under the root is one directory below it: no separators, no dot names, nothing leading outside."""
         if name in self.named:
             return self.named[name]
-        if self.root is None or not name or "/" in name or "\\" in name or name.startswith("."):
+        if self.root is None or not name or "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
             return None
-        path = self.root / name
-        if not (path / CFG_NAME).is_file():
+        try:
+            if not (self.root / name / CFG_NAME).is_file():
+                return None
+        except OSError:  # a name no file can have (too long), or a directory that cannot be read
             return None
         return confined(self.root, name)
 

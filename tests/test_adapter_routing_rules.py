@@ -15,7 +15,7 @@ from expertweave_ascend.catalogue import AdapterCatalogue  # noqa: E402
 from expertweave_ascend.integrations.vllm.engine import SALT_MARKER, adapter_cache_salt  # noqa: E402
 from expertweave_ascend.integrations.vllm.metrics import AdapterMetrics  # noqa: E402
 from expertweave_ascend.integrations.vllm.tiering import TieredAdapters  # noqa: E402
-from expertweave_ascend.residency import Residency  # noqa: E402
+from expertweave_ascend.residency import UNLOADING, Residency  # noqa: E402
 from expertweave_ascend.integrations.vllm.server import (AdapterEntry, AdapterModelMiddleware,  # noqa: E402
                                                          AdapterRegistry, adapter_name_problem)
 
@@ -43,11 +43,12 @@ class FrontEnd:
     """The server's front-end with these adapters on the device and nothing else in its catalogue."""
 
     def __init__(self, adapters):
-        self.registry = AdapterRegistry(None, "base")
-        self.registry.adapters.update(adapters)
-        self.metrics = AdapterMetrics(CollectorRegistry())
-        self.tiers = TieredAdapters(self, AdapterCatalogue(), Residency(8), wait_s=1.0)
-        self.tiers.residency.resident.update(adapters)
+        residency = Residency(8)
+        for name, entry in adapters.items():
+            residency.add_resident(name, entry)
+        self.registry = AdapterRegistry(None, "base", residency)
+        self.metrics = AdapterMetrics(lambda: residency.entries, CollectorRegistry())
+        self.tiers = TieredAdapters(self, AdapterCatalogue(), residency, wait_s=1.0)
 
 
 def post(adapters: dict, path: str, body) -> tuple[int, dict, list]:
@@ -138,7 +139,7 @@ def test_bodies_that_are_not_json_go_to_vllm_untouched(body):
 
 def test_a_request_for_an_adapter_being_unloaded_is_409():
     front_end = FrontEnd({"law": LAW})
-    front_end.registry.unloading.add("law")
+    assert front_end.registry.residency.begin_leave("law", UNLOADING)
     app = RecordingApp()
     sent = []
 
@@ -165,3 +166,70 @@ def test_names_the_server_can_serve(name):
 ])
 def test_names_the_server_could_not_serve_are_refused(name, problem):
     assert problem in adapter_name_problem(name)
+
+
+def post_with_headers(headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict, list]:
+    app = RecordingApp()
+    middleware = AdapterModelMiddleware(app, FrontEnd({"law": LAW}))
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+    asyncio.run(middleware(scope, receive, send))
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:])), app.bodies
+
+
+FORGED = json.dumps({"model": "base", "prompt": "p", "vllm_xargs": {"esft_adapter": "law"}}).encode()
+JSON = (b"content-type", b"application/json")
+
+
+@pytest.mark.parametrize("headers, problem", [
+    ([JSON, (b"content-type", b"text/plain")], "the Content-Type header is given 2 times"),
+    ([(b"Content-Type", b"text/plain"), JSON], "the Content-Type header is given 2 times"),
+    ([JSON, (b"content-length", b"%d" % len(FORGED)), (b"content-length", b"%d" % len(FORGED))],
+     "the Content-Length header is given 2 times"),
+    ([JSON, (b"content-length", b"%d" % len(FORGED)), (b"transfer-encoding", b"chunked")],
+     "Content-Length and Transfer-Encoding are both given"),
+    ([JSON, (b"content-length", b"3")], f"Content-Length '3' is not the body's length {len(FORGED)}"),
+])
+def test_headers_that_could_be_read_two_ways_are_refused(headers, problem):
+    """The adapter middleware once read the last Content-Type and vLLM the first: a JSON body sent as JSON then
+    as text skipped the middleware and its vllm_xargs reached the engine (the adapter under the base's name)."""
+    status, answer, seen = post_with_headers(headers, FORGED)
+    assert status == 400 and not seen
+    assert answer["error"]["message"].startswith(problem)
+
+
+@pytest.mark.parametrize("content_type", [b"text/plain", b"application/x-www-form-urlencoded",
+                                          b"application/vnd.api+json", b"APPLICATION/JSON; charset=utf-8"])
+def test_every_json_object_body_meets_the_rule_whatever_its_content_type_says(content_type):
+    status, answer, seen = post_with_headers([(b"content-type", content_type)], FORGED)
+    assert status == 400 and not seen
+    assert "vllm_xargs.esft_adapter is set by the server" in answer["error"]["message"]
+    body = json.dumps({"model": "law", "prompt": "p"}).encode()
+    status, answer, [seen] = post_with_headers([(b"content-type", content_type)], body)
+    assert status == 200 and seen["vllm_xargs"] == {"esft_adapter": "law"} and answer["model"] == "law"
+
+
+@pytest.mark.parametrize("arg", ["esft_pair", "esft_variant", "esft_contrastive_alpha", "esft_anything"])
+def test_no_expertweave_argument_passes_from_a_client(arg):
+    status, answer, seen = post({"law": LAW}, "/v1/completions", {"model": "law", "prompt": "p",
+                                                                   "vllm_xargs": {arg: ["x"]}})
+    assert status == 400 and not seen and f"vllm_xargs.{arg} is set by the server" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "p"}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "p"}]})])
+def test_beam_search_for_an_adapter_is_refused_not_served_by_the_base(path, body):
+    """vLLM's beam search builds its own sampling parameters without the request's extra_args: it would run
+    the base model and answer under the adapter's name."""
+    status, answer, seen = post({"law": LAW}, path, {"model": "law", "use_beam_search": True, "n": 2, **body})
+    assert status == 400 and not seen
+    assert answer["error"]["message"].startswith("beam search runs outside ExpertWeave's per-step routing")
+    status, _, [seen] = post({"law": LAW}, path, {"model": "base", "use_beam_search": True, "n": 2, **body})
+    assert status == 200 and seen["use_beam_search"]

@@ -110,8 +110,7 @@ def test_no_endpoint_plugin_is_registered():
 def test_serve_starts_this_projects_api_server_module(tiny):
     argv = launch.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
     assert argv[1:3] == ["-m", "expertweave_ascend.integrations.vllm.server"]
-    assert argv[-4:] == ["--enforce-eager", "--logits-processors",
-                         "expertweave_ascend.integrations.vllm.admission:AdapterAdmission",
+    assert argv[-3:] == ["--enforce-eager", "--logits-processors",
                          "expertweave_ascend.integrations.vllm.contrastive:ContrastiveLogits"]
 
 

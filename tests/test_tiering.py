@@ -3,6 +3,7 @@ tier, and loads on the loader thread over the transformers reference integration
 virtual memory): what a background load publishes equals a load on the caller's thread."""
 
 import os
+import random
 import shutil
 import threading
 import time
@@ -15,7 +16,7 @@ from expertweave_ascend.errors import AdapterStateError, ConfinementError
 from expertweave_ascend.host_tier import HostTier
 from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
 from expertweave_ascend.loader import BackgroundLoader
-from expertweave_ascend.residency import Residency
+from expertweave_ascend.residency import EVICTING, LOADING, RESIDENT, UNLOADING, Residency
 from expertweave_ascend.weave import ExpertWeave, WeaveConfig
 
 GRANULE = 64 << 10
@@ -47,7 +48,8 @@ def test_a_catalogued_directory_leading_outside_the_root_is_refused(tiny, tmp_pa
 # -- residency --------------------------------------------------------------------------------------
 def test_lru_evicts_the_least_recently_used_idle_adapter_and_never_one_in_use():
     residency = Residency(3, "lru")
-    residency.resident |= {"a", "b", "c"}
+    for name in ("a", "b", "c"):
+        residency.add_resident(name, name)
     for t, name in enumerate(["a", "b", "c"]):
         residency.lease(name, now=float(t))
         residency.release(name)
@@ -59,14 +61,15 @@ def test_lru_evicts_the_least_recently_used_idle_adapter_and_never_one_in_use():
     residency.use("c").pinned = True
     assert residency.victim(now=12.0) is None
     residency.use("b").waiting = 0
-    residency.evicting.add("b")
+    assert residency.begin_leave("b", EVICTING)
     assert residency.victim(now=12.0) is None and not residency.serving("b")
 
 
 def test_demand_keeps_the_often_used_adapter_that_lru_would_evict():
     lru, demand = Residency(2, "lru"), Residency(2, "demand")
     for residency in (lru, demand):
-        residency.resident |= {"popular", "rare"}
+        for name in ("popular", "rare"):
+            residency.add_resident(name, name)
         for t in range(10):
             residency.lease("popular", now=float(t))
             residency.release("popular")
@@ -78,6 +81,123 @@ def test_demand_keeps_the_often_used_adapter_that_lru_would_evict():
         demand.lease("rare", now=500.0 + t)
         demand.release("rare")
     assert demand.victim(now=505.0) == "popular"
+
+
+def check_residency(residency: Residency, names) -> None:
+    on_device = {n for n, state in residency.states.items() if state in (RESIDENT, EVICTING, UNLOADING)}
+    assert set(residency.entries) == on_device, "every adapter on the device has its one entry, and only those"
+    rows = [n for n, state in residency.states.items() if state != EVICTING]
+    assert len(rows) <= residency.max_resident, "rows double-booked"
+    for name in names:
+        use = residency.use(name)
+        assert use.leases >= 0 and use.waiting >= 0
+        if residency.states.get(name) == EVICTING:
+            assert use.leases == 0, "an adapter with a request is never evicted (I2)"
+        if use.pinned:
+            assert name in on_device, "only an adapter on the device is pinned"
+    victim = residency.victim()
+    if victim is not None:
+        use = residency.use(victim)
+        assert residency.serving(victim) and not use.leases and not use.waiting and not use.pinned
+
+
+def test_residency_stays_consistent_under_random_interleavings_with_failures_at_every_step():
+    """The catalogue's state machine (residency.py) driven as the server drives it, through loads, evictions,
+    unloads by hand, leases and waits in random order, each load or leave failing at random: after every step
+    each adapter is in one state with its one entry, no row is double-booked, nothing in use is evicted, and
+    a transition from the wrong state raises and changes nothing. At the end, with the in-flight work ended,
+    nothing is stuck and every adapter can be loaded again. (On 0071847 an unload racing an eviction of the
+    same adapter left its name among those being evicted: every catalogued adapter then waited for a row.)"""
+    rng = random.Random(29)
+    names = [f"a{i}" for i in range(6)]
+    steps = 0
+    for run in range(40):
+        residency = Residency(3, rng.choice(["lru", "demand"]))
+        leases: list[str] = []
+        victims: dict[str, str] = {}  # a load -> the adapter its start evicts
+        for _ in range(150):
+            name = rng.choice(names)
+            state = residency.states.get(name)
+            action = rng.choice(["load", "load", "end_load", "unload", "end_leave", "evict", "lease", "release",
+                                 "wait", "stop_waiting", "hand", "illegal"])
+            evicting_alone = residency.leaving - set(victims.values()) - {n for n, s in residency.states.items()
+                                                                          if s == UNLOADING}
+            if action == "load" and state is None and not evicting_alone:  # _take_room, under the room lock
+                victim = None if residency.has_room() else residency.victim()
+                if residency.has_room() or victim is not None:
+                    if victim is not None:
+                        assert residency.begin_leave(victim, EVICTING)
+                        victims[name] = victim
+                    residency.begin_load(name)
+            elif action == "end_load" and state == LOADING:
+                ok = rng.random() < 0.7
+                victim = victims.pop(name, None)
+                if ok and residency.states.get(victim) == EVICTING:  # a load ends after its start evicted
+                    residency.end_leave(victim, left=True)
+                residency.end_load(name, f"{name}@{run}" if ok else None)
+                if residency.states.get(victim) == EVICTING:  # then its eviction is finished, or called off
+                    residency.end_leave(victim, left=rng.random() < 0.7)
+            elif action == "evict" and not evicting_alone and (victim := residency.victim()) is not None:
+                assert residency.begin_leave(victim, EVICTING)  # the capacity path, under the room lock
+            elif action == "hand" and state is None and residency.has_free_row():  # a load by hand: pinned
+                residency.begin_load(name)
+                residency.end_load(name, f"{name}@hand")
+                residency.use(name).pinned = True
+            elif action == "unload":
+                assert residency.begin_leave(name, UNLOADING) == (state == RESIDENT)
+            elif action == "end_leave" and state in (EVICTING, UNLOADING):
+                left = rng.random() < 0.7
+                if not left and state == EVICTING and not residency.has_room():
+                    with pytest.raises(RuntimeError, match="its row went to a load still running"):
+                        residency.end_leave(name, left)
+                    took = next(load for load, victim in victims.items() if victim == name)
+                    residency.end_load(took, None)  # the server ends the load that took the row first
+                    del victims[took]
+                residency.end_leave(name, left)
+            elif action == "lease" and residency.serving(name):
+                residency.lease(name)
+                leases.append(name)
+            elif action == "release" and leases:
+                residency.release(leases.pop(rng.randrange(len(leases))))
+            elif action == "wait":
+                residency.use(name).waiting += 1
+            elif action == "stop_waiting" and residency.use(name).waiting:
+                residency.use(name).waiting -= 1
+            elif action == "illegal":
+                before = (dict(residency.states), dict(residency.entries))
+                wrong = rng.choice([lambda: residency.begin_load(name) if state is not None else None,
+                                    lambda: residency.end_load(name, "x") if state != LOADING else None,
+                                    lambda: residency.end_leave(name, True) if state not in (EVICTING, UNLOADING)
+                                    else None])
+                try:
+                    wrong()
+                except RuntimeError:
+                    pass
+                assert (residency.states, residency.entries) == before
+            check_residency(residency, names)
+            steps += 1
+        for name, state in list(residency.states.items()):  # the in-flight work ends, one way or the other
+            if state == LOADING:
+                residency.end_load(name, None)
+            elif state in (EVICTING, UNLOADING):
+                residency.end_leave(name, left=True)
+        while leases:
+            residency.release(leases.pop())
+        for name in names:
+            residency.use(name).waiting = 0
+            residency.use(name).pinned = False
+        assert set(residency.states.values()) <= {RESIDENT}, "nothing is stuck on its way in or out"
+        for name in names:
+            if residency.states.get(name) is None:
+                victim = None if residency.has_room() else residency.victim()
+                assert residency.has_room() or victim is not None, "an idle device always has a row to give"
+                if victim is not None:
+                    assert residency.begin_leave(victim, EVICTING)
+                    residency.end_leave(victim, left=True)
+                residency.begin_load(name)
+                residency.end_load(name, name)
+            check_residency(residency, names)
+    print(f"residency interleavings: {steps} steps over 40 runs")
 
 
 def test_an_unknown_policy_is_one_clear_error():

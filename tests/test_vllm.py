@@ -130,29 +130,81 @@ def test_bad_adapter_load_changes_nothing(engine, adapter_copy):
 
 
 def test_vllm_admits_no_request_for_an_adapter_that_is_unknown_or_being_unloaded(engine, tiny):
-    """Requests sent to the engine's own vllm.LLM, past ExpertWeaveLLM's checks, are refused where vLLM
-    admits them (admission.AdapterAdmission.validate_params), so none reaches a worker without its adapter."""
+    """Requests sent to the engine's own vllm.LLM, past ExpertWeaveLLM's checks, are refused where vLLM's
+    engine registers them (admission.install), so none reaches a worker without its adapter."""
     from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError
 
-    refused = (ValueError, VLLMValidationError)  # vLLM 0.23 raises the ValueError itself, 0.32 wraps it
+    from expertweave_ascend.integrations.vllm.engine import adapter_cache_salt
+    from expertweave_ascend.residency import UNLOADING
 
-    def raw(name):
+    def raw(name, salt):
         params = SamplingParams(max_tokens=4, extra_args={"esft_adapter": name})
-        return engine.llm.generate(["hello"], params, use_tqdm=False)
+        return engine.llm.generate([{"prompt": "hello", "cache_salt": salt}], params, use_tqdm=False)
 
-    with pytest.raises(refused, match="unknown adapter 'nope'"):
-        raw("nope")
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        raw("nope", None)
     engine.load_adapter("math", tiny / "adapters" / "math")
-    engine._unloading.add("math")
+    salt = adapter_cache_salt(engine.list_adapters()["math"]["sha256"], None)
+    assert engine.residency.begin_leave("math", UNLOADING)
     try:
-        with pytest.raises(refused, match="adapter 'math' is being unloaded"):
-            raw("math")
+        with pytest.raises(ValueError, match="adapter 'math' is being unloaded"):
+            raw("math", salt)
     finally:
-        engine._unloading.discard("math")
-    assert raw("math")[0].outputs[0].token_ids
+        engine.residency.end_leave("math", left=False)
+    assert raw("math", salt)[0].outputs[0].token_ids
     engine.unload_adapter("math")
     assert engine.list_adapters() == {}
+
+
+ENGINE_ARG_VALUES = {
+    "esft_adapter": ["math", "nope", ["math"], 7, "", {"x": 1}],
+    "esft_variant": ["math", "nope", True],
+    "esft_contrastive_alpha": [0.5, 0.0, "x", float("nan"), -1],
+    "esft_contrastive_beta": [0.1, -0.5, None, float("inf")],
+    "esft_pair": [["x"], ["x", "base"], [], "x"],
+    "esft_other": [1],
+}
+
+
+def test_the_engine_refuses_every_forged_or_malformed_adapter_argument_and_keeps_running(engine, tiny):
+    """Item 2 of the trust pass: whatever esft_* arguments and salt reach the engine, past every front-end
+    (here vllm.LLM's own generate), one request either is exactly what a front-end builds for a loaded
+    adapter (or the base) and runs, or is refused with one ValueError line; the engine keeps serving.
+    On 0071847 `esft_pair: ["x"]` stopped the engine (IndexError in the worker)."""
+    import random
+
+    from vllm import SamplingParams
+
+    from expertweave_ascend.integrations.vllm.engine import SALT_MARKER, adapter_cache_salt
+
+    engine.load_adapter("math", tiny / "adapters" / "math")
+    good = adapter_cache_salt(engine.list_adapters()["math"]["sha256"], None)
+    salts = [None, good, "tenant" + good, good + "x", f"{SALT_MARKER}{'0' * 32}", SALT_MARKER + good, "tenant"]
+    rng = random.Random(29)
+    cases = [({}, salt) for salt in salts] + [({"esft_adapter": "math"}, s) for s in (good, "tenant" + good)]
+    while len(cases) < 160:
+        keys = rng.sample(sorted(ENGINE_ARG_VALUES), rng.randint(1, 3))
+        cases.append(({k: rng.choice(ENGINE_ARG_VALUES[k]) for k in keys}, rng.choice(salts)))
+    served = refused = 0
+    for extra, salt in cases:
+        params = SamplingParams(max_tokens=1, temperature=0, extra_args=dict(extra))
+        valid = (extra == {} and (salt is None or SALT_MARKER not in salt)) or \
+            (extra == {"esft_adapter": "math"} and salt in (good, "tenant" + good))
+        try:
+            out = engine.llm.generate([{"prompt": "hello", "cache_salt": salt}], params, use_tqdm=False)
+        except ValueError as e:
+            assert not valid, (extra, salt, e)
+            message = str(e)
+            assert "\n" not in message and any(w in message for w in ("adapter", "esft", "salt")), (extra, salt, e)
+            refused += 1
+            continue
+        assert valid, (extra, salt)
+        assert len(out[0].outputs[0].token_ids) == 1
+        served += 1
+    print(f"engine admission fuzz: {len(cases)} cases, {served} served, {refused} refused")
+    assert served >= 4 and refused >= 100
+    assert greedy(engine, ["def add(a, b):"], ["math"])  # still serving
+    engine.unload_adapter("math")
 
 
 def test_unload_waits_for_running_requests_and_times_out_changing_nothing(engine, tiny):

@@ -16,6 +16,8 @@ from test_server import (  # noqa: F401  (the main suite's tests, run here again
     test_completions_per_adapter,
     test_unknown_model_is_openai_404,
     test_xargs_cannot_select_an_adapter,
+    test_a_request_the_front_end_and_vllm_could_read_two_ways_is_refused,
+    test_beam_search_for_an_adapter_is_400_not_the_base_under_its_name,
     test_malformed_completion_bodies_are_400_without_a_traceback,
     test_models_lists_each_adapter_with_its_content_hash,
     test_routes_without_adapter_support_refuse_adapter_names,
@@ -33,6 +35,7 @@ from test_server import (  # noqa: F401  (the main suite's tests, run here again
     test_a_disconnected_stream_is_waited_for_and_nothing_leaks,
     test_metrics_count_requests_and_generated_tokens_per_adapter,
     test_metrics_count_loads_and_unloads_and_time_them,
+    test_metrics_label_sets_stay_bounded_over_many_loads,
 )
 
 TP = 2
@@ -67,13 +70,13 @@ def test_serve_atlas_reports_the_models_and_the_engine_it_started(started, tiny)
     assert "Initializing a V1 LLM engine (v0.23.0)" in log.read_text()
 
 
-def test_every_rank_holds_the_same_adapters(server):
+def test_every_rank_holds_the_same_adapters(server, tiny):
     """The front-end's report is rank 0's; each load answer was agreed by both ranks (agreement.py), and
     the engine's metrics count each adapter once."""
     adapters = requests.get(f"{server}/v1/esft_adapters", timeout=30).json()["adapters"]
     assert set(adapters) == {"law", "math"}
-    r = requests.post(f"{server}/v1/load_esft_adapter", json={"adapter_name": "again", "adapter_path": adapters[
-        "law"]["path"]}, timeout=120)
+    r = requests.post(f"{server}/v1/load_esft_adapter", json={"adapter_name": "again", "adapter_path": str(
+        tiny / "adapters" / "law")}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["sha256"] == adapters["law"]["sha256"]
     assert requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "again"}).status_code == 200

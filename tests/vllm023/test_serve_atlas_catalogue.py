@@ -29,6 +29,7 @@ from test_server_tiering import (  # noqa: F401
     complete,
     states,
     test_200_random_requests_over_20_adapters_with_room_for_4_equal_their_merged_models,
+    test_an_unload_racing_the_eviction_of_the_same_adapter_never_wedges_the_catalogue,
     test_adapters_with_requests_running_are_never_evicted_and_a_request_waits_then_gets_503,
 )
 from test_variants import with_non_expert
@@ -50,7 +51,7 @@ def started(tiny_decisive, catalogue, tmp_path_factory):
     with_non_expert(tiny_decisive, "law", root / "law-ne")
     serve_args = ["--base-name", "base", "--adapter", f"law={tiny_decisive / 'adapters' / 'law'}",
                   "--adapter-root", str(root), "--max-adapters", str(ROOM), "--adapter-slots", str(ROOM * 8),
-                  "--adapter-wait", "2"]
+                  "--adapter-wait", "2", "--allow-runtime-loading"]
     vllm_args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
                  "--kv-cache-memory-bytes", str(64 << 20)]  # long streams hold their adapters in the eviction test
     with atlas_server(tiny_decisive / "base", serve_args, vllm_args, tmp_path_factory.mktemp("catalogue-server"),

@@ -1,58 +1,94 @@
-"""Admitting a request's adapter where vLLM admits the request itself.
+"""Admitting a request's adapter where vLLM's engine client admits the request itself.
 
-vLLM validates every request's SamplingParams inside its engine client's add_request, calling each
-custom logits processor's validate_params, and registers the request as live in the same synchronous
-stretch (vLLM 0.23: SamplingParams.verify; 0.32: InputProcessor's params validator). AdapterAdmission
-is such a logits processor that changes no logits: its validate_params asks this process's front-end
-(the server or ExpertWeaveLLM) whether the adapter a request names may start. So a request can never
-slip between a front-end's own check and an unload: either it was refused, or it is already one of the
-live requests the unload waits for (lifetime.py). The refusal is vLLM's own: a 400 over HTTP, a
-ValueError offline.
+Every request an engine client (AsyncLLM in the server, LLMEngine offline) accepts is registered in its
+output processor, synchronously and just before it is sent to the engine core; from then on it is one of
+the live requests an unload waits for (lifetime.py). install() puts RequestCheck in front of that
+registration on the engine client the front-end drives (its own object: another engine in the process is
+not checked), so every request, whatever route or API it came by, is checked against what the front-end
+knows at the moment it becomes live: either it is refused, or an unload sees it.
+
+The check is the engine's own defence, not the front-end's parse: every `esft_*` extra argument and the
+prefix-cache salt must be exactly what a front-end would have set for the adapter named, which must be
+admissible now. Anything else is refused with one ValueError for that request (400 over HTTP), so a forged
+or malformed argument never reaches the scheduler or the workers, where it would stop the engine.
 """
 
+from dataclasses import dataclass
 from typing import Callable
 
-import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from .contrastive import CONTRASTIVE_ARGS, PAIR_ARG, PROCESSOR as CONTRASTIVE_PROCESSOR, params_problem, \
+    request_contrastive, variant_refusal
+from .engine import ADAPTER_ARG, SALT_HASH_CHARS, SALT_MARKER, client_salt_problem
+from .variants import VARIANT_ARG
 
-from .contrastive import PROCESSOR as CONTRASTIVE_PROCESSOR
-from .engine import request_adapter
-
-ADMISSION = f"{__name__}:AdapterAdmission"  # what the engine's logits_processors gets (module:class)
-PROCESSORS = (ADMISSION, CONTRASTIVE_PROCESSOR)
-
-_gate: Callable[[str], str | None] | None = None  # adapter name -> why it may not start, or None
+PROCESSORS = (CONTRASTIVE_PROCESSOR,)  # ExpertWeave's logits processors (module:class)
+ARGS = (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS)  # the extra_args a front-end sets
+PREFIX = "esft_"  # every ExpertWeave extra argument starts so; PAIR_ARG is the scheduler's own
 
 
-def set_gate(gate: Callable[[str], str | None] | None) -> None:
-    """Installs this process's front-end check (None: admit every adapter, the workers then refuse)."""
-    global _gate
-    _gate = gate
+@dataclass(frozen=True)
+class Admitted:
+    """What the engine must know of an adapter a request names: its content hash and its kind."""
+    sha256: str
+    variant: bool  # it tunes non-expert modules
 
 
-class AdapterAdmission(LogitsProcessor):
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        name = request_adapter(sampling_params)
-        problem = None if name is None or _gate is None else _gate(name)
+# adapter name -> Admitted, or ValueError saying why its requests may not start now
+Admit = Callable[[str], Admitted]
+
+
+def check_request(request, admit: Admit) -> None:
+    """Raises ValueError, in one line, unless the request's ExpertWeave arguments and salt are those a
+    front-end sets for an admissible adapter (or for the base)."""
+    params = request.sampling_params
+    extra = (params.extra_args if params is not None else None) or {}
+    ours = {key: value for key, value in extra.items() if isinstance(key, str) and key.startswith(PREFIX)}
+    for key in ours:
+        if key not in ARGS:
+            what = "is set by ExpertWeave's scheduler" if key == PAIR_ARG else "is not an ExpertWeave argument"
+            raise ValueError(f"extra_args[{key!r}] {what}")
+    name = ours.get(ADAPTER_ARG)
+    if name is None:
+        if ours:
+            raise ValueError(f"extra_args[{sorted(ours)[0]!r}] needs extra_args[{ADAPTER_ARG!r}]: name an adapter")
+        problem = client_salt_problem(request.cache_salt)
         if problem is not None:
             raise ValueError(problem)
+        return
+    if not isinstance(name, str):
+        raise ValueError(f"extra_args[{ADAPTER_ARG!r}]: expected an adapter name, got {type(name).__name__}")
+    adapter = admit(name)
+    suffix = SALT_MARKER + adapter.sha256[:SALT_HASH_CHARS]
+    salt = request.cache_salt
+    if not isinstance(salt, str) or not salt.endswith(suffix) or SALT_MARKER in salt[:-len(suffix)]:
+        raise ValueError(f"cache_salt of a request for adapter {name!r} is set by its front-end: name the adapter "
+                         "in \"model\" (or adapter= offline)")
+    if ours.get(VARIANT_ARG) != (name if adapter.variant else None):
+        raise ValueError(f"extra_args[{VARIANT_ARG!r}] must be the adapter's own name exactly when the adapter "
+                         "tunes non-expert modules")
+    option = request_contrastive(params)
+    if option is None:
+        return
+    if adapter.variant:
+        raise ValueError(variant_refusal(name))
+    problem = params_problem(params)
+    if problem is not None:
+        raise ValueError(problem)
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        pass
 
-    def is_argmax_invariant(self) -> bool:
-        return True
+def install(engine_client, admit: Admit) -> None:
+    """Checks every request this engine client (vLLM's AsyncLLM or LLMEngine) registers, before it does."""
+    processor = engine_client.output_processor
+    register = processor.add_request
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        pass
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    def add_request(request, *args, **kwargs):
+        check_request(request, admit)
+        return register(request, *args, **kwargs)
+    processor.add_request = add_request
 
 
 def with_processors(processors: list | None) -> list:
-    """The engine's logits_processors with ExpertWeave's (admission, contrastive decoding) added once."""
+    """The engine's logits_processors with ExpertWeave's (contrastive decoding) added once."""
     processors = list(processors or [])
     return processors + [p for p in PROCESSORS if p not in processors]
 

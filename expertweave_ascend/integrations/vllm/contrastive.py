@@ -13,7 +13,6 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
 from ...contrastive import Contrastive, cold_choose, cold_scores, parse_contrastive
-from .engine import request_adapter
 
 # extra_args: alpha and beta of an adapter's request, two numbers (vLLM 0.23's completions take only scalars in
 # vllm_xargs)
@@ -87,16 +86,6 @@ class _Row:
 
 
 class ContrastiveLogits(LogitsProcessor):
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        if request_contrastive(sampling_params) is None:
-            return
-        if request_adapter(sampling_params) is None:
-            raise ValueError("contrastive decoding contrasts an adapter with its base model: name an adapter")
-        problem = params_problem(sampling_params)
-        if problem is not None:
-            raise ValueError(problem)
-
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.device = device
         self.rows: dict[int, _Row] = {}  # batch index -> its pair, for the rows of pairs

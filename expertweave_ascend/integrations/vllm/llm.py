@@ -5,13 +5,13 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from ...adapters import validate_adapter
+from ...adapters import check_adapter, validate_adapter
 from ...catalogue import AdapterCatalogue
 from ...contrastive import Contrastive, parse_contrastive
 from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...reports import MemoryReport
-from ...residency import Residency
+from ...residency import UNLOADING, Residency
 from ...sharing import check_rel_l2
 from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
@@ -72,7 +72,7 @@ class ExpertWeaveLLM:
         self.geometry = BaseGeometry.from_checkpoint(model)
         adapters = dict(adapters or {})
         for path in list(adapters.values())[max_adapters:]:  # the first ones are checked by engine_config
-            shared_experts |= bool(validate_adapter(path, self.geometry).shared_layers)
+            shared_experts |= bool(check_adapter(path, self.geometry).shared_layers)
         self.catalogue = AdapterCatalogue(adapter_root, adapters)
         self.residency = Residency(max_adapters, eviction_policy)
         preload = dict(list(adapters.items())[:max_adapters])
@@ -92,10 +92,10 @@ class ExpertWeaveLLM:
         listed = self._rpc("expertweave_list_adapters")
         self._adapters = {name: a["sha256"] for name, a in listed.items()}
         self._variants = {name for name, a in listed.items() if a["variant"]}
-        self.residency.resident |= set(self._adapters)
-        self._unloading: set[str] = set()
+        for name, sha256 in self._adapters.items():
+            self.residency.add_resident(name, sha256)
         self._lock = threading.Lock()
-        admission.set_gate(self._refusal)
+        admission.install(self.llm.llm_engine, self._admit)
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)[0]
@@ -229,20 +229,21 @@ class ExpertWeaveLLM:
             per_request.append(sp)
         return requests, per_request
 
-    def _refusal(self, name: str) -> str | None:
-        """Why a request for this adapter may not start now, or None."""
+    def _admit(self, name: str) -> admission.Admitted:
+        """The adapter as requests for it may start now (vLLM's engine asks as it admits each), or ValueError
+        saying why they may not."""
         with self._lock:
             if name not in self._adapters:
-                return f"unknown adapter {name!r} (loaded: {', '.join(sorted(self._adapters)) or 'none'})"
-            if name in self._unloading:
-                return f"adapter {name!r} is being unloaded"
-        return None
+                raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(self._adapters)) or 'none'})")
+            if not self.residency.serving(name):
+                raise ValueError(f"adapter {name!r} is being unloaded")
+            return admission.Admitted(self._adapters[name], name in self._variants)
 
     def _check_admissible(self, names: list[str | None]) -> None:
         """Refuses the whole batch before any of it reaches the engine (vLLM admits request by request)."""
         for name in set(names) - {None}:
             with self._lock:
-                if name in self._unloading:
+                if self.residency.states.get(name) == UNLOADING:
                     raise AdapterStateError(f"adapter {name!r} is being unloaded")
                 if name in self._adapters:
                     continue
@@ -255,7 +256,7 @@ class ExpertWeaveLLM:
     def load_adapter(self, name: str, path: str | Path, pinned: bool = True) -> dict:
         """Validates here, then loads in every worker; errors leave the engine as it was. An adapter
         loaded by hand (pinned) is never evicted for another; unload it by hand."""
-        validate_adapter(path, self.geometry)
+        check_adapter(path, self.geometry)  # the workers' load reads and checks the data
         with self._lock:
             if name in self._adapters:
                 raise AdapterStateError(f"adapter {name!r} is already loaded")
@@ -271,8 +272,7 @@ class ExpertWeaveLLM:
             self._adapters[name] = info["sha256"]
             if info["variant"]:
                 self._variants.add(name)
-        self.residency.resident.add(name)
-        self.residency.use(name).pinned = pinned
+            self.residency.add_resident(name, info["sha256"], pinned)
         return info
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
@@ -280,17 +280,18 @@ class ExpertWeaveLLM:
         with self._lock:
             if name not in self._adapters:
                 raise AdapterStateError(f"unknown adapter {name!r}")
-            self._unloading.add(name)
+            if not self.residency.begin_leave(name, UNLOADING):
+                raise AdapterStateError(f"adapter {name!r} is being unloaded")
+        left = False
         try:
             lifetime.unload_when_idle(self.llm, name, timeout)
-            with self._lock:
-                del self._adapters[name]
-                self._variants.discard(name)
-            self.residency.resident.discard(name)
-            self.residency.use(name).pinned = False
+            left = True
         finally:
             with self._lock:
-                self._unloading.discard(name)
+                if left:
+                    del self._adapters[name]
+                    self._variants.discard(name)
+                self.residency.end_leave(name, left)
 
     def list_adapters(self) -> dict:
         return self._rpc("expertweave_list_adapters")
@@ -302,5 +303,4 @@ class ExpertWeaveLLM:
         """Stops the engine and gives its expert memory back (an in-process engine keeps the
         process's address space, so this matters when one process starts several engines)."""
         self._rpc("expertweave_close")
-        admission.set_gate(None)
         shutdown_llm(self.llm)

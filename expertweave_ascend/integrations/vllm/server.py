@@ -28,19 +28,19 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ...adapters import validate_adapter
+from ...adapters import check_adapter
 from ...catalogue import AdapterCatalogue
-from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
+from ...errors import AdapterBusyError, AdapterFileError, ConfinementError, ExpertWeaveError
 from ...files import confined
 from ...geometry import BaseGeometry
-from ...residency import Residency
+from ...residency import EVICTING, UNLOADING, Residency
 from . import admission, agreement, lifetime, platforms
 from ...contrastive import parse_contrastive
-from .contrastive import (CONTRASTIVE_ARGS, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
+from .contrastive import (PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
                           contrastive_args, variant_refusal)
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal
 from .variants import VARIANT_ARG
-from .metrics import AdapterMetrics
+from .metrics import REFRESH_S, AdapterMetrics
 from .tiering import AdapterEntry, AdapterLoadFailed, AdapterNotFound, AdapterUnavailable, TieredAdapters
 
 logger = logging.getLogger("expertweave")
@@ -59,13 +59,21 @@ def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResp
 
 
 class AdapterRegistry:
-    """The server's view of loaded adapters (name -> path and content hash) and those being unloaded."""
+    """The server's base model, and its views of the residency (residency.py owns which adapters are on
+    the device): the adapters on the device (name -> path, content hash and kind) and those being unloaded."""
 
-    def __init__(self, geometry: BaseGeometry, base_name: str):
+    def __init__(self, geometry: BaseGeometry, base_name: str, residency: Residency):
         self.geometry = geometry
         self.base_name = base_name
-        self.adapters: dict[str, AdapterEntry] = {}
-        self.unloading: set[str] = set()
+        self.residency = residency
+
+    @property
+    def adapters(self) -> dict[str, AdapterEntry]:
+        return self.residency.entries
+
+    @property
+    def unloading(self) -> set[str]:
+        return {name for name, state in self.residency.states.items() if state == UNLOADING}
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,14 @@ def _json_object(raw: bytes):
 
 
 class AdapterModelMiddleware:
-    """ASGI middleware applying one rule to every POST route with a JSON body: `"model": "<adapter>"`
-    selects the adapter (its extra_args and a prefix-cache salt from its content hash, the client's own
-    salt kept in front) on the routes that generate with SamplingParams (GENERATE_PATHS) and is refused
-    with 400 on every other route; no route lets a client set the adapter argument or the salt marker
-    itself. Responses name the adapter, and GET /v1/models lists the adapters with their hashes."""
+    """ASGI middleware applying one rule to every POST body that is a JSON object, whatever its headers
+    say: `"model": "<adapter>"` selects the adapter (its extra_args and a prefix-cache salt from its content
+    hash, the client's own salt kept in front) on the routes that generate with SamplingParams
+    (GENERATE_PATHS) and is refused with 400 on every other route; no route lets a client set the adapter
+    arguments or the salt marker itself. vLLM then parses the body this middleware wrote, so the two cannot
+    read one request two ways; a request whose headers could be read two ways (repeated Content-Type or
+    Content-Length, a length that is not the body's, Transfer-Encoding beside a length) is refused.
+    Responses name the adapter, and GET /v1/models lists the adapters with their hashes."""
 
     def __init__(self, app, front_end: "ExpertWeaveFrontEnd"):
         self.app = app
@@ -131,29 +142,29 @@ class AdapterModelMiddleware:
         if scope["method"] == "GET" and scope["path"] == "/v1/models":
             states = await self.front_end.tiers.states()
             return await self.app(scope, receive, self._listing_models(send, registry, states))
-        if scope["method"] == "GET" and scope["path"] == "/metrics":
-            await self.front_end.refresh_metrics()
-            return await self.app(scope, receive, send)
-        if scope["method"] != "POST" or not _is_json(scope):
+        if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
+        problem = _header_problem(scope.get("headers") or [], len(raw))
+        if problem is not None:
+            return await _error(400, problem)(scope, receive, send)
         body = _json_value(raw)
-        if body is not _NOT_JSON and not isinstance(body, dict):  # vLLM 0.23's completions answer it with a 500
+        if body is _NOT_JSON:
+            return await self.app(scope, _replay(raw, receive), send)
+        if not isinstance(body, dict):  # vLLM 0.23's completions answer it with a 500
             return await _error(400, f"expected a JSON object, got {type(body).__name__}")(scope, receive, send)
-        body = None if body is _NOT_JSON else body
-        name, option = None, None
-        if body is not None:
-            model = body.get("model")
-            if isinstance(model, str) and model != registry.base_name and await self.front_end.tiers.known(model):
-                name = model
-            refusal = self._refusal(scope["path"], body, name, registry)
-            if refusal is None and "contrastive" in body:
-                refusal, option = self.front_end.contrastive(body.pop("contrastive"), name, body)
-                raw = json.dumps(body).encode()
-                if refusal is None and option is not None and await self.front_end.tiers.tunes_non_experts(name):
-                    refusal = _error(400, variant_refusal(name))
-            if refusal is not None:
-                return await refusal(scope, receive, send)
+        model = body.get("model")
+        name = model if isinstance(model, str) and model != registry.base_name and \
+            await self.front_end.tiers.known(model) else None
+        refusal = self._refusal(scope["path"], body, name, registry)
+        option = None
+        if refusal is None and "contrastive" in body:
+            refusal, option = self.front_end.contrastive(body.pop("contrastive"), name, body)
+            raw = json.dumps(body).encode()
+            if refusal is None and option is not None and await self.front_end.tiers.tunes_non_experts(name):
+                refusal = _error(400, variant_refusal(name))
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         if name is None:
             return await self.app(scope, _replay(raw, receive), send)
         tiers = self.front_end.tiers
@@ -184,10 +195,11 @@ class AdapterModelMiddleware:
     @staticmethod
     def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
         xargs = body.get("vllm_xargs")
-        for arg in (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS, PAIR_ARG):
-            if isinstance(xargs, dict) and arg in xargs:
-                return _error(400, f"vllm_xargs.{arg} is set by the server: name the adapter in \"model\" "
-                                   "(and contrastive decoding in \"contrastive\")")
+        if isinstance(xargs, dict):
+            for arg in xargs:
+                if isinstance(arg, str) and arg.startswith(admission.PREFIX):
+                    return _error(400, f"vllm_xargs.{arg} is set by the server: name the adapter in \"model\" "
+                                       "(and contrastive decoding in \"contrastive\")")
         problem = client_salt_problem(body.get("cache_salt"))
         if problem is not None:
             return _error(400, problem)
@@ -200,6 +212,9 @@ class AdapterModelMiddleware:
             return _error(409, f"adapter {name!r} is being unloaded", "ConflictError")
         if xargs is not None and not isinstance(xargs, dict):
             return _error(400, "vllm_xargs must be an object")
+        if body.get("use_beam_search"):
+            return _error(400, f"beam search runs outside ExpertWeave's per-step routing: it is not served for ESFT "
+                               f"adapter {name!r}; sample instead (n, temperature, seed)")
         return None
 
     @staticmethod
@@ -232,9 +247,23 @@ class AdapterModelMiddleware:
         return listing_send
 
 
-def _is_json(scope) -> bool:
-    content_type = dict(scope.get("headers") or []).get(b"content-type", b"application/json")
-    return content_type.split(b";")[0].strip().lower() == b"application/json"
+ONCE_ONLY = (b"content-type", b"content-length", b"transfer-encoding")
+
+
+def _header_problem(headers: list[tuple[bytes, bytes]], body_length: int) -> str | None:
+    """Why these request headers could be read two ways, or None."""
+    seen: dict[bytes, list[bytes]] = {}
+    for key, value in headers:
+        seen.setdefault(key.lower(), []).append(value)
+    for key in ONCE_ONLY:
+        if len(seen.get(key, ())) > 1:
+            return f"the {key.decode().title()} header is given {len(seen[key])} times: give it once"
+    length = seen.get(b"content-length")
+    if length is not None and seen.get(b"transfer-encoding"):
+        return "Content-Length and Transfer-Encoding are both given: give one"
+    if length is not None and length[0].strip() != str(body_length).encode():
+        return f"Content-Length {length[0][:32].decode(errors='replace')!r} is not the body's length {body_length}"
+    return None
 
 
 def _replay(raw: bytes, receive):
@@ -273,10 +302,11 @@ class ExpertWeaveFrontEnd:
         self.options = ServerOptions()
         self.metrics: AdapterMetrics | None = None
         self.tiers: TieredAdapters | None = None
+        self._refresher: asyncio.Task | None = None
 
     def attach(self, app, options: ServerOptions) -> None:
         self.options = options
-        self.metrics = AdapterMetrics()
+        self.metrics = AdapterMetrics(lambda: self.registry.adapters if self.registry is not None else ())
         if app.middleware_stack is None:
             app.add_middleware(AdapterModelMiddleware, front_end=self)
         else:  # vLLM 0.32's SageMaker bootstrap builds the stack in build_app: ours goes around it
@@ -287,7 +317,9 @@ class ExpertWeaveFrontEnd:
             app.add_api_route("/v1/unload_esft_adapter", self.unload_route, methods=["POST"])
 
     async def esft_adapters(self):
-        adapters = (await self.engine.collective_rpc("expertweave_list_adapters"))[0]
+        """The adapters on the device, their content hashes and sizes, and the memory report; no server paths."""
+        adapters = {name: {k: v for k, v in info.items() if k != "path"}
+                    for name, info in (await self.engine.collective_rpc("expertweave_list_adapters"))[0].items()}
         memory = (await self.engine.collective_rpc("expertweave_memory_report"))[0]
         return {"base_model": self.registry.base_name, "adapters": adapters, "memory": memory}
 
@@ -309,8 +341,10 @@ class ExpertWeaveFrontEnd:
         name = body.get("adapter_name")
         if not isinstance(name, str) or name not in self.registry.adapters:
             return _error(404, f"adapter {name!r} is not loaded", "NotFoundError")
-        if name in self.registry.unloading:
-            return _error(409, f"adapter {name!r} is already being unloaded", "ConflictError")
+        state = self.registry.residency.states.get(name)
+        if state in (UNLOADING, EVICTING):
+            what = "already being unloaded" if state == UNLOADING else "being evicted"
+            return _error(409, f"adapter {name!r} is {what}", "ConflictError")
         timeout = body.get("timeout", 600)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
             return _error(400, f"timeout {timeout!r}: expected a number of seconds")
@@ -319,31 +353,39 @@ class ExpertWeaveFrontEnd:
     async def init_state(self, engine_client, state, args) -> None:
         self.engine = engine_client
         models = state.openai_serving_models
-        self.registry = AdapterRegistry(BaseGeometry.from_checkpoint(args.model), models.base_model_paths[0].name)
         options = self.options
         catalogue = AdapterCatalogue(options.adapter_root, options.catalogue)
         residency = Residency(options.max_adapters, options.eviction_policy)
+        self.registry = AdapterRegistry(BaseGeometry.from_checkpoint(args.model), models.base_model_paths[0].name,
+                                        residency)
         self.tiers = TieredAdapters(self, catalogue, residency, options.adapter_wait_s, options.host_adapter_bytes)
-        admission.set_gate(self._refusal)
+        admission.install(engine_client, self._admit)
         for name, info in (await engine_client.collective_rpc("expertweave_list_adapters"))[0].items():
-            self.registry.adapters[name] = AdapterEntry(info["path"], info["sha256"], info["variant"])
-            residency.resident.add(name)
+            residency.add_resident(name, AdapterEntry(info["path"], info["sha256"], info["variant"]))
+        self._refresher = asyncio.create_task(self.refresh_metrics())
         if options.warm_host_tier:
             await self.tiers.warm_host_tier()
 
     async def refresh_metrics(self) -> None:
-        served = (await self.engine.collective_rpc("expertweave_served"))[0]
-        memory = (await self.engine.collective_rpc("expertweave_memory_report"))[0]
-        tiers = (await self.engine.collective_rpc("expertweave_tiers"))[0]
-        self.metrics.update(served, memory, self.registry.base_name, tiers)
+        """Fetches the workers' figures for /metrics every REFRESH_S seconds while the engine answers."""
+        while True:
+            try:
+                figures = (await self.engine.collective_rpc("expertweave_metrics"))[0]
+            except Exception as e:  # the engine is gone; the server is stopping
+                logger.info("ExpertWeave: metrics no longer refreshed: %s", lifetime.worker_message(e))
+                return
+            self.metrics.update(figures, self.registry.base_name)
+            await asyncio.sleep(REFRESH_S)
 
-    def _refusal(self, name: str) -> str | None:
-        """Why a request for this adapter may not start now (vLLM asks as it admits the request), or None."""
-        if name not in self.registry.adapters:
-            return f"adapter {name!r} is not loaded"
-        if name in self.registry.unloading or name in self.tiers.residency.evicting:
-            return f"adapter {name!r} is being unloaded"
-        return None
+    def _admit(self, name: str) -> admission.Admitted:
+        """The adapter as requests for it may start now (vLLM's engine client asks as it admits each), or
+        ValueError saying why they may not."""
+        entry = self.registry.adapters.get(name)
+        if entry is None:
+            raise ValueError(f"adapter {name!r} is not loaded")
+        if not self.registry.residency.serving(name):
+            raise ValueError(f"adapter {name!r} is being unloaded")
+        return admission.Admitted(entry.sha256, entry.variant)
 
     def contrastive(self, value, name: str | None, body: dict):
         """(refusal, option) for a request's "contrastive" field (null: plain decoding)."""
@@ -376,11 +418,16 @@ class ExpertWeaveFrontEnd:
     async def load(self, name: str, path: str):
         registry = self.registry
         problem = adapter_name_problem(name)
-        if problem is None and (name in registry.adapters or name == registry.base_name):
+        if problem is None and (name in registry.residency.states or name == registry.base_name):
             problem = f"adapter name {name!r} is already in use"
         if problem is not None:
             return _error(400, problem)
+        if not registry.residency.has_free_row():
+            return _error(409, f"all {registry.residency.max_resident} adapter rows are taken (--max-adapters): "
+                               "unload an adapter first", "ConflictError")
         root = self.options.adapter_root
+        registry.residency.begin_load(name)  # the name and a row are taken until the load ends
+        entry = None
         try:
             # Reading files may block (a slow disk, a network mount): never on the event loop.
             resolved = await asyncio.to_thread(self._checked_path, path)
@@ -392,17 +439,23 @@ class ExpertWeaveFrontEnd:
             if outcome.error is not None:
                 logger.info("ExpertWeave: adapter %r not loaded: %s", name, outcome.error)
                 return _error(400, _within(root, outcome.public_error or outcome.error))
+            entry = AdapterEntry(path, outcome.info["sha256"], outcome.info["variant"])
         except ConfinementError as e:
             return _error(403, str(e), "PermissionDeniedError")
+        except AdapterFileError as e:
+            logger.info("ExpertWeave: adapter %r not loaded: %s", name, e)
+            if root is None:  # the client may name any path: tell it nothing about the server's files
+                return _error(400, f"{path}: no ESFT adapter this server can read there")
+            return _error(400, _within(root, e.public_message))
         except ExpertWeaveError as e:
             logger.info("ExpertWeave: adapter %r not loaded: %s", name, e)
             return _error(400, _within(root, getattr(e, "public_message", str(e))))
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
             return _error(400, _within(root, lifetime.worker_message(e)))
-        registry.adapters[name] = AdapterEntry(path, outcome.info["sha256"], outcome.info["variant"])
-        self.tiers.residency.resident.add(name)
-        self.tiers.residency.use(name).pinned = True  # loaded by hand: evicted never, unloaded by hand
-        self.metrics.loads.labels(name).inc()
+        finally:
+            registry.residency.end_load(name, entry)
+        registry.residency.use(name).pinned = True  # loaded by hand: evicted never, unloaded by hand
+        self.metrics.loads[name] += 1
         logger.info("ExpertWeave: loaded adapter %r from %s (sha256 %s, %d experts)", name, resolved,
                     outcome.info["sha256"], outcome.info["experts"])
         return {"adapter_name": name, **outcome.info}
@@ -411,23 +464,27 @@ class ExpertWeaveFrontEnd:
         """The adapter directory to load: inside --adapter-root when one is set, and a valid adapter."""
         root = self.options.adapter_root
         resolved = confined(Path(root), path) if root is not None else Path(path)
-        validate_adapter(resolved, self.registry.geometry)
+        check_adapter(resolved, self.registry.geometry)  # the workers' load reads and checks the data
         return resolved
 
     async def unload(self, name: str, timeout: float):
-        registry = self.registry
-        registry.unloading.add(name)
+        residency = self.registry.residency
+        if not residency.begin_leave(name, UNLOADING):
+            return _error(409, f"adapter {name!r} is being loaded, unloaded or evicted", "ConflictError")
+        entry = residency.entries[name]
         try:
             with self.metrics.timed(self.metrics.unload_seconds):
                 await lifetime.unload_when_idle_async(self.engine, name, timeout)
         except AdapterBusyError as e:
+            residency.end_leave(name, left=False)
             return _error(409, str(e), "ConflictError")
-        finally:
-            registry.unloading.discard(name)
-        entry = registry.adapters.pop(name)
-        self.tiers.residency.resident.discard(name)
-        self.tiers.residency.use(name).pinned = False
-        self.metrics.unloads.labels(name).inc()
+        except BaseException:
+            residency.end_leave(name, left=False)
+            raise
+        residency.end_leave(name, left=True)
+        self.tiers.changed()
+        self.metrics.unloads.inc()
+        self.metrics.forget(name)
         logger.info("ExpertWeave: unloaded adapter %r (sha256 %s)", name, entry.sha256)
         return {"adapter_name": name, "unloaded": True}
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 
 from ...catalogue import AdapterCatalogue
-from ...errors import AdapterBusyError, ConfinementError, ExpertWeaveError
-from ...residency import Residency
+from ...errors import ConfinementError, ExpertWeaveError
+from ...residency import EVICTING, Residency
 from . import agreement, lifetime
 
 logger = logging.getLogger("expertweave")
@@ -62,7 +62,7 @@ class Lease:
 class TieredAdapters:
     def __init__(self, front_end, catalogue: AdapterCatalogue, residency: Residency, wait_s: float,
                  host_budget_bytes: int = 0):
-        self.front_end = front_end  # its engine, registry (what is on the device) and metrics
+        self.front_end = front_end  # its engine, metrics and public()
         self.catalogue = catalogue
         self.residency = residency
         self.wait_s = wait_s
@@ -79,7 +79,7 @@ class TieredAdapters:
     # -- requests -----------------------------------------------------------------------------
     async def known(self, name: str) -> bool:
         """On the device already, or in the catalogue (a look at the disk, off the event loop)."""
-        if name in self.front_end.registry.adapters:
+        if name in self.residency.entries:
             return True
         try:
             return await asyncio.to_thread(self.catalogue.path, name) is not None
@@ -88,7 +88,7 @@ class TieredAdapters:
 
     async def tunes_non_experts(self, name: str) -> bool | None:
         """Whether the adapter tunes non-expert modules, known before it is loaded (None: unknown)."""
-        entry = self.front_end.registry.adapters.get(name)
+        entry = self.residency.entries.get(name)
         if entry is not None:
             return entry.variant
         return await asyncio.to_thread(self.catalogue.tunes_non_experts, name)
@@ -96,12 +96,12 @@ class TieredAdapters:
     async def acquire(self, name: str) -> Lease:
         """Leases the adapter for one request, once it is on the device. Raises AdapterNotFound,
         AdapterLoadFailed (the files were refused) or AdapterUnavailable."""
-        registry, metrics = self.front_end.registry, self.front_end.metrics
+        metrics = self.front_end.metrics
         if self.residency.serving(name):
-            metrics.hits.labels(name).inc()
+            metrics.hits[name] += 1
             self.residency.lease(name)
-            return Lease(registry.adapters[name], True, 0.0)
-        metrics.misses.labels(name).inc()
+            return Lease(self.residency.entries[name], True, 0.0)
+        metrics.misses[name] += 1
         use = self.residency.use(name)
         use.waiting += 1
         started = time.monotonic()
@@ -124,10 +124,14 @@ class TieredAdapters:
             waited = time.monotonic() - started
             metrics.load_wait_seconds.observe(waited)
         self.residency.lease(name)
-        return Lease(registry.adapters[name], False, waited)
+        return Lease(self.residency.entries[name], False, waited)
 
     def release(self, name: str) -> None:
         self.residency.release(name)
+        self._changed.set()
+
+    def changed(self) -> None:
+        """An adapter left the device outside this object (an unload by hand): waiting loads look again."""
         self._changed.set()
 
     # -- loads --------------------------------------------------------------------------------
@@ -147,9 +151,9 @@ class TieredAdapters:
             return f"adapter {name!r} is not in the catalogue (it is gone from the adapter root)", True
         use = self.residency.use(name)
         while use.waiting:
-            if name in self.residency.resident:  # on its way out: load it again once it is gone
-                if self.residency.serving(name):  # its eviction was called off
-                    return None
+            if self.residency.serving(name):  # loaded by hand meanwhile, or its eviction was called off
+                return None
+            if name in self.residency.states:  # on its way out: load it again once it is gone
                 await self._wait_change()
                 continue
             room, victim = await self._take_room(name)
@@ -157,16 +161,24 @@ class TieredAdapters:
                 await self._prefetch(name, str(path))
                 await self._wait_change()
                 continue
+            entry, answers = None, None
+            evicting = [victim] if victim is not None else []  # until the load's start evicts it
             try:
-                answers = await self._run_load(name, str(path), victim)
+                answers = await self._run_load(name, str(path), evicting)
+                outcome = None if answers is None else agreement.check_load(name, answers)
+                if outcome is not None and outcome.roll_back:
+                    await self.front_end.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
+                if outcome is not None and outcome.error is None:
+                    entry = AdapterEntry(str(path), outcome.info["sha256"], outcome.info["variant"])
             finally:
-                self.residency.loading.discard(name)
+                self.residency.end_load(name, entry)  # first: a victim that stays needs this row back
+                self._changed.set()
+                for still in evicting:  # its last requests are finishing, or the start failed
+                    async with self._room_lock:  # still evicting: no request may lease it meanwhile
+                        await self._finish_eviction(still)
             if answers is None:  # the victim still had a request finishing: evicted the slow way, then again
                 continue
-            outcome = agreement.check_load(name, answers)
-            if outcome.roll_back:
-                await self.front_end.engine.collective_rpc("expertweave_discard_adapter", args=(name,))
-            if outcome.error is None:
+            if entry is not None:
                 self._loaded(name, str(path), outcome.info, answers[0])
                 return None
             if not all(a.get("capacity") for a in answers if "error" in a):
@@ -189,8 +201,8 @@ class TieredAdapters:
                 victim = self.residency.victim()
                 if victim is None:
                     return False, None
-                self.residency.evicting.add(victim)
-            self.residency.loading.add(name)
+                self.residency.begin_leave(victim, EVICTING)
+            self.residency.begin_load(name)
             return True, victim
 
     async def _wait_change(self) -> None:
@@ -201,25 +213,25 @@ class TieredAdapters:
         except asyncio.TimeoutError:
             pass
 
-    async def _run_load(self, name: str, path: str, victim: str | None) -> list[dict] | None:
-        """Every rank's load answer; None when the victim could not be evicted at once (it is then
-        evicted by polling, and the load must take its room again)."""
+    async def _run_load(self, name: str, path: str, evicting: list[str]) -> list[dict] | None:
+        """Every rank's load answer; None when the victim (evicting's one name, if any) could not be evicted
+        at once (the caller then evicts it by polling, and the load must take its room again). The victim
+        leaves `evicting` once gone."""
         engine = self.front_end.engine
+        victim = evicting[0] if evicting else None
         with self.front_end.metrics.timed(self.front_end.metrics.load_seconds):
             # The eviction travels with the start: one step-gap round trip instead of two.
             live = lifetime.live_request_ids(engine) if victim is not None else []
             started = await engine.collective_rpc("expertweave_start_load", args=(name, path, victim, live))
             if victim is not None:
                 evicted = [s.get("evicted", False) for s in started]
-                if all(evicted):
-                    self._evicted(victim)
-                else:
-                    if any(evicted):
-                        raise ExpertWeaveError(f"adapter {victim!r}: the tensor-parallel ranks disagree on whether "
-                                               "it is idle; the engine's ranks no longer hold the same adapters")
-                    async with self._room_lock:  # still evicting: no request may lease it meanwhile
-                        await self._evict(victim)
+                if any(evicted) and not all(evicted):
+                    raise ExpertWeaveError(f"adapter {victim!r}: the tensor-parallel ranks disagree on whether "
+                                           "it is idle; the engine's ranks no longer hold the same adapters")
+                if not all(evicted):
                     return None
+                self._evicted(victim)
+                evicting.clear()
             if any("error" in s for s in started):
                 return started
             future = self._waiting_for[name] = asyncio.get_running_loop().create_future()
@@ -250,37 +262,39 @@ class TieredAdapters:
             await asyncio.sleep(COLLECT_S)
 
     def _loaded(self, name: str, path: str, info: dict, answer: dict) -> None:
-        self.front_end.registry.adapters[name] = AdapterEntry(path, info["sha256"], info["variant"])
-        self.residency.resident.add(name)
         source = answer.get("source")
         self._prefetched.discard(name)
         nbytes = info["bytes"]
         self._mean_packed_bytes = nbytes if self._mean_packed_bytes is None else \
             0.8 * self._mean_packed_bytes + 0.2 * nbytes
         metrics = self.front_end.metrics
-        metrics.loads.labels(name).inc()
+        metrics.loads[name] += 1
         metrics.loads_by_source.labels(source or "disk").inc()
         logger.info("ExpertWeave: loaded adapter %r on demand from %s (%s, read %.3f s, copy %.3f s)", name, path,
                     source, answer.get("read_s", 0.0), answer.get("copy_s", 0.0))
 
     async def _evict(self, name: str) -> None:
         """Unloads an idle adapter; under the room lock, so no load of it starts before it is gone."""
-        self.residency.evicting.add(name)  # requests for it wait for a reload (the admission gate refuses it)
+        if self.residency.begin_leave(name, EVICTING):  # its requests wait for a reload (admission refuses it)
+            await self._finish_eviction(name)
+
+    async def _finish_eviction(self, name: str) -> None:
+        """Waits for the evicting adapter's last requests, then takes it off the device; if it cannot go (a
+        request reached the engine without a lease, or the engine refused), it stays and is served again."""
         try:
             await lifetime.unload_when_idle_async(self.front_end.engine, name, EVICT_TIMEOUT_S)
-        except AdapterBusyError as e:  # a request reached the engine without a lease: keep the adapter
-            self.residency.evicting.discard(name)
+        except Exception as e:  # AdapterBusyError, or the workers' own refusal
+            self.residency.end_leave(name, left=False)
             self._changed.set()
-            logger.warning("ExpertWeave: adapter %r not evicted: %s", name, e)
+            logger.warning("ExpertWeave: adapter %r not evicted: %s", name, lifetime.worker_message(e))
             return
         self._evicted(name)
 
     def _evicted(self, name: str) -> None:
         self._changed.set()
-        self.residency.evicting.discard(name)
-        self.front_end.registry.adapters.pop(name, None)
-        self.residency.resident.discard(name)
-        self.front_end.metrics.evictions.labels(name).inc()
+        self.residency.end_leave(name, left=True)
+        self.front_end.metrics.evictions.inc()
+        self.front_end.metrics.forget(name)
         logger.info("ExpertWeave: evicted adapter %r (%s policy)", name, self.residency.policy)
 
     # -- prefetch -----------------------------------------------------------------------------
@@ -322,8 +336,8 @@ class TieredAdapters:
     async def states(self) -> dict[str, str]:
         """Every catalogued or loaded adapter's tier: device, loading, host or disk."""
         tiers = (await self.front_end.engine.collective_rpc("expertweave_tiers"))[0]
-        names = set(await asyncio.to_thread(self.catalogue.names)) | set(self.front_end.registry.adapters)
+        names = set(await asyncio.to_thread(self.catalogue.names)) | set(self.residency.entries)
         host = set(tiers["host"])
         loading = set(tiers["loading"]) | self.residency.loading
-        return {n: "device" if n in self.front_end.registry.adapters else "loading" if n in loading
+        return {n: "device" if n in self.residency.entries else "loading" if n in loading
                 else "host" if n in host else "disk" for n in sorted(names)}

@@ -322,15 +322,18 @@ class ExpertWeaveWorkerExtension:
                        "requests": a.in_flight, "variant": bool(a.non_expert)}
                 for name, a in _active().weave.adapters.items()}
 
-    def expertweave_served(self) -> dict:
-        """Requests begun and tokens sampled per adapter since the engine started ("" is the base), and the
-        switches of non-expert weights between steps (variants.py) with the time they took."""
+    def expertweave_metrics(self) -> dict:
+        """What /metrics shows (metrics.py), in one call: "served", requests begun and tokens sampled per
+        adapter since the engine started ("" is the base) with the switches of non-expert weights between
+        steps (variants.py) and the time they took; "memory", expertweave_memory_report(); "tiers",
+        expertweave_tiers()."""
         active = _active()
         switcher = active.switcher
-        return {"requests": {name or "": n for name, n in active.started.items()},
-                "generated_tokens": {name or "": n for name, n in active.generated.items()},
-                "variant_switches": switcher.switches if switcher else 0,
-                "variant_switch_seconds": switcher.switch_s if switcher else 0.0}
+        served = {"requests": {name or "": n for name, n in active.started.items()},
+                  "generated_tokens": {name or "": n for name, n in active.generated.items()},
+                  "variant_switches": switcher.switches if switcher else 0,
+                  "variant_switch_seconds": switcher.switch_s if switcher else 0.0}
+        return {"served": served, "memory": self.expertweave_memory_report(), "tiers": self.expertweave_tiers()}
 
     def expertweave_close(self) -> None:
         """Unmaps and releases all expert memory; the engine must not run the model afterwards."""
