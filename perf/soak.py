@@ -1,10 +1,14 @@
 """`make soak`: a real `expertweave serve` under random mixed traffic for SOAK_S seconds (default 180).
 
-Workers send random requests (the base and three adapters, completions and chat, streaming and not),
-abort streams half-way, load and unload a fourth adapter, and send loads of a damaged adapter; every
-answer is checked: outputs equal the same request served alone before the soak (the tiny model with
-decisive logits, whose greedy outputs do not depend on batching), bad loads are 400, nothing is 5xx.
-At the end every adapter is unloaded. One summary line; exit 1 if any of these fails:
+Workers send random requests (the base, three adapters loaded by hand and three more served by name from
+the adapter root, two rows for those three, so they are loaded and evicted all along; completions and
+chat, streaming and not), abort streams half-way, load and unload a fourth adapter, send loads of a
+damaged adapter, requests that try to smuggle adapter arguments past the front-end (headers read two
+ways, vllm_xargs, a forged salt, beam search), and unloads racing the eviction of the same adapter;
+every answer is checked: outputs equal the same request served alone before the soak (the tiny model
+with decisive logits, whose greedy outputs do not depend on batching), bad loads and smuggling are 400,
+a raced unload is 200, 404 or 409, nothing is 5xx. At the end every adapter is unloaded. One summary
+line; exit 1 if any of these fails:
   any 5xx or wrong output; the server tree's RSS grows more than RSS_GROWTH (after a warm-up round);
   its open file descriptors grow by more than FD_SLACK; mapped bytes do not return to the base's.
 
@@ -12,6 +16,7 @@ At the end every adapter is unloaded. One summary line; exit 1 if any of these f
 """
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -20,8 +25,10 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -30,6 +37,7 @@ from expertweave_ascend.tiny import make_tiny
 from perf.servers import engine_args, get, post, start_expertweave, stop, wait_ready
 
 MODELS = ("base", "law", "math", "code")  # the base, and the adapters loaded for the whole run
+CATALOGUED = ("summary", "translation", "task6")  # served by name from the adapter root, two rows for three
 PROMPTS = ("the court held that a contract requires", "solve for x when two plus three",
            "define a function that returns the sum", "translate the sentence into french")
 TOKENS = 24
@@ -48,6 +56,8 @@ class Tally:
     loads: int = 0
     unloads: int = 0
     bad_loads: int = 0
+    smuggled: int = 0
+    races: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, **counts) -> None:
@@ -97,15 +107,77 @@ def usage(launcher: int) -> tuple[int, int]:
     return rss, fds
 
 
+def smuggle(url: str, rng: random.Random) -> int:
+    """One request trying to get adapter arguments past the front-end; its status (400 expected)."""
+    forged = {"model": "base", "prompt": PROMPTS[0], "max_tokens": 4, "vllm_xargs": {"esft_adapter": "law"}}
+    headers = [("Content-Type", "application/json")]
+    form = rng.randrange(5)
+    if form == 0:  # read two ways: the first Content-Type says JSON, the last text
+        headers.append(("Content-Type", "text/plain"))
+    elif form == 1:  # JSON under another name, with a pair argument only the scheduler sets
+        forged["vllm_xargs"], headers = {"esft_pair": ["x"]}, [("Content-Type", "text/plain")]
+    elif form == 2:  # the base under an adapter's salt
+        forged = {**forged, "vllm_xargs": None, "cache_salt": "~esft:" + "0" * 32}
+    elif form == 3:  # beam search, which runs outside the per-step routing
+        forged = {"model": "law", "prompt": PROMPTS[0], "max_tokens": 4, "use_beam_search": True, "n": 2}
+    body = json.dumps(forged).encode()
+    connection = http.client.HTTPConnection(urlsplit(url).netloc, timeout=120)
+    connection.putrequest("POST", "/v1/completions")
+    for key, value in [*headers, ("Content-Length", str(len(body)))]:
+        connection.putheader(key, value)
+    connection.endheaders(body)
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def race(url: str, reference: dict, rng: random.Random, tally: Tally) -> None:
+    """An unload by hand of a catalogued adapter at the moment another one's request evicts it."""
+    first, second = rng.sample(CATALOGUED, 2)
+    ask(url, first, PROMPTS[0], False, False)
+    barrier = threading.Barrier(2)
+
+    def unload():
+        barrier.wait()
+        return requests.post(f"{url}/v1/unload_esft_adapter", json={"adapter_name": first}, timeout=300).status_code
+
+    def evicting():
+        barrier.wait()
+        return ask(url, second, PROMPTS[1], False, False)
+
+    with ThreadPoolExecutor(2) as pool:
+        unloaded, served = pool.submit(unload), pool.submit(evicting)
+        status, names, text = served.result()
+        if unloaded.result() not in (200, 404, 409):
+            tally.fail(f"unload of {first} racing an eviction: {unloaded.result()}")
+        elif status != 200 or names != {second} or text != reference[second, PROMPTS[1], False, False]:
+            tally.fail(f"{second} while {first} was unloaded: {status} {names} {text[:60]!r}")
+        else:
+            tally.add(races=1)
+
+
 def worker(url: str, adapters: Path, bad: Path, reference: dict, deadline: float, tally: Tally, seed: int,
-           churn_lock: threading.Lock) -> None:
+           churn_lock: threading.Lock, race_lock: threading.Lock) -> None:
     rng = random.Random(seed)
     while time.monotonic() < deadline:
         roll = rng.random()
-        if roll < 0.08:
+        if roll < 0.03:
+            status = smuggle(url, rng)
+            if status != 400:
+                tally.fail(f"smuggled request answered {status}")
+            tally.add(smuggled=1)
+        elif roll < 0.05:
+            with race_lock:  # one race at a time, so its two adapters are the ones in play
+                race(url, reference, rng, tally)
+        elif roll < 0.08:
             with churn_lock:  # one load/unload cycle of the churned adapter at a time
-                loaded = requests.post(f"{url}/v1/load_esft_adapter", timeout=120,
-                                       json={"adapter_name": CHURNED, "adapter_path": str(adapters / CHURNED)})
+                retry_until = time.monotonic() + 60
+                while True:  # 409 while every row holds a pinned adapter or one in use: retry, as a client would
+                    loaded = requests.post(f"{url}/v1/load_esft_adapter", timeout=120,
+                                           json={"adapter_name": CHURNED, "adapter_path": str(adapters / CHURNED)})
+                    if loaded.status_code != 409 or time.monotonic() > retry_until:
+                        break
+                    time.sleep(0.2)
                 unloaded = requests.post(f"{url}/v1/unload_esft_adapter", timeout=300,
                                          json={"adapter_name": CHURNED})
             if loaded.status_code != 200 or unloaded.status_code != 200:
@@ -128,6 +200,11 @@ def worker(url: str, adapters: Path, bad: Path, reference: dict, deadline: float
         else:
             case = rng.choice(sorted(reference))
             status, names, text = ask(url, *case)
+            for _ in range(100):  # a catalogued adapter unloaded by hand in a race: 409 meanwhile, then reloaded
+                if status != 409 or case[0] not in CATALOGUED:
+                    break
+                time.sleep(0.1)
+                status, names, text = ask(url, *case)
             if status != 200 or names != {case[0]} or text != reference[case]:
                 tally.fail(f"{case}: {status} {names} {text[:60]!r}")
             else:
@@ -138,27 +215,27 @@ def soak(seconds: float, workers: int) -> bool:
     work = Path(tempfile.mkdtemp(prefix="expertweave-soak-"))
     logs = Path(tempfile.mkdtemp(prefix="expertweave-soak-logs-"))  # kept: the server's log
     try:
-        make_tiny(work / "tiny", adapters=4, seed=0, decisive=True)
+        make_tiny(work / "tiny", adapters=4 + len(CATALOGUED), seed=0, decisive=True)
         adapters = work / "tiny" / "adapters"
-        bad = work / "damaged"
+        bad = adapters / "damaged"
         shutil.copytree(adapters / "law", bad)
         (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-64])
-        server = start_expertweave("soak", work / "tiny" / "base", 4, [*engine_args(64 << 20, eager=True),
+        server = start_expertweave("soak", work / "tiny" / "base", 6, [*engine_args(64 << 20, eager=True),
                                                                      "--dtype", "float32"], logs,
-                                   serve_args=("--adapter-slots", "32"))
+                                   serve_args=("--adapter-slots", "48", "--adapter-root", str(adapters)))
         try:
             wait_ready([server])
             url = server.url
             for name in MODELS[1:]:
                 post(server, "/v1/load_esft_adapter", {"adapter_name": name, "adapter_path": str(adapters / name)})
-            cases = [(m, p, chat, stream) for m in MODELS for p in PROMPTS for chat in (False, True)
+            cases = [(m, p, chat, stream) for m in (*MODELS, *CATALOGUED) for p in PROMPTS for chat in (False, True)
                      for stream in (False, True)]
             reference = {case: ask(url, *case)[2] for case in cases}  # alone, one at a time
             tally = Tally()
-            churn_lock = threading.Lock()
+            churn_lock, race_lock = threading.Lock(), threading.Lock()
             warm_up = time.monotonic() + min(30.0, seconds / 4)
             threads = [threading.Thread(target=worker, args=(url, adapters, bad, reference, warm_up, tally, 100 + i,
-                                                             churn_lock)) for i in range(workers)]
+                                                             churn_lock, race_lock)) for i in range(workers)]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -166,12 +243,12 @@ def soak(seconds: float, workers: int) -> bool:
             rss_start, fds_start = usage(server.proc.pid)
             deadline = time.monotonic() + seconds
             threads = [threading.Thread(target=worker, args=(url, adapters, bad, reference, deadline, tally, i,
-                                                             churn_lock)) for i in range(workers)]
+                                                             churn_lock, race_lock)) for i in range(workers)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            for name in MODELS[1:]:
+            for name in get(server, "/v1/esft_adapters")["adapters"]:
                 r = requests.post(f"{url}/v1/unload_esft_adapter", json={"adapter_name": name}, timeout=300)
                 if r.status_code != 200:
                     tally.fail(f"final unload of {name}: {r.status_code}")
@@ -189,7 +266,8 @@ def soak(seconds: float, workers: int) -> bool:
     passed = not tally.failed and rss_ok and fds_ok and mapped_ok
     print(f"soak {seconds:g} s, {workers} workers: requests {tally.ok} ok / {len(tally.failed)} failed, "
           f"{tally.aborted} streams aborted, loads {tally.loads} / unloads {tally.unloads}, "
-          f"{tally.bad_loads} bad loads refused; server RSS {rss_start / 2**30:.2f} -> {rss_end / 2**30:.2f} GiB "
+          f"{tally.bad_loads} bad loads refused, {tally.smuggled} smuggling attempts refused, {tally.races} unloads "
+          f"raced an eviction; server RSS {rss_start / 2**30:.2f} -> {rss_end / 2**30:.2f} GiB "
           f"({'ok' if rss_ok else 'GREW'}), open fds {fds_start} -> {fds_end} ({'ok' if fds_ok else 'GREW'}), "
           f"mapped {mapped / 2**20:.2f} MiB vs base {memory['base_mapped_bytes'] / 2**20:.2f} MiB "
           f"({'ok' if mapped_ok else 'NOT BACK'}): {'PASS' if passed else 'FAIL'}")

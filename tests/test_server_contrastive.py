@@ -87,6 +87,8 @@ def test_a_streamed_chat_completion_equals_the_same_request_in_one_piece(server)
     ("law", {"contrastive": OPTION, "response_format": {"type": "json_object"}},
      "contrastive decoding does not take structured outputs"),
     ("law", {"contrastive": OPTION, "prompt_embeds": "AAAA"}, "contrastive decoding runs the base model on the same"),
+    ("law", {"contrastive": OPTION, "n": 2}, "contrastive decoding samples one sequence per request"),
+    ("law", {"contrastive": OPTION, "use_beam_search": True}, "beam search runs outside ExpertWeave's per-step"),
     ("base", {"contrastive": OPTION}, "contrastive decoding contrasts an adapter with its base model: set \"model\""),
     ("law", {"vllm_xargs": {"esft_contrastive_beta": 0.5}}, "vllm_xargs.esft_contrastive_beta is set by the server"),
     ("law", {"vllm_xargs": {"esft_pair": ["x", "base"]}}, "vllm_xargs.esft_pair is set by the server"),

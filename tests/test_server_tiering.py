@@ -76,6 +76,19 @@ def test_the_101st_adapter_of_a_catalogue_is_served_with_8_resident(large, catal
     assert log.read_text().count("evicted adapter") == 101 - 8
 
 
+def test_parallel_sampling_serves_the_adapter_in_every_sequence(large, catalogue, base_model):
+    """n > 1 runs as child requests that keep the parent's arguments: each sequence is the adapter's (sampled
+    with top_k 1, which is the argmax: vLLM takes n > 1 only when sampling)."""
+    url, _ = large
+    name = sorted(catalogue)[3]
+    body = {"model": name, "prompt": PROMPTS[2], "max_tokens": TOKENS, "temperature": 0.5, "top_k": 1,
+            "ignore_eos": True, "n": 2, "return_token_ids": True}
+    response = requests.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    want = merged_tokens(base_model, catalogue[name], PROMPTS[2], TOKENS)
+    assert [choice["token_ids"] for choice in response.json()["choices"]] == [want, want]
+
+
 def test_an_adapter_missing_on_disk_is_404_and_changes_nothing(large):
     url, _ = large
     before = states(url)

@@ -280,6 +280,16 @@ def test_an_id_used_again_runs_with_its_new_adapter(engine, tiny):
             engine.unload_adapter(name)
 
 
+def test_speculative_decoding_is_refused_before_anything_is_served(tiny):
+    """Every sampling mode serves the adapter or is refused: vLLM refuses speculative decoding beside the
+    custom logits processors ExpertWeave's engines carry (contrastive decoding), before the engine starts."""
+    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+    with pytest.raises(ValueError, match="speculative decoding"):
+        ExpertWeaveLLM(str(tiny / "base"), {}, max_adapters=2, enforce_eager=True, **ENGINE,
+                       speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
+
+
 def test_another_engine_in_this_process_does_not_reach_the_weave(engine, tiny):
     """vLLM's runner methods are wrapped on the class: a plain engine beside ExpertWeaveLLM (as verify runs
     them) steps through the same wrappers, and its requests must not land in the weave's accounting."""
@@ -299,4 +309,3 @@ def test_another_engine_in_this_process_does_not_reach_the_weave(engine, tiny):
         assert not worker._ACTIVE.requests and engine.list_adapters()["law"]["requests"] == 0
     finally:
         engine.unload_adapter("law")
-

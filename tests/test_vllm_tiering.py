@@ -92,9 +92,10 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
             [{"started": True, "evicted": False}]
         assert reading.wait(30)
         for i in range(4):  # two base requests, two of the resident adapter
-            extra = {"esft_adapter": "a001"} if i % 2 else None
-            params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, extra_args=extra)
-            llm_engine.add_request(f"request-{i}", {"prompt_token_ids": PROMPTS[i % 2]}, params)
+            params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+            [prompt], [params] = engine.vllm_requests([{"prompt_token_ids": PROMPTS[i % 2]}], [params],
+                                                      ["a001" if i % 2 else None])
+            llm_engine.add_request(f"request-{i}", prompt, params)
         sampled_steps = {"request-0": 0, "request-1": 0}
         while min(sampled_steps.values()) < 20:
             for output in llm_engine.step():

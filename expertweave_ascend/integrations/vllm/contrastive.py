@@ -44,6 +44,7 @@ def request_contrastive(sampling_params) -> Contrastive | None:
 
 PROMPT_LOGPROBS_REFUSAL = "contrastive decoding does not return prompt_logprobs: leave them out"
 STRUCTURED_REFUSAL = "contrastive decoding does not take structured outputs (guided decoding)"
+PARALLEL_REFUSAL = "contrastive decoding samples one sequence per request beside its base twin: n and best_of must be 1"
 PROMPT_EMBEDS_REFUSAL = ("contrastive decoding runs the base model on the same prompt: give token ids or text, not "
                          "prompt_embeds")
 
@@ -57,6 +58,8 @@ def params_problem(sampling_params) -> str | None:
         return PROMPT_LOGPROBS_REFUSAL
     if sampling_params.structured_outputs is not None:
         return STRUCTURED_REFUSAL
+    if sampling_params.n > 1:
+        return PARALLEL_REFUSAL
     return None
 
 

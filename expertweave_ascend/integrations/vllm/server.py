@@ -36,7 +36,7 @@ from ...geometry import BaseGeometry
 from ...residency import EVICTING, UNLOADING, Residency
 from . import admission, agreement, lifetime, platforms
 from ...contrastive import parse_contrastive
-from .contrastive import (PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
+from .contrastive import (PARALLEL_REFUSAL, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
                           contrastive_args, variant_refusal)
 from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal
 from .variants import VARIANT_ARG
@@ -156,7 +156,7 @@ class AdapterModelMiddleware:
         model = body.get("model")
         name = model if isinstance(model, str) and model != registry.base_name and \
             await self.front_end.tiers.known(model) else None
-        refusal = self._refusal(scope["path"], body, name, registry)
+        refusal = self._refusal(scope["path"], body, name, name in registry.unloading)
         option = None
         if refusal is None and "contrastive" in body:
             refusal, option = self.front_end.contrastive(body.pop("contrastive"), name, body)
@@ -193,7 +193,7 @@ class AdapterModelMiddleware:
             tiers.release(name)
 
     @staticmethod
-    def _refusal(path: str, body: dict, name: str | None, registry: AdapterRegistry):
+    def _refusal(path: str, body: dict, name: str | None, unloading: bool):
         xargs = body.get("vllm_xargs")
         if isinstance(xargs, dict):
             for arg in xargs:
@@ -208,7 +208,7 @@ class AdapterModelMiddleware:
         if path not in GENERATE_PATHS:
             return _error(400, f"{path} serves the base model only; ESFT adapter {name!r} is served on "
                                f"{' and '.join(GENERATE_PATHS)}")
-        if name in registry.unloading:
+        if unloading:
             return _error(409, f"adapter {name!r} is being unloaded", "ConflictError")
         if xargs is not None and not isinstance(xargs, dict):
             return _error(400, "vllm_xargs must be an object")
@@ -400,6 +400,8 @@ class ExpertWeaveFrontEnd:
                                f"ESFT adapter (the base model is {self.registry.base_name!r})"), None
         if body.get("prompt_embeds") is not None:
             return _error(400, PROMPT_EMBEDS_REFUSAL), None
+        if any(body.get(key) not in (None, 1) for key in ("n", "best_of")):
+            return _error(400, PARALLEL_REFUSAL), None
         if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
             return _error(400, PROMPT_LOGPROBS_REFUSAL), None
         response_format = body.get("response_format")
@@ -422,15 +424,17 @@ class ExpertWeaveFrontEnd:
             problem = f"adapter name {name!r} is already in use"
         if problem is not None:
             return _error(400, problem)
-        if not registry.residency.has_free_row():
-            return _error(409, f"all {registry.residency.max_resident} adapter rows are taken (--max-adapters): "
-                               "unload an adapter first", "ConflictError")
         root = self.options.adapter_root
-        registry.residency.begin_load(name)  # the name and a row are taken until the load ends
-        entry = None
         try:
             # Reading files may block (a slow disk, a network mount): never on the event loop.
             resolved = await asyncio.to_thread(self._checked_path, path)
+        except ExpertWeaveError as e:
+            return self._load_refusal(name, path, e)
+        refusal = await self.tiers.reserve_row(name)  # the name and a row are taken until the load ends
+        if refusal is not None:
+            return _error(409, refusal, "ConflictError")
+        entry = None
+        try:
             with self.metrics.timed(self.metrics.load_seconds):
                 outcome = agreement.check_load(name, await self.engine.collective_rpc(
                     "expertweave_load_adapter", args=(name, str(resolved))))
@@ -440,16 +444,8 @@ class ExpertWeaveFrontEnd:
                 logger.info("ExpertWeave: adapter %r not loaded: %s", name, outcome.error)
                 return _error(400, _within(root, outcome.public_error or outcome.error))
             entry = AdapterEntry(path, outcome.info["sha256"], outcome.info["variant"])
-        except ConfinementError as e:
-            return _error(403, str(e), "PermissionDeniedError")
-        except AdapterFileError as e:
-            logger.info("ExpertWeave: adapter %r not loaded: %s", name, e)
-            if root is None:  # the client may name any path: tell it nothing about the server's files
-                return _error(400, f"{path}: no ESFT adapter this server can read there")
-            return _error(400, _within(root, e.public_message))
         except ExpertWeaveError as e:
-            logger.info("ExpertWeave: adapter %r not loaded: %s", name, e)
-            return _error(400, _within(root, getattr(e, "public_message", str(e))))
+            return self._load_refusal(name, path, e)
         except Exception as e:  # errors raised in the worker come back wrapped by vLLM
             return _error(400, _within(root, lifetime.worker_message(e)))
         finally:
@@ -459,6 +455,16 @@ class ExpertWeaveFrontEnd:
         logger.info("ExpertWeave: loaded adapter %r from %s (sha256 %s, %d experts)", name, resolved,
                     outcome.info["sha256"], outcome.info["experts"])
         return {"adapter_name": name, **outcome.info}
+
+    def _load_refusal(self, name: str, path: str, error: ExpertWeaveError) -> JSONResponse:
+        """The answer to a load the adapter's files or the workers refused."""
+        logger.info("ExpertWeave: adapter %r not loaded: %s", name, error)
+        root = self.options.adapter_root
+        if isinstance(error, ConfinementError):
+            return _error(403, str(error), "PermissionDeniedError")
+        if isinstance(error, AdapterFileError) and root is None:  # the client may name any path: tell it nothing
+            return _error(400, f"{path}: no ESFT adapter this server can read there")  # of the server's files
+        return _error(400, _within(root, getattr(error, "public_message", str(error))))
 
     def _checked_path(self, path: str) -> Path:
         """The adapter directory to load: inside --adapter-root when one is set, and a valid adapter."""

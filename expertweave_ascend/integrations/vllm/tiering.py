@@ -205,6 +205,23 @@ class TieredAdapters:
             self.residency.begin_load(name)
             return True, victim
 
+    async def reserve_row(self, name: str) -> str | None:
+        """Takes a row and the name for a load by hand, evicting idle catalogue adapters while no row is free;
+        None, or why it cannot (the name is taken, or every resident adapter is pinned or in use)."""
+        async with self._room_lock:
+            while not self.residency.has_free_row():
+                victim = self.residency.victim()
+                if victim is None:
+                    return (f"all {self.residency.max_resident} adapter rows hold adapters loaded by hand or in "
+                            "use (--max-adapters): unload one first")
+                await self._evict(victim)
+                if victim in self.residency.states:
+                    return f"adapter {victim!r} would have made room but still has requests: retry later"
+            if name in self.residency.states:
+                return f"adapter name {name!r} is already in use"
+            self.residency.begin_load(name)
+            return None
+
     async def _wait_change(self) -> None:
         """Until a lease ends or an adapter leaves the device (at most half a second)."""
         self._changed.clear()
