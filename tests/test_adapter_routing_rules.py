@@ -233,3 +233,26 @@ def test_beam_search_for_an_adapter_is_refused_not_served_by_the_base(path, body
     assert answer["error"]["message"].startswith("beam search runs outside ExpertWeave's per-step routing")
     status, _, [seen] = post({"law": LAW}, path, {"model": "base", "use_beam_search": True, "n": 2, **body})
     assert status == 200 and seen["use_beam_search"]
+
+
+def test_a_metrics_scrape_makes_no_engine_call():
+    """On 0071847 each scrape cost three engine calls (a scrape flood tripled a completion's latency): the
+    front-end here has no engine at all, and a scrape still reaches the app with the series collected."""
+    app = RecordingApp()
+    front_end = FrontEnd({"law": LAW})
+    front_end.metrics.hits["law"] += 2
+    front_end.metrics.hits["gone"] += 5  # an adapter no longer on the device shows no series
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    for _ in range(100):
+        asyncio.run(AdapterModelMiddleware(app, front_end)(
+            {"type": "http", "method": "GET", "path": "/metrics", "headers": []}, receive, send))
+    assert not hasattr(front_end, "engine") and len(app.bodies) == 100
+    samples = {(m.name, s.labels.get("adapter")): s.value for m in front_end.metrics.collect() for s in m.samples}
+    assert samples[("expertweave_adapter_hits", "law")] == 2 and ("expertweave_adapter_hits", "gone") not in samples

@@ -99,7 +99,7 @@ def test_an_adapter_missing_on_disk_is_404_and_changes_nothing(large):
     assert states(url) == before
 
 
-def test_no_client_input_gets_a_500_with_an_adapter_root(large, catalogue):
+def test_no_client_input_gets_a_500_with_an_adapter_root(large, catalogue, capsys):
     """On 0071847 a 300- or 5,000-character model name made the catalogue's look at the adapter root raise
     ENAMETOOLONG: a 500 with a traceback."""
     from http_fuzz import fuzz
@@ -109,7 +109,9 @@ def test_no_client_input_gets_a_500_with_an_adapter_root(large, catalogue):
         status, text = complete(url, name, PROMPTS[0])
         assert status == 404, (name[:20], status, text)
     statuses = fuzz(url, sorted(catalogue)[:4], [], count=150, seed=30)
-    print(f"HTTP fuzz (adapter root): {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    with capsys.disabled():
+        print(f"\nHTTP fuzz (adapter root): {sum(statuses.values())} requests, statuses "
+              f"{dict(sorted(statuses.items()))}")
     assert not [status for status in statuses if status >= 500], statuses
     assert "Traceback" not in log.read_text()
 

@@ -101,7 +101,7 @@ def check_residency(residency: Residency, names) -> None:
         assert residency.serving(victim) and not use.leases and not use.waiting and not use.pinned
 
 
-def test_residency_stays_consistent_under_random_interleavings_with_failures_at_every_step():
+def test_residency_stays_consistent_under_random_interleavings_with_failures_at_every_step(capsys):
     """The catalogue's state machine (residency.py) driven as the server drives it, through loads, evictions,
     unloads by hand, leases and waits in random order, each load or leave failing at random: after every step
     each adapter is in one state with its one entry, no row is double-booked, nothing in use is evicted, and
@@ -197,7 +197,8 @@ def test_residency_stays_consistent_under_random_interleavings_with_failures_at_
                 residency.begin_load(name)
                 residency.end_load(name, name)
             check_residency(residency, names)
-    print(f"residency interleavings: {steps} steps over 40 runs")
+    with capsys.disabled():
+        print(f"\nresidency interleavings: {steps} steps over 40 runs")
 
 
 def test_an_unknown_policy_is_one_clear_error():
