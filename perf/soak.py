@@ -88,6 +88,8 @@ def ask(url: str, model: str, prompt: str, chat: bool, stream: bool) -> tuple[in
     for line in response.iter_lines(decode_unicode=True):
         if line.startswith("data: ") and line != "data: [DONE]":
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # refused after the stream began: vLLM reports it in the stream
+                return chunk["error"].get("code") or 500, names, json.dumps(chunk["error"])
             names.add(chunk["model"])
             for choice in chunk["choices"]:
                 text += (choice["delta"].get("content") or "") if chat else choice["text"]
@@ -200,8 +202,8 @@ def worker(url: str, adapters: Path, bad: Path, reference: dict, deadline: float
         else:
             case = rng.choice(sorted(reference))
             status, names, text = ask(url, *case)
-            for _ in range(100):  # a catalogued adapter unloaded by hand in a race: 409 meanwhile, then reloaded
-                if status != 409 or case[0] not in CATALOGUED:
+            for _ in range(100):  # a catalogued adapter unloaded by hand in a race: refused meanwhile, then reloaded
+                if "is being unloaded" not in text or case[0] not in CATALOGUED:
                     break
                 time.sleep(0.1)
                 status, names, text = ask(url, *case)

@@ -133,21 +133,24 @@ def test_vllm_admits_no_request_for_an_adapter_that_is_unknown_or_being_unloaded
     """Requests sent to the engine's own vllm.LLM, past ExpertWeaveLLM's checks, are refused where vLLM's
     engine registers them (admission.install), so none reaches a worker without its adapter."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     from expertweave_ascend.integrations.vllm.engine import adapter_cache_salt
     from expertweave_ascend.residency import UNLOADING
+
+    refused = (ValueError, VLLMValidationError)  # a ValueError on vLLM 0.23, a client error (HTTP 400) on 0.32
 
     def raw(name, salt):
         params = SamplingParams(max_tokens=4, extra_args={"esft_adapter": name})
         return engine.llm.generate([{"prompt": "hello", "cache_salt": salt}], params, use_tqdm=False)
 
-    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+    with pytest.raises(refused, match="unknown adapter 'nope'"):
         raw("nope", None)
     engine.load_adapter("math", tiny / "adapters" / "math")
     salt = adapter_cache_salt(engine.list_adapters()["math"]["sha256"], None)
     assert engine.residency.begin_leave("math", UNLOADING)
     try:
-        with pytest.raises(ValueError, match="adapter 'math' is being unloaded"):
+        with pytest.raises(refused, match="adapter 'math' is being unloaded"):
             raw("math", salt)
     finally:
         engine.residency.end_leave("math", left=False)
@@ -174,6 +177,7 @@ def test_the_engine_refuses_every_forged_or_malformed_adapter_argument_and_keeps
     import random
 
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     from expertweave_ascend.integrations.vllm.engine import SALT_MARKER, adapter_cache_salt
 
@@ -192,7 +196,8 @@ def test_the_engine_refuses_every_forged_or_malformed_adapter_argument_and_keeps
             (extra == {"esft_adapter": "math"} and salt in (good, "tenant" + good))
         try:
             out = engine.llm.generate([{"prompt": "hello", "cache_salt": salt}], params, use_tqdm=False)
-        except ValueError as e:
+        except (ValueError, VLLMValidationError) as e:
+            assert isinstance(e, VLLMValidationError), "vLLM's client error: the API server answers it with a 400"
             assert not valid, (extra, salt, e)
             message = str(e)
             assert "\n" not in message and any(w in message for w in ("adapter", "esft", "salt")), (extra, salt, e)

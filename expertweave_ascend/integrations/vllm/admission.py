@@ -9,7 +9,7 @@ knows at the moment it becomes live: either it is refused, or an unload sees it.
 
 The check is the engine's own defence, not the front-end's parse: every `esft_*` extra argument and the
 prefix-cache salt must be exactly what a front-end would have set for the adapter named, which must be
-admissible now. Anything else is refused with one ValueError for that request (400 over HTTP), so a forged
+admissible now. Anything else is refused with one error for that request (400 over HTTP), so a forged
 or malformed argument never reaches the scheduler or the workers, where it would stop the engine.
 """
 
@@ -77,12 +77,19 @@ def check_request(request, admit: Admit) -> None:
 
 
 def install(engine_client, admit: Admit) -> None:
-    """Checks every request this engine client (vLLM's AsyncLLM or LLMEngine) registers, before it does."""
+    """Checks every request this engine client (vLLM's AsyncLLM or LLMEngine) registers, before it does. A
+    refusal is vLLM's own VLLMValidationError, which AsyncLLM passes to the API server as a client error (400;
+    any other exception there is a 500), and which is the ValueError offline callers catch on vLLM 0.23."""
+    from vllm.exceptions import VLLMValidationError
+
     processor = engine_client.output_processor
     register = processor.add_request
 
     def add_request(request, *args, **kwargs):
-        check_request(request, admit)
+        try:
+            check_request(request, admit)
+        except ValueError as e:
+            raise VLLMValidationError(str(e)) from None
         return register(request, *args, **kwargs)
     processor.add_request = add_request
 

@@ -402,7 +402,8 @@ class ExpertWeaveFrontEnd:
             return _error(400, PROMPT_EMBEDS_REFUSAL), None
         if any(body.get(key) not in (None, 1) for key in ("n", "best_of")):
             return _error(400, PARALLEL_REFUSAL), None
-        if body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs") is not None):
+        echoed_logprobs = body.get("top_logprobs" if "messages" in body else "logprobs")  # vLLM's prompt logprobs
+        if body.get("prompt_logprobs") is not None or (body.get("echo") and echoed_logprobs is not None):
             return _error(400, PROMPT_LOGPROBS_REFUSAL), None
         response_format = body.get("response_format")
         if body.get("structured_outputs") is not None or (
