@@ -127,6 +127,12 @@ class Residency:
         """Resident and not on its way out: a request may lease it now."""
         return self.states.get(name) == RESIDENT
 
+    def admits(self, name: str) -> bool:
+        """Whether the engine may take a request for the adapter now: it is served, or it is being unloaded
+        and requests leased before the unload began are still on their way in (the unload waits for them)."""
+        state = self.states.get(name)
+        return state == RESIDENT or (state == UNLOADING and self.use(name).leases > 0)
+
     def has_room(self) -> bool:
         """A device row is free for one more load (an adapter being evicted counts as gone: its eviction
         travels with the load's start; one being unloaded by hand holds its row until the unload ends)."""

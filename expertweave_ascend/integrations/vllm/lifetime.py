@@ -12,6 +12,7 @@ requests is still queued, and otherwise says what it waits for.
 
 import asyncio
 import time
+from typing import Callable
 
 from ...errors import AdapterBusyError, ExpertWeaveError
 
@@ -43,6 +44,15 @@ class _UnloadPoll:
                                    f"queued in the engine after {self.timeout} s; not unloaded")
         return False
 
+    def leased(self, leases: int) -> bool:
+        """Whether requests the front-end admitted are still in flight (they hold leases, residency.py, from
+        before the engine registers them until their responses end); raises AdapterBusyError once the time is
+        up. Until they are done the workers are not asked: one of them may not have reached the engine yet."""
+        if leases and self.deadline is not None and time.monotonic() >= self.deadline:
+            raise AdapterBusyError(f"adapter {self.name!r} still has {leases} request(s) running or on their way "
+                                   f"into the engine after {self.timeout} s; not unloaded")
+        return leases > 0
+
 
 def hand_over_finished_requests(engine) -> None:
     """An in-process engine core (vllm.LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0) steps only while
@@ -54,21 +64,24 @@ def hand_over_finished_requests(engine) -> None:
         engine.step()
 
 
-def unload_when_idle(llm, name: str, timeout: float | None) -> None:
-    """For vllm.LLM: unloads once idle, or raises AdapterBusyError after timeout seconds (None: no limit)."""
+def unload_when_idle(llm, name: str, timeout: float | None, leased: Callable[[], int] = lambda: 0) -> None:
+    """For vllm.LLM: unloads once idle, or raises AdapterBusyError after timeout seconds (None: no limit).
+    leased(): the adapter's requests the front-end admitted and still holds, which are waited for first."""
     poll = _UnloadPoll(name, timeout)
     while True:
         hand_over_finished_requests(llm.llm_engine)
-        if poll.done(llm.collective_rpc("expertweave_unload_adapter", args=(name, live_request_ids(llm.llm_engine)))):
+        if not poll.leased(leased()) and poll.done(
+                llm.collective_rpc("expertweave_unload_adapter", args=(name, live_request_ids(llm.llm_engine)))):
             return
         time.sleep(POLL_S)
 
 
-async def unload_when_idle_async(engine_client, name: str, timeout: float | None) -> None:
+async def unload_when_idle_async(engine_client, name: str, timeout: float | None,
+                                 leased: Callable[[], int] = lambda: 0) -> None:
     """As unload_when_idle, for the server's AsyncLLM."""
     poll = _UnloadPoll(name, timeout)
-    while not poll.done(await engine_client.collective_rpc("expertweave_unload_adapter",
-                                                           args=(name, live_request_ids(engine_client)))):
+    while poll.leased(leased()) or not poll.done(await engine_client.collective_rpc(
+            "expertweave_unload_adapter", args=(name, live_request_ids(engine_client)))):
         await asyncio.sleep(POLL_S)
 
 

@@ -235,7 +235,7 @@ class ExpertWeaveLLM:
         with self._lock:
             if name not in self._adapters:
                 raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(self._adapters)) or 'none'})")
-            if not self.residency.serving(name):
+            if not self.residency.admits(name):
                 raise ValueError(f"adapter {name!r} is being unloaded")
             return admission.Admitted(self._adapters[name], name in self._variants)
 
@@ -284,7 +284,7 @@ class ExpertWeaveLLM:
                 raise AdapterStateError(f"adapter {name!r} is being unloaded")
         left = False
         try:
-            lifetime.unload_when_idle(self.llm, name, timeout)
+            lifetime.unload_when_idle(self.llm, name, timeout, lambda: self.residency.use(name).leases)
             left = True
         finally:
             with self._lock:

@@ -12,9 +12,10 @@ the user set it, so platform plugins (vllm-ascend's) and other general plugins l
 not vLLM model names: a route the middleware does not rewrite answers them with vLLM's own 404.
 
 Request lifetime belongs to the engine: the workers count each adapter's requests from the scheduler's
-output (worker.py); unload asks them until the adapter is idle (lifetime.py). This front-end keeps only
-the set of adapters being unloaded, to refuse new requests for them, here (409) and where vLLM admits
-each request (admission.py).
+output (worker.py); unload asks them until the adapter is idle (lifetime.py). Which adapters are on the
+device, and which are on their way in or out, is the residency's (residency.py); new requests for an
+adapter being unloaded are refused here (409) and where vLLM's engine client registers each request
+(admission.py), which also checks every ExpertWeave argument the request carries.
 """
 
 import asyncio
@@ -383,7 +384,7 @@ class ExpertWeaveFrontEnd:
         entry = self.registry.adapters.get(name)
         if entry is None:
             raise ValueError(f"adapter {name!r} is not loaded")
-        if not self.registry.residency.serving(name):
+        if not self.registry.residency.admits(name):
             raise ValueError(f"adapter {name!r} is being unloaded")
         return admission.Admitted(entry.sha256, entry.variant)
 
@@ -481,7 +482,7 @@ class ExpertWeaveFrontEnd:
         entry = residency.entries[name]
         try:
             with self.metrics.timed(self.metrics.unload_seconds):
-                await lifetime.unload_when_idle_async(self.engine, name, timeout)
+                await lifetime.unload_when_idle_async(self.engine, name, timeout, lambda: residency.use(name).leases)
         except AdapterBusyError as e:
             residency.end_leave(name, left=False)
             return _error(409, str(e), "ConflictError")
