@@ -61,17 +61,8 @@ class Residency:
         return {name for name, state in self.states.items() if state in states}
 
     @property
-    def resident(self) -> set[str]:
-        """On the device: served, or on its way out."""
-        return self._in(RESIDENT, EVICTING, UNLOADING)
-
-    @property
     def loading(self) -> set[str]:
         return self._in(LOADING)
-
-    @property
-    def leaving(self) -> set[str]:
-        return self._in(EVICTING, UNLOADING)
 
     def _move(self, name: str, expected: tuple[str | None, ...], state: str | None) -> None:
         if self.states.get(name) not in expected:

@@ -120,8 +120,7 @@ def test_residency_stays_consistent_under_random_interleavings_with_failures_at_
             state = residency.states.get(name)
             action = rng.choice(["load", "load", "end_load", "unload", "end_leave", "evict", "lease", "release",
                                  "wait", "stop_waiting", "hand", "illegal"])
-            evicting_alone = residency.leaving - set(victims.values()) - {n for n, s in residency.states.items()
-                                                                          if s == UNLOADING}
+            evicting_alone = {n for n, s in residency.states.items() if s == EVICTING} - set(victims.values())
             if action == "load" and state is None and not evicting_alone:  # _take_room, under the room lock
                 victim = None if residency.has_room() else residency.victim()
                 if residency.has_room() or victim is not None:

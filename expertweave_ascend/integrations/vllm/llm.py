@@ -88,12 +88,9 @@ class ExpertWeaveLLM:
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
-        # name -> content hash, of the adapters requests may name; those that tune non-expert modules
-        listed = self._rpc("expertweave_list_adapters")
-        self._adapters = {name: a["sha256"] for name, a in listed.items()}
-        self._variants = {name for name, a in listed.items() if a["variant"]}
-        for name, sha256 in self._adapters.items():
-            self.residency.add_resident(name, sha256)
+        # the residency's entries: name -> content hash and kind, of the adapters requests may name
+        for name, listed in self._rpc("expertweave_list_adapters").items():
+            self.residency.add_resident(name, admission.Admitted(listed["sha256"], listed["variant"]))
         self._lock = threading.Lock()
         admission.install(self.llm.llm_engine, self._admit)
 
@@ -146,7 +143,8 @@ class ExpertWeaveLLM:
         if refusal is not None:
             raise ValueError(refusal)
         with self._lock:
-            variant = name in self._variants if name in self._adapters else None
+            entry = self.residency.entries.get(name)
+            variant = None if entry is None else entry.variant
         if variant or (variant is None and self.catalogue.tunes_non_experts(name)):
             raise ValueError(variant_refusal(name))
         if isinstance(prompt, dict) and (prompt.get("prompt_embeds") is not None or prompt.get("multi_modal_data")):
@@ -159,7 +157,7 @@ class ExpertWeaveLLM:
         self._check_admissible(names)
         needed = list(dict.fromkeys(name for name in names if name is not None))
         with self._lock:
-            pinned = sum(1 for n in self._adapters if self.residency.use(n).pinned and n not in needed)
+            pinned = sum(1 for n in self.residency.entries if self.residency.use(n).pinned and n not in needed)
         room = self.residency.max_resident - pinned
         if room < 1:
             raise CapacityError(f"all {self.residency.max_resident} adapter rows hold adapters loaded by hand; "
@@ -168,7 +166,7 @@ class ExpertWeaveLLM:
 
     def _make_resident(self, wave: set[str]) -> None:
         """Loads the wave's adapters (leased by the caller), evicting idle adapters outside it by the policy."""
-        for name in sorted(wave - set(self._adapters)):
+        for name in sorted(wave - set(self.residency.entries)):
             while True:
                 if not self.residency.has_room():
                     self._evict_one(wave)
@@ -202,16 +200,15 @@ class ExpertWeaveLLM:
 
         options = options or [None] * len(prompts)
         with self._lock:
-            hashes = {name: self._adapters.get(name) for name in set(names) - {None}}
-            variants = set(self._variants)
-        for name, sha256 in hashes.items():
-            if sha256 is None:  # unloaded since the check
+            entries = {name: self.residency.entries.get(name) for name in set(names) - {None}}
+        for name, entry in entries.items():
+            if entry is None:  # unloaded since the check
                 raise AdapterStateError(f"unknown adapter {name!r}")
         requests, per_request = [], []
         for prompt, name, sp, option in zip(prompts, names, params, options):
             sp = (sp or SamplingParams()).clone()
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            if option is not None and name in variants:  # its files changed since generate() looked
+            if option is not None and entries[name].variant:  # its files changed since generate() looked
                 raise ValueError(variant_refusal(name))
             for arg in (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS, PAIR_ARG):
                 if (sp.extra_args or {}).get(arg) is not None:
@@ -222,9 +219,9 @@ class ExpertWeaveLLM:
                     raise ValueError(problem)
             else:
                 sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name,
-                                 **({VARIANT_ARG: name} if name in variants else {}),
+                                 **({VARIANT_ARG: name} if entries[name].variant else {}),
                                  **(contrastive_args(option) if option is not None else {})}
-                prompt["cache_salt"] = adapter_cache_salt(hashes[name], prompt.get("cache_salt"))
+                prompt["cache_salt"] = adapter_cache_salt(entries[name].sha256, prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
         return requests, per_request
@@ -233,11 +230,12 @@ class ExpertWeaveLLM:
         """The adapter as requests for it may start now (vLLM's engine asks as it admits each), or ValueError
         saying why they may not."""
         with self._lock:
-            if name not in self._adapters:
-                raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(self._adapters)) or 'none'})")
+            entries = self.residency.entries
+            if name not in entries:
+                raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(entries)) or 'none'})")
             if not self.residency.admits(name):
                 raise ValueError(f"adapter {name!r} is being unloaded")
-            return admission.Admitted(self._adapters[name], name in self._variants)
+            return entries[name]
 
     def _check_admissible(self, names: list[str | None]) -> None:
         """Refuses the whole batch before any of it reaches the engine (vLLM admits request by request)."""
@@ -245,10 +243,10 @@ class ExpertWeaveLLM:
             with self._lock:
                 if self.residency.states.get(name) == UNLOADING:
                     raise AdapterStateError(f"adapter {name!r} is being unloaded")
-                if name in self._adapters:
+                if name in self.residency.entries:
                     continue
             if self.catalogue.path(name) is None:
-                known = sorted(set(self._adapters) | set(self.catalogue.names()))
+                known = sorted(set(self.residency.entries) | set(self.catalogue.names()))
                 raise AdapterStateError(f"unknown adapter {name!r} (not loaded and not in the catalogue: "
                                         f"{', '.join(known) or 'none'})")
 
@@ -258,7 +256,7 @@ class ExpertWeaveLLM:
         loaded by hand (pinned) is never evicted for another; unload it by hand."""
         check_adapter(path, self.geometry)  # the workers' load reads and checks the data
         with self._lock:
-            if name in self._adapters:
+            if name in self.residency.entries:
                 raise AdapterStateError(f"adapter {name!r} is already loaded")
         answers = self.llm.collective_rpc("expertweave_load_adapter", args=(name, str(path)))
         outcome = agreement.check_load(name, answers)
@@ -269,16 +267,13 @@ class ExpertWeaveLLM:
             raise (CapacityError if capacity else ExpertWeaveError)(outcome.error)
         info = outcome.info
         with self._lock:
-            self._adapters[name] = info["sha256"]
-            if info["variant"]:
-                self._variants.add(name)
-            self.residency.add_resident(name, info["sha256"], pinned)
+            self.residency.add_resident(name, admission.Admitted(info["sha256"], info["variant"]), pinned)
         return info
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Waits up to timeout seconds (None: no limit), then raises AdapterBusyError, changing nothing."""
         with self._lock:
-            if name not in self._adapters:
+            if name not in self.residency.entries:
                 raise AdapterStateError(f"unknown adapter {name!r}")
             if not self.residency.begin_leave(name, UNLOADING):
                 raise AdapterStateError(f"adapter {name!r} is being unloaded")
@@ -288,9 +283,6 @@ class ExpertWeaveLLM:
             left = True
         finally:
             with self._lock:
-                if left:
-                    del self._adapters[name]
-                    self._variants.discard(name)
                 self.residency.end_leave(name, left)
 
     def list_adapters(self) -> dict:

@@ -34,7 +34,7 @@ from ...catalogue import AdapterCatalogue
 from ...errors import AdapterBusyError, AdapterFileError, ConfinementError, ExpertWeaveError
 from ...files import confined
 from ...geometry import BaseGeometry
-from ...residency import EVICTING, UNLOADING, Residency
+from ...residency import UNLOADING, Residency
 from . import admission, agreement, lifetime, platforms
 from ...contrastive import parse_contrastive
 from .contrastive import (PARALLEL_REFUSAL, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
@@ -60,8 +60,8 @@ def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResp
 
 
 class AdapterRegistry:
-    """The server's base model, and its views of the residency (residency.py owns which adapters are on
-    the device): the adapters on the device (name -> path, content hash and kind) and those being unloaded."""
+    """The server's base model, and its view of the residency (residency.py owns which adapters are on the
+    device): the adapters on the device, name -> path, content hash and kind."""
 
     def __init__(self, geometry: BaseGeometry, base_name: str, residency: Residency):
         self.geometry = geometry
@@ -71,10 +71,6 @@ class AdapterRegistry:
     @property
     def adapters(self) -> dict[str, AdapterEntry]:
         return self.residency.entries
-
-    @property
-    def unloading(self) -> set[str]:
-        return {name for name, state in self.residency.states.items() if state == UNLOADING}
 
 
 @dataclass(frozen=True)
@@ -157,7 +153,7 @@ class AdapterModelMiddleware:
         model = body.get("model")
         name = model if isinstance(model, str) and model != registry.base_name and \
             await self.front_end.tiers.known(model) else None
-        refusal = self._refusal(scope["path"], body, name, name in registry.unloading)
+        refusal = self._refusal(scope["path"], body, name, registry.residency.states.get(name) == UNLOADING)
         option = None
         if refusal is None and "contrastive" in body:
             refusal, option = self.front_end.contrastive(body.pop("contrastive"), name, body)
@@ -342,10 +338,6 @@ class ExpertWeaveFrontEnd:
         name = body.get("adapter_name")
         if not isinstance(name, str) or name not in self.registry.adapters:
             return _error(404, f"adapter {name!r} is not loaded", "NotFoundError")
-        state = self.registry.residency.states.get(name)
-        if state in (UNLOADING, EVICTING):
-            what = "already being unloaded" if state == UNLOADING else "being evicted"
-            return _error(409, f"adapter {name!r} is {what}", "ConflictError")
         timeout = body.get("timeout", 600)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
             return _error(400, f"timeout {timeout!r}: expected a number of seconds")
@@ -477,8 +469,10 @@ class ExpertWeaveFrontEnd:
 
     async def unload(self, name: str, timeout: float):
         residency = self.registry.residency
-        if not residency.begin_leave(name, UNLOADING):
-            return _error(409, f"adapter {name!r} is being loaded, unloaded or evicted", "ConflictError")
+        state = residency.states.get(name)
+        if not residency.begin_leave(name, UNLOADING):  # on its way out already (the route answered 404 for others)
+            what = "already being unloaded" if state == UNLOADING else "being evicted"
+            return _error(409, f"adapter {name!r} is {what}", "ConflictError")
         entry = residency.entries[name]
         try:
             with self.metrics.timed(self.metrics.unload_seconds):

@@ -328,7 +328,7 @@ class TieredAdapters:
         """Packs a waiting adapter into the host tier, if it is within the horizon in order of arrival."""
         if name in self._prefetched:
             return
-        waiting = [n for n in self._tasks if n not in self.residency.resident]  # tasks start in arrival order
+        waiting = [n for n in self._tasks if n not in self.residency.entries]  # tasks start in arrival order
         if name not in waiting[:self.horizon()]:
             return
         self._prefetched.add(name)
