@@ -59,7 +59,7 @@ def attributes_on(tree: ast.Module, receivers: tuple[str, ...]) -> set[str]:
 
 def test_the_integration_calls_only_what_the_protocol_names():
     used = set()
-    for file in ("worker.py", "layer.py", "llm.py", "server.py", "grouping.py", "pairing.py"):
+    for file in ("worker.py", "layer.py", "llm.py", "server.py", "scheduler.py", "grouping.py", "pairing.py"):
         used |= attributes_on(ast.parse((Path(engine.__file__).parent / file).read_text()), ("self.api", "api"))
     assert {"check_engine", "iter_moe_layers", "patch_model_runner", "batch_layout", "moe_token_rows",
             "pack_expert", "engine_defaults", "CLI_ARGS", "SCHEDULER_SEATS", "SCHEDULER_WAITING",
@@ -236,7 +236,7 @@ def test_on_the_cpu_serve_sizes_the_kv_cache_unless_told(tiny_base, monkeypatch)
 def test_on_the_cpu_engines_run_expertweaves_scheduler_unless_told(tiny_base):
     argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, [], 4, None, None)
     assert f"--scheduler-cls={SCHEDULER}" in argv
-    assert resolve_obj_by_qualname(SCHEDULER).__name__ == "PairedScheduler"
+    assert resolve_obj_by_qualname(SCHEDULER).__name__ == "ExpertWeaveScheduler"
     argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--scheduler-cls", "mine.Scheduler"], 4, None, None)
     assert f"--scheduler-cls={SCHEDULER}" not in argv
 

@@ -19,7 +19,7 @@ PROMPT = [5, 17, 42, 99]
 TOKENS = 8
 OPTION = {"alpha": 0.001, "beta": 5.0}
 ENGINE = ["--dtype", "float32", "--max-model-len", "512"]
-FLAGS = ["--scheduler-cls", "expertweave_ascend.integrations.vllm.pairing.PairedScheduler", "--no-async-scheduling",
+FLAGS = ["--scheduler-cls", "expertweave_ascend.integrations.vllm.scheduler.ExpertWeaveScheduler", "--no-async-scheduling",
          "--enforce-eager"]
 
 

@@ -101,7 +101,7 @@ def test_a_mixed_batch_equals_the_reference_for_each_request(llm, references):
     ids = {o.request_id for step in reported for outputs in step.values() for o in outputs.outputs}
     assert len(ids) == len(prompts) and not any(i.endswith("~esft-base") for i in ids), "twins never leave the engine"
     assert got[1] != references.tokens(prompts[1], "law", None, 10), "the contrast changes law's tokens here"
-    assert not scheduler(llm).requests and not scheduler(llm).twins
+    assert not scheduler(llm).requests and not scheduler(llm).pairing.twins
 
 
 def test_beta_zero_equals_plain_adapter_decoding(llm):
@@ -128,11 +128,11 @@ def test_aborting_a_contrastive_request_frees_its_twin(llm):
     add_contrastive(llm, "abort-me", list(range(3, 60)), 200)
     for _ in range(4):
         core.step()
-    assert len(sched.requests) == 2 and len(sched.twins) == 1
+    assert len(sched.requests) == 2 and len(sched.pairing.twins) == 1
     assert pool.get_num_free_blocks() < free
     core.abort_request(["abort-me"])
     core.step()
-    assert not sched.requests and not sched.twins and not sched.twin_ids
+    assert not sched.requests and not sched.pairing.twins and not sched.pairing.twin_ids
     assert pool.get_num_free_blocks() == free
     assert not core.has_unfinished_requests()
 
@@ -147,11 +147,11 @@ def test_a_request_whose_twin_ends_first_fails_and_leaves_nothing(llm):
     add_contrastive(llm, "orphan", [5, 17, 42], 50)
     for _ in range(3):
         core.step()
-    (twin,) = sched.twin_ids
+    (twin,) = sched.pairing.twin_ids
     sched.finish_requests(twin, RequestStatus.FINISHED_ABORTED)
     outputs = [o for _ in range(2) for o in core.step()]
     assert [(o.finished, o.outputs[0].finish_reason) for o in outputs] == [(True, "error")]
-    assert not sched.requests and not sched.twins and not sched.twin_ids
+    assert not sched.requests and not sched.pairing.twins and not sched.pairing.twin_ids
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == free
 
 
@@ -270,8 +270,9 @@ def test_long_prompts_in_chunks_and_preempted_pairs_equal_the_reference(tiny_dec
         assert max(map(len, prompts)) > 32
         for p, n, o, g in zip(prompts, names, options, got):
             assert g == references.tokens(p, n, o, 40), (len(p), n, o)
-        assert preempted and sched.dropped > 0, "the run exercised preemption and the dropping of unpaired samples"
-        assert not sched.requests and not sched.twins
+        assert preempted and sched.pairing.dropped > 0, \
+            "the run exercised preemption and the dropping of unpaired samples"
+        assert not sched.requests and not sched.pairing.twins
         assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
         assert sched.cache_config.enable_prefix_caching
         twin_hits_the_bases_prefix_cache(llm, sched)
@@ -285,7 +286,7 @@ def twin_hits_the_bases_prefix_cache(llm, sched):
     prompt = list(range(3, 70))  # two full 32-token blocks
     generate(llm, [prompt], [None], [None], 2)
     add_contrastive(llm, "cached", prompt, 4)
-    (primary, twin), = ((sched.requests[rid], sched.requests[tid]) for rid, tid in sched.twins.items())
+    (primary, twin), = ((sched.requests[rid], sched.requests[tid]) for rid, tid in sched.pairing.twins.items())
     hits = [sched.kv_cache_manager.get_computed_blocks(r)[1] for r in (primary, twin)]
     assert hits == [0, 64]
     while llm.llm.llm_engine.has_unfinished_requests():

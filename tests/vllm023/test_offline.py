@@ -9,6 +9,15 @@ from catalogue_variants import merged_tokens
 from expertweave_ascend.integrations.hf import load_model
 from expertweave_ascend.integrations.vllm import platforms
 from expertweave_ascend.integrations.vllm.engine import SCHEDULER
+from test_step_policies import (  # noqa: F401  (the main suite's tests)
+    test_contrastive_requests_run_while_variants_switch,
+    test_an_empty_step_of_another_variant_is_groupings_and_preempts_no_pair,
+    test_an_empty_step_its_members_ahead_caused_is_pairings_and_preempts_them,
+    test_a_partner_held_back_for_a_starved_variant_is_groupings_doing,
+    test_without_variants_a_member_ahead_is_pairings_and_with_nothing_hidden_nobodys,
+    test_a_variant_that_finds_nothing_to_run_alone_passes_its_turn,
+    test_grouping_serves_variants_first_come_first_served_within_a_quantum,
+)
 from test_variants import with_non_expert
 from test_vllm_contrastive import (  # noqa: F401  (the main suite's tests and fixtures)
     references,

@@ -22,9 +22,9 @@ SALT_MARKER = "~esft:"
 SALT_HASH_CHARS = 32  # 128 bits of the adapter's sha256
 MAX_CACHE_SALT = 128  # vLLM's validate_cache_salt bound
 
-# vLLM's scheduler_cls: a step holds one non-expert variant (grouping.py), contrastive requests run with
-# their base twins (pairing.py)
-SCHEDULER = "expertweave_ascend.integrations.vllm.pairing.PairedScheduler"
+# vLLM's scheduler_cls (scheduler.py): a step holds one non-expert variant (grouping.py), contrastive
+# requests run with their base twins (pairing.py)
+SCHEDULER = "expertweave_ascend.integrations.vllm.scheduler.ExpertWeaveScheduler"
 
 OnLoad = Callable[[object], None]  # (model runner) after the model is loaded, before warm-up
 OnSchedule = Callable[[object, object], None]  # (model runner, scheduler output) as a step starts
@@ -35,7 +35,7 @@ OnStep = Callable[[object], None]  # (model runner) once the step's batch is lai
 class EnginePlatform(Protocol):
     name: str
     VLLM_LINE: str  # the vLLM release line the class is written for, "0.32" or "0.23"
-    # vLLM's scheduler (grouping.py): its queues of waiting requests, and the attribute bounding running requests
+    # vLLM's scheduler (scheduler.py): its queues of waiting requests, and the attribute bounding running requests
     SCHEDULER_WAITING: tuple[str, ...]
     SCHEDULER_SEATS: str
     CLI_ARGS: str  # the module holding `vllm serve`'s argument parser and its checks (server.py)
