@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VENV023 ?= .venv-vllm023
 PY023 := $(VENV023)/bin/python
 
-.PHONY: env env-vllm023 demo test test-main test-vllm023 bench bench-quick soak clean
+.PHONY: env env-vllm023 pinned demo test test-main test-long test-vllm023 bench bench-quick soak clean
 
 env: $(VENV)/.installed
 env-vllm023: $(VENV023)/.installed
@@ -31,11 +31,20 @@ $(VENV023)/.installed: setup.py constraints-vllm023.txt
 demo: env
 	$(VENV)/bin/expertweave demo
 
-# Both suites: the main one on vLLM 0.32, then tests/vllm023 on vLLM 0.23.
-test: test-main test-vllm023
+# Files of pinned releases the tests read (tests/pinned.py): fetched from PyPI once, checked against its
+# sha256, kept in .pinned; during a test run pinned.py downloads nothing.
+pinned: env
+	$(PY) tests/pinned.py
 
-test-main: env
-	$(PY) -m pytest -q tests --ignore=tests/vllm023
+# Both suites: the main one on vLLM 0.32 (its long runs, marked long, in a target of their own), then
+# tests/vllm023 on vLLM 0.23.
+test: test-main test-long test-vllm023
+
+test-main: env pinned
+	$(PY) -m pytest -q tests --ignore=tests/vllm023 -m "not long"
+
+test-long: env
+	$(PY) -m pytest -q tests --ignore=tests/vllm023 -m long
 
 test-vllm023: env-vllm023
 	$(PY023) -m pytest -q tests/vllm023

@@ -9,6 +9,11 @@ from expertweave_ascend.tiny import make_tiny
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "esft"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: a run of a minute or more of its own (the soak, pip's resolves "
+                                       "over PyPI); `make test-long` runs these, `make test-main` leaves them out")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """The embedded tiny model with 3 adapters (law, math, code), built once per test session."""

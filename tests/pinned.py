@@ -5,6 +5,10 @@ Nothing here is installed: torch_npu's wheel gives the real AscendCL headers, vl
 release gives the code the NPU platform hooks (vLLM 0.23 itself, which runs here, is executed by
 tests/vllm023 instead), nvidia-cuda-runtime's wheel gives cuda.h. Downloads use PyPI's
 simple index (PEP 691) and are checked against the sha256 it publishes.
+
+Tests only read the cache (.pinned, or $EXPERTWEAVE_PINNED_CACHE): `make pinned` (which `make test-main`
+runs first) fills it by running this file, which fetches everything the tests read, the files of each
+project tests/test_atlas_install.py expands included. A test that reads something absent fails saying so.
 """
 
 import hashlib
@@ -16,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "expertweave" / "pinned"
+CACHE = Path(os.environ.get("EXPERTWEAVE_PINNED_CACHE", ROOT / ".pinned"))
 INDEX = "https://pypi.org/simple"
 # cuda.h of CUDA 13.5, the release the pinned cuda-bindings (constraints.txt) was generated from.
 CUDA_RUNTIME = "13.5.37"
@@ -30,17 +34,38 @@ def pin(project: str) -> str:
     raise KeyError(f"requirements-ascend.txt: no pin for {project}")
 
 
+# Set by fetch_all (`make pinned`): only then may anything be downloaded.
+_online = False
+
+
+def _absent(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{path} is not in the pinned-release cache: `make pinned` fetches it")
+
+
 def _index_files(project: str) -> dict[str, dict]:
-    """PyPI's files of a project (every release), by file name, with their URLs and hashes."""
-    request = urllib.request.Request(f"{INDEX}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return {f["filename"]: f for f in json.load(response)["files"]}
+    """PyPI's files of a project (every release), by file name, with their URLs and hashes; the listing is
+    kept in the cache with the files."""
+    listing = CACHE / "index" / f"{project}.json"
+    if not listing.exists():
+        if not _online:
+            raise _absent(listing)
+        request = urllib.request.Request(f"{INDEX}/{project}/",
+                                         headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = {f["filename"]: f for f in json.load(response)["files"]}
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        partial = listing.with_suffix(".part")
+        partial.write_text(json.dumps(files))
+        partial.rename(listing)
+    return json.loads(listing.read_text())
 
 
 def _fetch(project: str, filename: str) -> Path:
     target = CACHE / filename
     if target.exists():
         return target
+    if not _online:
+        raise _absent(target)
     files = _index_files(project)
     if filename not in files:
         raise FileNotFoundError(f"PyPI {project}: no file {filename}")
@@ -124,3 +149,25 @@ def cuda_include_dir() -> Path:
             out.mkdir(parents=True, exist_ok=True)
             (out / "cuda.h").write_bytes(archive.read("nvidia/cu13/include/cuda.h"))
     return out
+
+
+def fetch_all() -> None:
+    """Fetches into the cache every file the tests read: the wheels, headers and source tree above, and
+    what tests/test_atlas_install.py's expansion of the Atlas set reads (index listings and sdists)."""
+    global _online
+    _online = True
+    acl_include_dir()
+    vllm_ascend_sources()
+    cuda_include_dir()
+    from test_atlas_install import atlas_requirements
+
+    atlas_requirements()
+
+
+if __name__ == "__main__":
+    # Run as a script (tests/ first on sys.path) this file is __main__, and test_atlas_install imports it
+    # again as `pinned`: that module is the one whose downloads must be allowed.
+    import pinned
+
+    pinned.fetch_all()
+    print(f"pinned releases cached in {pinned.CACHE}")

@@ -9,6 +9,8 @@ build: its PKG-INFO's requirements), and this project's own requirements (setup.
 release PyPI serves only as source (arctic-inference) is replaced by its PKG-INFO's requirements too.
 triton-ascend==3.2.2 comes from Ascend's own index, which this machine cannot reach: it is left out of the
 resolve, and the README's install command must name that index.
+
+pip's resolves fetch metadata from PyPI for minutes: they are marked long (`make test-long`).
 """
 
 import ast
@@ -17,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -99,6 +102,7 @@ def resolve(requirements: list[str], tmp_path: Path) -> subprocess.CompletedProc
                            "-r", str(listed)], capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.long
 def test_the_atlas_set_resolves_for_an_atlas_host(tmp_path):
     requirements = atlas_requirements()
     assert any(r.startswith("transformers") for r in requirements) and "torch==2.10.0" in requirements
@@ -120,6 +124,7 @@ def test_the_readme_installs_the_pinned_releases_in_vllm_ascends_order():
     assert steps == sorted(steps)
 
 
+@pytest.mark.long
 def test_the_pin_setup_py_had_before_is_a_conflict(tmp_path):
     """The check can fail: setup.py's transformers requirement before vllm-ascend's pin was admitted."""
     result = resolve([*atlas_requirements(), "transformers>=5.16.1,<5.20"], tmp_path)

@@ -1,6 +1,6 @@
 """`make soak`'s runner, briefly: a real server under random mixed traffic, churn, bad loads, smuggling
 attempts and unloads racing evictions, whose summary line must say PASS (the full run is
-`make soak SOAK_S=600`)."""
+`make soak SOAK_S=600`). Marked long: `make test-long` runs it, not `make test-main`."""
 
 import re
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("vllm")
 
 
+@pytest.mark.long
 def test_a_short_soak_passes_and_prints_its_summary_line():
     result = subprocess.run([sys.executable, "-m", "perf.soak", "--seconds", "15", "--workers", "3"],
                             capture_output=True, text=True, timeout=900)
