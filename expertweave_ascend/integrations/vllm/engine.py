@@ -7,7 +7,7 @@ handle and the plugin call only what this protocol names, so everything that dif
 and devices lives in one platform class.
 """
 
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a reques
 SALT_MARKER = "~esft:"
 SALT_HASH_CHARS = 32  # 128 bits of the adapter's sha256
 MAX_CACHE_SALT = 128  # vLLM's validate_cache_salt bound
+# EngineArgs options that set how many data-parallel engines vLLM runs (VLLM_DP_SIZE, where they do not)
+DATA_PARALLEL_SIZES = ("data_parallel_size", "data_parallel_size_local")
 
 # vLLM's scheduler_cls (scheduler.py): a step holds one non-expert variant (grouping.py), contrastive
 # requests run with their base twins (pairing.py)
@@ -181,6 +183,25 @@ def checked_moe_layers(api: EnginePlatform, model: torch.nn.Module, layer_cls: t
         if isinstance(experts, layer_cls):
             api.check_layer(index, api.expert_module(experts))
             yield index, experts
+
+
+def refuse_data_parallelism(where: str, options: Mapping[str, object], environ: Mapping[str, str],
+                            flags: bool = False) -> None:
+    """Refuses, in one line and before any engine starts, engine options (EngineArgs names; flags: the user
+    gave them as `vllm serve` flags) or environment that start more than one data-parallel engine. Refused
+    until it can be tested: vLLM's DP clients send ExpertWeave's collective RPCs to every engine (internal
+    load balancing; an external one: to the server's own engine only) and answer with the first engine's
+    workers alone, while the MoE layers of all engines run each step together as one tensor-parallel group,
+    and vLLM's CPU engine cannot run a MoE model data-parallel (its CPU communicator has no all_gatherv)."""
+    asked = [f"--{name.replace('_', '-')} {options[name]}" if flags else f"{name}={options[name]}"
+             for name in DATA_PARALLEL_SIZES if options.get(name) is not None and int(options[name]) > 1]
+    if environ.get("VLLM_DP_SIZE", "").strip().isdigit() and int(environ["VLLM_DP_SIZE"]) > 1:
+        asked.append(f"VLLM_DP_SIZE={environ['VLLM_DP_SIZE'].strip()}")
+    if asked:
+        raise ExpertWeaveError(f"{where}: data parallelism ({', '.join(asked)}) is not supported: every engine's "
+                               "MoE layers would need the same adapters, but adapter loads, unloads and request "
+                               "counts are answered by one engine; serve one engine per device behind a load "
+                               "balancer, or one engine over several devices with --tensor-parallel-size")
 
 
 def refuse_moe_parallelism(where: str, parallel) -> None:

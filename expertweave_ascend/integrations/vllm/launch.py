@@ -6,6 +6,9 @@ terminal (in a file named in the last line, or shown with --debug) and the user 
 cause, the first exception any process raised, and which flag to change when the cause is a known one.
 """
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
@@ -19,6 +22,7 @@ from typing import TextIO
 
 from ...geometry import BaseGeometry
 from . import admission, platforms, server
+from .engine import refuse_data_parallelism
 from .llm import WORKER_EXTENSION, engine_config
 from .server import ServerOptions
 
@@ -92,6 +96,21 @@ class TracebackFilter:
         return f"the server {what}: {self.cause}{hint}"
 
 
+def engine_options(vllm_args: list[str]) -> dict:
+    """What `vllm serve`'s own parser reads from the arguments given for vLLM, in every spelling it accepts
+    (short flags, underscores, `--flag=value`, abbreviations, --config files); nothing where it refuses them
+    (the server then says why, as vLLM does) or they ask for its help."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_args = importlib.import_module(platforms.current().CLI_ARGS)
+    parser = cli_args.make_arg_parser(FlexibleArgumentParser(add_help=False))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return vars(parser.parse_args(vllm_args))
+    except SystemExit:
+        return {}
+
+
 def tracebacks_file(port: int) -> TextIO:
     """A new file for the server's tracebacks, in a new directory only this user may enter: a name others can
     predict in the shared temporary directory may be their symlink, which a server run as root would follow."""
@@ -104,6 +123,7 @@ def serve(base: str, adapters: dict[str, str], host: str, port: int, vllm_args: 
           adapter_slots: int | None = None, base_name: str | None = None,
           options: ServerOptions = ServerOptions(), debug: bool = False) -> int:
     """Runs the server until it stops; its exit status, and on failure one line on stderr."""
+    refuse_data_parallelism("expertweave serve", engine_options(vllm_args), os.environ, flags=True)
     argv = serve_command(base, adapters, host, port, vllm_args, max_adapters, adapter_slots, base_name, options)
     process = subprocess.Popen(argv, env=serve_environment(dict(os.environ)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, errors="replace")

@@ -17,7 +17,8 @@ from ...weave import slots_needed
 from . import admission, agreement, lifetime, platforms
 from .contrastive import (CONTRASTIVE_ARGS, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, contrastive_args, params_problem,
                           variant_refusal)
-from .engine import ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal, shutdown_llm
+from .engine import (ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal,
+                     refuse_data_parallelism, shutdown_llm)
 from .variants import VARIANT_ARG
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
@@ -66,6 +67,7 @@ class ExpertWeaveLLM:
                  granularity: int | None = None, adapter_root: str | Path | None = None,
                  host_adapter_bytes: int = 0, eviction_policy: str = "lru",
                  consolidate_rel_l2: float | None = None, shared_experts: bool = False, **llm_kwargs):
+        refuse_data_parallelism("ExpertWeaveLLM", llm_kwargs, os.environ)
         from vllm import LLM
 
         self.model = model

@@ -54,7 +54,8 @@ Refused with one clear error when the engine loads, before anything is mapped: e
 expert j must sit in a block of the EP rank owning j, laid out [r*(E/ep + S), (r+1)*(E/ep + S)); the
 core numbers a layer's adapter slots M..M+S-1 for the whole layer), prefill context parallelism
 (tokens are also gathered over PCP), quantized MoE layers (their `apply` selects experts elsewhere),
-NZ expert weights, and enable_sp_by_pass with DP (its gather keeps the padding).
+NZ expert weights, and data parallelism (until it can be tested: adapter loads, unloads and request
+counts are answered by one engine, while every engine's MoE layers need the same adapters).
 """
 
 from dataclasses import dataclass
@@ -151,12 +152,14 @@ class VllmAscend(Vllm023):
                                    "take")
         if moe.ep_size > 1:
             raise ExpertWeaveError(f"{where}: expert parallelism (EP {moe.ep_size}) is not supported: its dispatch "
-                                   "needs every adapter expert on the EP rank of its base expert; serve with TP/DP "
-                                   "only")
+                                   "needs every adapter expert on the EP rank of its base expert; serve with TP")
         if moe.pcp_size > 1:
             raise ExpertWeaveError(f"{where}: prefill context parallelism (PCP {moe.pcp_size}) is not supported")
-        if moe.dp_size > 1 and lookup(self.GET_ASCEND_CONFIG)().enable_sp_by_pass:
-            raise ExpertWeaveError(f"{where}: enable_sp_by_pass with data parallelism is not supported")
+        if moe.dp_size > 1:
+            raise ExpertWeaveError(f"{where}: data parallelism (DP {moe.dp_size}) is not supported: every engine's "
+                                   "MoE layers would need the same adapters, but adapter loads, unloads and "
+                                   "request counts are answered by one engine; serve one engine per device behind "
+                                   "a load balancer, or with TP")
         if type(layer.quant_method) is not lookup(self.MOE_METHOD):
             raise ExpertWeaveError(f"{where}: only unquantized MoE layers are supported, "
                                    f"this one uses {type(layer.quant_method).__name__}")
