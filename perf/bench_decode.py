@@ -314,10 +314,11 @@ class Engines:
         totals = {lane: Counter() for arm in arms for lane in (arm, f"{arm}: {REFERENCE}")}
         touched = []
         with Stopwatch(lambda: self.current.decoding) as watch:
-            watch.wrap(worker._ACTIVE, "reroute", "reroute",
+            active = self.weave.llm.collective_rpc(worker.weave_of)[0]
+            watch.wrap(active, "reroute", "reroute",
                        observe=lambda args, result: touched.append(result.unique().numel()))
             for part, name in (("row_fill", "on_step"), ("accounting", "on_schedule")):
-                watch.wrap(worker._ACTIVE, name, part)
+                watch.wrap(active, name, part)
             for order in balanced_orders(list(arms), rounds, random.Random(1).shuffle):
                 for arm in order:
                     lanes = (totals[arm], totals[f"{arm}: {REFERENCE}"])

@@ -93,7 +93,7 @@ def test_what_captured_graphs_read_stays_in_place(engine, tiny):
 
     from expertweave_ascend.integrations.vllm import worker
 
-    active = worker._ACTIVE
+    active = engine.llm.collective_rpc(worker.weave_of)[0]
 
     def addresses():
         return (active.token_adapter.data_ptr(), active.weave.tables.tensor.data_ptr(),
@@ -218,7 +218,7 @@ def test_unload_waits_for_running_requests_and_times_out_changing_nothing(engine
     from expertweave_ascend.integrations.vllm import worker
 
     engine.load_adapter("code", tiny / "adapters" / "code")
-    active = worker._ACTIVE
+    active = engine.llm.collective_rpc(worker.weave_of)[0]
     active.weave.begin_request("code")  # a request the workers saw scheduled and not yet finish
     before = engine.memory_report()
     with pytest.raises(AdapterBusyError, match=r"adapter 'code' still has 1 request\(s\) running and 0 queued"):
@@ -315,13 +315,14 @@ def test_another_engine_in_this_process_does_not_reach_the_weave(engine, tiny):
 
     engine.load_adapter("law", tiny / "adapters" / "law")
     try:
-        before = (dict(worker._ACTIVE.started), dict(worker._ACTIVE.generated))
+        active = engine.llm.collective_rpc(worker.weave_of)[0]
+        before = (dict(active.started), dict(active.generated))
         plain = LLM(model=str(tiny / "base"), enforce_eager=True, **ENGINE)
         try:
             plain.generate(["the court held that", "solve for x"], SamplingParams(max_tokens=4), use_tqdm=False)
         finally:
             plain.llm_engine.engine_core.shutdown()
-        assert (dict(worker._ACTIVE.started), dict(worker._ACTIVE.generated)) == before
-        assert not worker._ACTIVE.requests and engine.list_adapters()["law"]["requests"] == 0
+        assert (dict(active.started), dict(active.generated)) == before
+        assert not active.requests and engine.list_adapters()["law"]["requests"] == 0
     finally:
         engine.unload_adapter("law")

@@ -19,10 +19,9 @@ import pinned
 import vllm_ascend_facts
 from source_facts import (Fact, Hook, NpuOp, dotted, fact_holds, find, hook_problem, imports, parameters, pinned_tree,
                           torch_npu_bytes, torch_npu_text)
-from vllm_ascend_facts import FACTS, HOOKS, MOE_APPLY, TORCH_NPU_OPS
+from vllm_ascend_facts import FACTS, HOOKS, MOE_APPLY, MOE_LAYER, TORCH_NPU_OPS
 from expertweave_ascend.errors import ExpertWeaveError
 from expertweave_ascend.memory import acl_backend
-from expertweave_ascend.integrations.vllm.patching import replace_method
 from expertweave_ascend.integrations.vllm.platforms import ascend
 from expertweave_ascend.integrations.vllm.platforms.ascend import (MoETokenLayout, VllmAscend, assemble_rows,
                                                                    check_options, rank_rows, shard_transposed)
@@ -150,6 +149,16 @@ def test_vllm_023_takes_the_moe_layer_from_its_legacy_module():
     assert any(imports(b, "vllm_ascend.ops.fused_moe.fused_moe_0_23_0", "AscendFusedMoE") for b in branches)
 
 
+def test_the_moe_layer_registers_under_its_name_as_vllms_fused_moe_does():
+    """ExpertWeave's ops reach a woven layer as no_compile_layers[layer_name] (vLLM's FusedMoE.__init__,
+    run on vLLM 0.23 by tests/vllm023, registers it there): AscendFusedMoE runs that __init__."""
+    init = find(pinned_tree(MOE_LAYER.file), "AscendFusedMoE.__init__")
+    assert any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "__init__"
+               and isinstance(n.func.value, ast.Call) and dotted(n.func.value.func) == "super" for n in ast.walk(init))
+    layer = find(pinned_tree(MOE_LAYER.file), "AscendFusedMoE")
+    assert [dotted(base) for base in layer.bases] == ["FusedMoE"]
+
+
 def test_constants_match_the_headers_and_sources():
     header = (pinned.acl_include_dir() / "acl" / "acl_base_rt.h").read_text()
     assert re.search(rf"\bACL_FORMAT_ND = {ascend.ACL_FORMAT_ND},", header)
@@ -236,16 +245,55 @@ def test_rebound_select_experts_reroutes_only_inside_a_woven_layer():
     def select_experts(hidden_states, router_logits, top_k):
         return router_logits.topk(top_k).values, router_logits.topk(top_k).indices.to(torch.int32)
 
-    holder = type("Module", (), {"select_experts": staticmethod(select_experts)})
-    platform = VllmAscend()
-    replace_method(holder, "select_experts", platform.rerouted_select)
-    replace_method(holder, "select_experts", platform.rerouted_select)
-    assert holder.select_experts.__wrapped__ is select_experts  # wrapped once, however often installed
+    rebound = ascend.rerouted_select(select_experts)
     logits = torch.tensor([[0.1, 0.9, 0.5, 0.2]])
-    assert holder.select_experts(None, logits, 2)[1].tolist() == [[1, 2]]
-    platform.rerouting = lambda ids: ids + 4
-    weights, ids = holder.select_experts(None, logits, 2)
+    assert rebound(None, logits, 2)[1].tolist() == [[1, 2]]
+    with ascend.rerouting(lambda ids: ids + 4):
+        weights, ids = rebound(None, logits, 2)
+        with ascend.rerouting(lambda ids: ids + 8):
+            assert rebound(None, logits, 2)[1].tolist() == [[9, 10]]
+        assert rebound(None, logits, 2)[1].tolist() == [[5, 6]]
     assert ids.tolist() == [[5, 6]] and torch.allclose(weights, torch.tensor([[0.9, 0.5]]))
+    assert rebound(None, logits, 2)[1].tolist() == [[1, 2]]
+
+
+def test_each_woven_layer_reroutes_with_its_own_engines_reroute(monkeypatch):
+    """Two engines' layers in one process: apply hands select_experts the reroute of the layer it runs, and
+    the dispatcher's expert count only for that call; the platform object holds nothing."""
+    import vllm.forward_context
+
+    dispatcher = SimpleNamespace(num_experts_local=16)
+    monkeypatch.setattr(vllm.forward_context, "get_forward_context",
+                        lambda: SimpleNamespace(moe_comm_method=SimpleNamespace(token_dispatcher=dispatcher)))
+    select = ascend.rerouted_select(lambda logits: (logits, logits.argmax(-1, keepdim=True)))
+    seen = []
+
+    def apply(method, layer, logits):
+        seen.append(dispatcher.num_experts_local)
+        return select(logits)[1]
+
+    woven = ascend.woven_apply(apply)
+    layers = []
+    for offset, slots in ((100, 20), (200, 24)):
+        layer = torch.nn.Module()
+        layer.w13_weight = torch.nn.Parameter(torch.empty(slots, 1), requires_grad=False)
+        setattr(layer, ascend.REROUTE_ATTR, lambda ids, offset=offset: ids + offset)
+        layers.append(layer)
+    logits = torch.tensor([[0.1, 0.9, 0.5]])
+    assert woven(None, layers[0], logits).tolist() == [[101]]
+    assert woven(None, layers[1], logits).tolist() == [[201]]
+    assert woven(None, torch.nn.Module(), logits).tolist() == [[1]]  # a layer no engine wove
+    assert seen == [20, 24, 16] and dispatcher.num_experts_local == 16
+    assert vars(VllmAscend()) == {}
+
+
+def test_every_vllm_ascend_patch_is_a_checked_hook():
+    """The vllm-ascend rows of patching.PATCHES are targets HOOKS checks against the pinned sources."""
+    from expertweave_ascend.integrations.vllm.patching import ASCEND, PATCHES
+
+    rows = {p.target for p in PATCHES if ASCEND in p.platforms}
+    assert rows and rows <= {hook.target for hook in HOOKS}
+    assert {VllmAscend.MOE_APPLY, VllmAscend.SELECT_EXPERTS} <= rows
 
 
 # -- engine options that break the slot layout are refused before anything is mapped -----------------

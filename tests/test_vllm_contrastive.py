@@ -113,12 +113,13 @@ def test_beta_zero_equals_plain_adapter_decoding(llm):
 def test_the_twin_is_hidden_from_outputs_and_metrics(llm):
     from expertweave_ascend.integrations.vllm import worker
 
-    before = dict(worker._ACTIVE.generated)
+    generated = llm.llm.collective_rpc(worker.weave_of)[0].generated
+    before = dict(generated)
     outputs = llm.generate([{"prompt_token_ids": [5, 17, 42]}], None, adapter="law", contrastive=OPTIONS[0],
                            use_tqdm=False)
     assert len(outputs) == 1 and not outputs[0].request_id.endswith("~esft-base")
-    assert worker._ACTIVE.generated.get("law", 0) - before.get("law", 0) == len(outputs[0].outputs[0].token_ids)
-    assert worker._ACTIVE.generated.get(None, 0) == before.get(None, 0), "the twin's samples are not the base's"
+    assert generated.get("law", 0) - before.get("law", 0) == len(outputs[0].outputs[0].token_ids)
+    assert generated.get(None, 0) == before.get(None, 0), "the twin's samples are not the base's"
 
 
 def test_aborting_a_contrastive_request_frees_its_twin(llm):
@@ -261,9 +262,9 @@ def test_long_prompts_in_chunks_and_preempted_pairs_equal_the_reference(tiny_dec
         options = [OPTIONS[1], None, None, OPTIONS[2]] * 3
         from expertweave_ascend.integrations.vllm import worker
 
-        before = worker._ACTIVE.generated.copy()
+        generated = llm.llm.collective_rpc(worker.weave_of)[0].generated
+        before = generated.copy()
         got = generate(llm, prompts, names, options, 40)
-        generated = worker._ACTIVE.generated
         assert {n: generated[n] - before[n] for n in ("law", "math", None)} == \
             {"law": 40 * names.count("law"), "math": 40 * names.count("math"), None: 40 * names.count(None)}, \
             "every token a client got counted once; twins' and dropped samples not at all"

@@ -75,8 +75,9 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
     for name in list(engine.list_adapters()):
         engine.unload_adapter(name)
     engine.load_adapter("a001", catalogue["a001"])  # a resident adapter keeps serving too
-    weave = worker._ACTIVE.weave
-    worker._ACTIVE.host_tier.drop("a005")  # read from its files, not from the host tier's copy
+    active = engine.llm.collective_rpc(worker.weave_of)[0]
+    weave = active.weave
+    active.host_tier.drop("a005")  # read from its files, not from the host tier's copy
     release, reading = threading.Event(), threading.Event()
     original = weave.pack
 

@@ -21,14 +21,14 @@ def fail_allocations_on_rank_1(worker) -> int:
         def refuse(owner, counts, shared=None):
             raise CapacityError(f"adapter {owner} needs adapter slots (injected on rank 1)")
 
-        expertweave_worker._ACTIVE.weave.memory.allocate = refuse
+        expertweave_worker.weave_of(worker).weave.memory.allocate = refuse
     return worker.rank
 
 
 def allow_allocations(worker) -> None:
     from expertweave_ascend.integrations.vllm import worker as expertweave_worker
 
-    memory = expertweave_worker._ACTIVE.weave.memory
+    memory = expertweave_worker.weave_of(worker).weave.memory
     memory.__dict__.pop("allocate", None)
 
 

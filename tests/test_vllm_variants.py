@@ -66,10 +66,11 @@ def test_variants_submitted_together_equal_their_merged_models(tiny_decisive, ad
         got = check(llm, base, adapters, [None, "law-ne", "law", "ne-only", "code", "law-ne", None, "ne-only", "law"])
         assert got[1] != merged_tokens(load_model(base, torch.float32), adapters["law"], PROMPTS[1], TOKENS), \
             "the tuned non-expert tensors change law-ne's outputs"
-        switcher = worker._ACTIVE.switcher
+        active = llm.llm.collective_rpc(worker.weave_of)[0]
+        switcher = active.switcher
         assert switcher.switches >= 2, "law-ne's and ne-only's weights each had steps (the base's are in at start)"
         assert llm.memory_report().adapters["law-ne"].non_expert_bytes == sum(
-            t.numel() * 2 for t in worker._ACTIVE.weave.adapters["law-ne"].non_expert.values())
+            t.numel() * 2 for t in active.weave.adapters["law-ne"].non_expert.values())
         llm.unload_adapter("ne-only")
         check(llm, base, adapters, ["law-ne", None, "code", "law-ne"])
     finally:

@@ -75,6 +75,8 @@ FACTS = (
     Fact("vllm_ascend/ops/register_custom_ops.py", "_maybe_all_gather_and_maybe_unpad_impl", "reads",
          "dp_metadata.num_tokens_across_dp_cpu"),
     Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.moe_comm_method"),
+    # ExpertWeave's ops find their layer by its name in vLLM's forward context (no_compile_layers)
+    Fact(_CONTEXT, "set_ascend_forward_context", "calls", "set_forward_context"),
     Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.flash_comm_v1_enabled"),
     Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.max_tokens_across_dp"),
     Fact(_CONTEXT, "set_ascend_forward_context", "writes", "forward_context.padded_length"),

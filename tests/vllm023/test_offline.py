@@ -72,7 +72,8 @@ def test_a_non_expert_adapter_loaded_at_run_time_equals_its_merged_model_beside_
             adapter = None if name is None else adapters[name]
             want = merged_tokens(base_model, adapter, PROMPTS[i % len(PROMPTS)], TOKENS)
             assert got[i] == want, name
-        assert worker._ACTIVE.switcher.switches >= 1, "law-ne's steps ran with its own non-expert weights"
+        switcher = llm.llm.collective_rpc(worker.weave_of)[0].switcher
+        assert switcher.switches >= 1, "law-ne's steps ran with its own non-expert weights"
     finally:
         llm.unload_adapter("law-ne")
     assert llm.memory_report() == before

@@ -9,14 +9,19 @@ from ...shared_experts import SharedExpertRows
 from .engine import EnginePlatform
 
 
-class VllmMoELayer:
-    """runner: the engine's MoE layer module; api: this engine's platform; shared_experts: whether the
-    engine serves adapters that tune shared experts (engine_config)."""
+HANDLE_ATTR = "_expertweave_layer"  # set on a woven MoE layer module: its VllmMoELayer
 
-    def __init__(self, runner: torch.nn.Module, layer: int, api: EnginePlatform, shared_experts: bool = False):
+
+class VllmMoELayer:
+    """runner: the engine's MoE layer module; api: this engine's platform; owner: the engine's weave on this
+    worker (worker.WorkerWeave), which reroutes the layer's ids; shared_experts: whether the engine serves
+    adapters that tune shared experts (engine_config)."""
+
+    def __init__(self, runner: torch.nn.Module, layer: int, api: EnginePlatform, owner, shared_experts: bool = False):
         self.runner = runner
         self.layer = layer
         self.api = api
+        self.owner = owner
         self.shared_experts = shared_experts
 
     def weight_specs(self) -> list[WeightSpec]:
@@ -33,11 +38,21 @@ class VllmMoELayer:
         self.api.replace_expert_weight(self.runner, "w13_weight", views["w13"])
         self.api.replace_expert_weight(self.runner, "w2_weight", views["w2"])
         self.table = table
-        layer = self.layer
-        self.api.reroute_topk(self.runner, lambda ids: torch.ops.expertweave.reroute_layer(ids, layer))
+        # The ops find this handle, and so this engine's weave, on the layer module, which they reach by its
+        # name in the forward context of the engine running them (as vLLM's own MoE op reaches the layer):
+        # the traced graph holds only the name, the same in every engine serving the model.
+        setattr(self.runner, HANDLE_ATTR, self)
+        name = self.runner.layer_name
+        self.api.reroute_topk(self.runner, lambda ids: torch.ops.expertweave.reroute_layer(ids, name))
         if self.shared_experts:  # any op on the MLP's output changes how torch.compile rounds it
             self.api.serve_shared_experts(self.runner,
-                                          lambda out, x: torch.ops.expertweave.shared_experts_rows(out, x, layer))
+                                          lambda out, x: torch.ops.expertweave.shared_experts_rows(out, x, name))
+
+    def reroute(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        return self.owner.reroute(topk_ids, self.layer)
+
+    def serve_shared(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        self.owner.shared_experts(out, x, self.layer)
 
     def pack_expert(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         w13, w2 = self.api.pack_expert(self.runner, torch.cat([gate, up], dim=0), down)

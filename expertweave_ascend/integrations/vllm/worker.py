@@ -8,7 +8,11 @@ model runner (on Atlas: vllm-ascend's NPU runner), and an engine started without
 
 vLLM may compile the model with Dynamo, which runs Python hooks once at trace time. Rerouting is
 therefore the custom op `expertweave::reroute_layer`, opaque to the compiler, whose body runs on
-every forward and reads this process's current buffer and table.
+every forward and reads the current buffer and table of the engine running it.
+
+Nothing of an engine lives in this module: each engine's WorkerWeave hangs on its own model runner
+(WEAVE_ATTR), the hooks act only for a runner carrying one, and the ops find it through the MoE layer
+they run for (layer.py), so engines with and without ExpertWeave, or with other adapters, share a process.
 """
 
 import logging
@@ -27,7 +31,7 @@ from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
 from .contrastive import request_pair
 from .engine import expertweave_config, request_adapter
-from .layer import VllmMoELayer
+from .layer import HANDLE_ATTR, VllmMoELayer
 from .variants import VariantSwitcher
 
 logger = logging.getLogger("expertweave")
@@ -45,7 +49,7 @@ class WorkerWeave:
             raise ExpertWeaveError("--consolidate-rel-l2 with tensor parallelism: each rank would measure the "
                                    "distance of its own shard of an expert and could decide differently; serve "
                                    "with one rank per engine, or without consolidation")
-        self.layers = {index: VllmMoELayer(runner, index, self.api, bool(config.get("shared_experts")))
+        self.layers = {index: VllmMoELayer(runner, index, self.api, self, bool(config.get("shared_experts")))
                        for index, runner in self.api.iter_moe_layers(self.api.loaded_model(model_runner))}
         if not self.layers:
             raise ExpertWeaveError(f"{model_runner.model_config.model}: no fused-MoE layers found")
@@ -208,50 +212,66 @@ def warm_share(config: WeaveConfig, layers) -> int:
                          for layer in layers for spec in layer.weight_specs())
 
 
-_ACTIVE: WorkerWeave | None = None
+WEAVE_ATTR = "_expertweave_weave"  # set on the model runner of an engine that runs ExpertWeave: its WorkerWeave
+
+
+def _handle(layer_name: str) -> VllmMoELayer:
+    """The woven MoE layer of that name in the engine whose forward is running (vLLM's forward context)."""
+    from vllm.forward_context import get_forward_context
+
+    return getattr(get_forward_context().no_compile_layers[layer_name], HANDLE_ATTR)
 
 
 # Defined through Library for the same reason as expertweave::reroute: a cheap per-layer call.
 _lib = torch.library.Library("expertweave", "FRAGMENT")
-_lib.define("reroute_layer(Tensor topk_ids, int layer) -> Tensor")
-_lib.impl("reroute_layer", lambda topk_ids, layer: _ACTIVE.reroute(topk_ids, layer), "CompositeExplicitAutograd")
+_lib.define("reroute_layer(Tensor topk_ids, str layer_name) -> Tensor")
+_lib.impl("reroute_layer", lambda topk_ids, layer_name: _handle(layer_name).reroute(topk_ids),
+          "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("expertweave::reroute_layer")
-def _(topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+def _(topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
     return torch.empty_like(topk_ids)
 
 
 # Opaque to the compiler as reroute_layer is: which tokens take an adapter's shared experts changes per step.
-_lib.define("shared_experts_rows(Tensor(a!) out, Tensor x, int layer) -> ()")
-_lib.impl("shared_experts_rows", lambda out, x, layer: _ACTIVE.shared_experts(out, x, layer),
+_lib.define("shared_experts_rows(Tensor(a!) out, Tensor x, str layer_name) -> ()")
+_lib.impl("shared_experts_rows", lambda out, x, layer_name: _handle(layer_name).serve_shared(out, x),
           "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("expertweave::shared_experts_rows")
-def _(out: torch.Tensor, x: torch.Tensor, layer: int) -> None:
+def _(out: torch.Tensor, x: torch.Tensor, layer_name: str) -> None:
     return None
 
 
+def runner_weave(runner) -> WorkerWeave | None:
+    """The weave of this model runner's engine (None: the engine runs without ExpertWeave)."""
+    return vars(runner).get(WEAVE_ATTR)
+
+
 def on_load(runner) -> None:
-    global _ACTIVE
     config = expertweave_config(runner)
     if config is not None:
-        _ACTIVE = WorkerWeave(runner, config)
+        weave = WorkerWeave(runner, config)
+        setattr(runner, WEAVE_ATTR, weave)
         logger.info("ExpertWeave: %d MoE layers, %d adapter slots per layer, adapters %s",
-                    len(_ACTIVE.layers), _ACTIVE.weave.adapter_slots, sorted(_ACTIVE.weave.adapters))
+                    len(weave.layers), weave.weave.adapter_slots, sorted(weave.weave.adapters))
 
 
 # The runner's methods are wrapped on its class: another engine in this process (a plain vLLM engine beside
-# ExpertWeaveLLM, as verify runs them) steps through the same wrappers and must not reach this weave.
+# ExpertWeaveLLM, as verify runs them, or another ExpertWeaveLLM) steps through the same wrappers and reaches
+# only its own runner's weave, if any.
 def on_schedule(runner, scheduler_output) -> None:
-    if _ACTIVE is not None and _ACTIVE.model_runner is runner:
-        _ACTIVE.on_schedule(scheduler_output)
+    weave = runner_weave(runner)
+    if weave is not None:
+        weave.on_schedule(scheduler_output)
 
 
 def on_step(runner) -> None:
-    if _ACTIVE is not None and _ACTIVE.model_runner is runner:
-        _ACTIVE.on_step(runner)
+    weave = runner_weave(runner)
+    if weave is not None:
+        weave.on_step(runner)
 
 
 class ExpertWeaveWorkerExtension:
@@ -261,7 +281,7 @@ class ExpertWeaveWorkerExtension:
         """This rank's row and slots, or the one-line error it met: a rank that raised would leave the
         others loaded (agreement.py decides, and rolls back through expertweave_discard_adapter)."""
         try:
-            loaded, facts = _active().loader.load_now(name, path)
+            loaded, facts = weave_of(self).loader.load_now(name, path)
         except ExpertWeaveError as e:
             return {"error": str(e), "public_error": getattr(e, "public_message", str(e)),
                     "capacity": isinstance(e, CapacityError)}
@@ -274,7 +294,7 @@ class ExpertWeaveWorkerExtension:
         """Starts loading in the background (loader.py); expertweave_collect_loads reports the outcome.
         With evict, first unloads that adapter if it is idle (as expertweave_unload_adapter) and starts
         nothing if it is not: {"evicted": False, "running", "queued"}."""
-        active = _active()
+        active = weave_of(self)
         if evict is not None:
             status = active.unload_when_idle(evict, live_request_ids)
             if not status["unloaded"]:
@@ -288,46 +308,46 @@ class ExpertWeaveWorkerExtension:
     def expertweave_collect_loads(self) -> dict:
         """{"done": name -> this rank's load answer (as expertweave_load_adapter's, with its source and
         timing), "loading": names still loading}; publishes finished loads on this rank."""
-        loader = _active().loader
+        loader = weave_of(self).loader
         return {"done": loader.collect(), "loading": loader.loading()}
 
     def expertweave_prefetch(self, name: str, path: str) -> bool:
         """Packs an adapter into the host tier in the background; False if it is there or on its way."""
-        return _active().loader.prefetch(name, path)
+        return weave_of(self).loader.prefetch(name, path)
 
     def expertweave_warm_host_tier(self, entries: list[tuple[str, str]]) -> None:
         """Fills the host tier's free room with these (name, path) adapters, in order, in the background."""
-        _active().loader.warm(entries)
+        weave_of(self).loader.warm(entries)
 
     def expertweave_tiers(self) -> dict:
         """Which adapters this rank holds where: {"device": names, "loading": names, "host": names,
         "host_bytes", "host_budget_bytes", "warm_bytes"}."""
-        active = _active()
+        active = weave_of(self)
         return {"device": sorted(active.weave.adapters), "loading": active.loader.loading(),
                 "host": active.host_tier.names(), "host_bytes": active.host_tier.resident_bytes,
                 "host_budget_bytes": active.host_tier.budget_bytes, "warm_bytes": active.weave.memory.warm_bytes}
 
     def expertweave_discard_adapter(self, name: str) -> None:
         """Takes back a load the ranks did not agree on (never published, so no request uses it)."""
-        weave = _active().weave
+        weave = weave_of(self).weave
         if name in weave.adapters:
             weave.unload_adapter(name, timeout=0)
 
     def expertweave_unload_adapter(self, name: str, live_request_ids: list[str]) -> dict:
         """{"unloaded", "running", "queued"}: see WorkerWeave.unload_when_idle; front-ends poll it."""
-        return _active().unload_when_idle(name, live_request_ids)
+        return weave_of(self).unload_when_idle(name, live_request_ids)
 
     def expertweave_list_adapters(self) -> dict:
         return {name: {"path": str(a.path), "sha256": a.sha256, "experts": a.num_experts, "bytes": a.nbytes,
                        "requests": a.in_flight, "variant": bool(a.non_expert)}
-                for name, a in _active().weave.adapters.items()}
+                for name, a in weave_of(self).weave.adapters.items()}
 
     def expertweave_metrics(self) -> dict:
         """What /metrics shows (metrics.py), in one call: "served", requests begun and tokens sampled per
         adapter since the engine started ("" is the base) with the switches of non-expert weights between
         steps (variants.py) and the time they took; "memory", expertweave_memory_report(); "tiers",
         expertweave_tiers()."""
-        active = _active()
+        active = weave_of(self)
         switcher = active.switcher
         served = {"requests": {name or "": n for name, n in active.started.items()},
                   "generated_tokens": {name or "": n for name, n in active.generated.items()},
@@ -337,23 +357,24 @@ class ExpertWeaveWorkerExtension:
 
     def expertweave_close(self) -> None:
         """Unmaps and releases all expert memory; the engine must not run the model afterwards."""
-        global _ACTIVE
-        if _ACTIVE is not None:
-            _ACTIVE.close()
-            _ACTIVE = None
+        weave = vars(self.model_runner).pop(WEAVE_ATTR, None)
+        if weave is not None:
+            weave.close()
 
     def expertweave_memory_report(self) -> dict:
         """MemoryReport.to_json() of this rank."""
-        model = _active().api.loaded_model(self.model_runner)
+        model = weave_of(self).api.loaded_model(self.model_runner)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return _active().weave.memory_report(model_bytes=model_bytes).to_json()
+        return weave_of(self).weave.memory_report(model_bytes=model_bytes).to_json()
 
 
-def _active() -> WorkerWeave:
-    if _ACTIVE is None:
+def weave_of(worker) -> WorkerWeave:
+    """The weave of this worker's engine (a vLLM worker, or the wrapper collective_rpc hands a function)."""
+    weave = runner_weave(worker.model_runner)
+    if weave is None:
         raise ExpertWeaveError("ExpertWeave is not enabled in this engine "
                                "(start it with additional_config={'expertweave': {...}})")
-    return _ACTIVE
+    return weave
 
 
 def install_hooks() -> None:

@@ -58,6 +58,8 @@ NZ expert weights, and data parallelism (until it can be tested: adapter loads, 
 counts are answered by one engine, while every engine's MoE layers need the same adapters).
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -65,7 +67,7 @@ import torch
 
 from ....errors import ExpertWeaveError
 from ..engine import checked_moe_layers, scheduler_flags, shard_expert
-from ..patching import lookup, replace_method, resolve
+from ..patching import lookup, replace_method
 from .vllm023 import Vllm023
 
 ACL_FORMAT_ND = 2  # aclFormat in acl/acl_base_rt.h
@@ -94,9 +96,6 @@ class VllmAscend(Vllm023):
     ENABLE_SP = "vllm_ascend.utils:enable_sp"
     GET_ASCEND_CONFIG = "vllm_ascend.ascend_config:get_ascend_config"
     GLOBAL_PATCH = "vllm_ascend:_ensure_global_patch"
-
-    def __init__(self):
-        self.rerouting: Callable[[torch.Tensor], torch.Tensor] | None = None  # the woven layer now in apply
 
     def engine_defaults(self, given: set[str]) -> dict:
         return {}
@@ -210,38 +209,12 @@ class VllmAscend(Vllm023):
 
     # -- rerouting --------------------------------------------------------------------------------------
     def reroute_topk(self, layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Also makes the layer's dispatch count every slot of its (enlarged) expert tensors."""
-        replace_method(*resolve(self.MOE_APPLY), self.woven_apply)
-        replace_method(*resolve(self.SELECT_EXPERTS), self.rerouted_select)
+        """Also makes the layer's dispatch count every slot of its (enlarged) expert tensors. The reroute is
+        the layer's own (an engine's): woven_apply finds it on the layer and gives it to select_experts for
+        the length of that call only, so the process-wide wrappers hold nothing of any engine."""
+        replace_method(self.MOE_APPLY, woven_apply)
+        replace_method(self.SELECT_EXPERTS, rerouted_select)
         setattr(layer, REROUTE_ATTR, reroute)
-
-    def woven_apply(self, original: Callable) -> Callable:
-        platform = self
-
-        def apply(self, layer, *args, **kwargs):
-            reroute = getattr(layer, REROUTE_ATTR, None)
-            if reroute is None:
-                return original(self, layer, *args, **kwargs)
-            from vllm.forward_context import get_forward_context
-
-            dispatcher = get_forward_context().moe_comm_method.token_dispatcher
-            count = dispatcher.num_experts_local
-            dispatcher.num_experts_local = layer.w13_weight.shape[0]
-            platform.rerouting = reroute
-            try:
-                return original(self, layer, *args, **kwargs)
-            finally:
-                platform.rerouting = None
-                dispatcher.num_experts_local = count
-        return apply
-
-    def rerouted_select(self, original: Callable) -> Callable:
-        def select_experts(*args, **kwargs):
-            weights, ids = original(*args, **kwargs)
-            if self.rerouting is None:
-                return weights, ids
-            return weights, self.rerouting(ids)
-        return select_experts
 
     def moe_token_rows(self, token_adapter: torch.Tensor, num_selected: int) -> torch.Tensor:
         """From this rank's per-token rows (the runner's token order, zero beyond the step's tokens), laid
@@ -273,6 +246,50 @@ class VllmAscend(Vllm023):
             counts = tuple(int(n) for n in context.dp_metadata.num_tokens_across_dp_cpu)
             return MoETokenLayout(int(context.padded_length), dp_size, counts)
         return MoETokenLayout(int(context.max_tokens_across_dp), dp_size)
+
+
+# The reroute of the woven layer whose apply is running in this context (None outside one): select_experts
+# is a module function called from apply without the layer.
+_rerouting: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar("expertweave_rerouting",
+                                                                                    default=None)
+
+
+@contextmanager
+def rerouting(reroute: Callable[[torch.Tensor], torch.Tensor]):
+    """select_experts reroutes its ids with reroute while this lasts (in this thread or task)."""
+    token = _rerouting.set(reroute)
+    try:
+        yield
+    finally:
+        _rerouting.reset(token)
+
+
+def woven_apply(original: Callable) -> Callable:
+    def apply(self, layer, *args, **kwargs):
+        reroute = getattr(layer, REROUTE_ATTR, None)
+        if reroute is None:
+            return original(self, layer, *args, **kwargs)
+        from vllm.forward_context import get_forward_context
+
+        dispatcher = get_forward_context().moe_comm_method.token_dispatcher
+        count = dispatcher.num_experts_local
+        dispatcher.num_experts_local = layer.w13_weight.shape[0]
+        try:
+            with rerouting(reroute):
+                return original(self, layer, *args, **kwargs)
+        finally:
+            dispatcher.num_experts_local = count
+    return apply
+
+
+def rerouted_select(original: Callable) -> Callable:
+    def select_experts(*args, **kwargs):
+        weights, ids = original(*args, **kwargs)
+        reroute = _rerouting.get()
+        if reroute is None:
+            return weights, ids
+        return weights, reroute(ids)
+    return select_experts
 
 
 def max_table_entries(top_k: int) -> int:

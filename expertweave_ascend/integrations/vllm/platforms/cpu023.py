@@ -25,7 +25,7 @@ import torch
 
 from ....errors import ExpertWeaveError
 from ..engine import checked_moe_layers, refuse_moe_parallelism
-from ..patching import lookup
+from ..patching import lookup, replace_attribute
 from .cpu import VllmCpu
 from .vllm023 import Vllm023
 
@@ -36,6 +36,7 @@ class Vllm023Cpu(Vllm023, VllmCpu):
     MOE_METHOD = "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod"
     CPU_KERNEL = "vllm.model_executor.layers.fused_moe.cpu_fused_moe:CPUFusedMOE"
     GROUPED_GEMM = "forward_grouped_gemm"  # CPUFusedMOE's forward_method when it runs the prepacked kernel
+    KERNEL_FORWARD = f"{CPU_KERNEL}.forward_method"  # replaced per layer (a row of patching.PATCHES)
 
     def engine_environment(self) -> dict:
         """VllmCpu's, and MLA off: vLLM 0.23's CPU attention refuses it."""
@@ -66,14 +67,13 @@ class Vllm023Cpu(Vllm023, VllmCpu):
 
     def reroute_topk(self, layer: torch.nn.Module, reroute: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Wraps this layer's CPUFusedMOE forward_method, which receives the ids its own select_experts chose."""
-        kernel = layer.quant_method.cpu_fused_moe
-        forward = kernel.forward_method
+        def rerouted(forward: Callable) -> Callable:
+            @functools.wraps(forward)  # keeps the name check_layer reads
+            def forward_rerouted(module, x, topk_weights, topk_ids, *args, **kwargs):
+                return forward(module, x, topk_weights, reroute(topk_ids), *args, **kwargs)
+            return forward_rerouted
 
-        @functools.wraps(forward)  # keeps the name check_layer reads
-        def forward_rerouted(module, x, topk_weights, topk_ids, *args, **kwargs):
-            return forward(module, x, topk_weights, reroute(topk_ids), *args, **kwargs)
-
-        kernel.forward_method = forward_rerouted
+        replace_attribute(layer.quant_method.cpu_fused_moe, self.KERNEL_FORWARD, rerouted)
 
     def prepack_isa(self, layer: torch.nn.Module) -> str | None:
         return layer.quant_method.cpu_fused_moe.isa

@@ -10,7 +10,7 @@
 The per-step rows must be written before the forward starts, outside it: the device graphs vLLM (and
 vllm-ascend) capture replay the reroute kernel on the buffers it read at capture, and no Python runs then.
 vLLM offers no public point between laying out the batch and running the forward, hence the one private
-method; each suite runs it on its vLLM line.
+method; each suite runs it on its vLLM line. Every method wrapped is a row of patching.PATCHES.
 """
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from ....errors import ExpertWeaveError
 from ..engine import OnLoad, OnSchedule, OnStep, expertweave_config
-from ..patching import lookup, resolve, wrap_after, wrap_before
+from ..patching import wrap_after, wrap_before
 
 
 class V1Runner:
@@ -31,14 +31,13 @@ class V1Runner:
 
     def patch_model_runner(self, on_load: OnLoad, on_schedule: OnSchedule, on_step: OnStep) -> None:
         self.before_runner_import()
-        runner = lookup(self.MODEL_RUNNER)
-        wrap_after(runner, self.LOAD_MODEL, lambda self, *a, **k: on_load(self))
-        wrap_before(runner, self.EXECUTE_MODEL,
+        runner = self.MODEL_RUNNER
+        wrap_after(f"{runner}.{self.LOAD_MODEL}", lambda self, *a, **k: on_load(self))
+        wrap_before(f"{runner}.{self.EXECUTE_MODEL}",
                     lambda self, scheduler_output, *a, **k: on_schedule(self, scheduler_output))
-        wrap_after(runner, self.PREPARE_INPUTS, lambda self, *a, **k: on_step(self))
+        wrap_after(f"{runner}.{self.PREPARE_INPUTS}", lambda self, *a, **k: on_step(self))
         if self.MODEL_RUNNER_V2 is not None:
-            wrap_after(*resolve(f"{self.MODEL_RUNNER_V2}.{self.LOAD_MODEL}"),
-                       lambda self, *a, **k: refuse_model_runner_v2(self))
+            wrap_after(f"{self.MODEL_RUNNER_V2}.{self.LOAD_MODEL}", lambda self, *a, **k: refuse_model_runner_v2(self))
 
     def loaded_model(self, runner) -> torch.nn.Module:
         return runner.model

@@ -21,7 +21,7 @@ import torch
 
 from ....errors import ExpertWeaveError
 from ..engine import checked_moe_layers, refuse_moe_parallelism, shard_expert
-from ..patching import lookup
+from ..patching import lookup, replace_attribute
 from .runner import V1Runner
 
 
@@ -34,6 +34,9 @@ class Vllm032(V1Runner):
     MODEL_RUNNER_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"  # the CPU one derives from it
     MOE_RUNNER = "vllm.model_executor.layers.fused_moe.runner.moe_runner:MoERunner"
     SHARED_MLP = "_layer"  # SharedExperts' attribute holding the model's shared-expert MLP
+    # the attributes replaced per layer (rows of patching.PATCHES)
+    ROUTER_SELECT = "vllm.model_executor.layers.fused_moe.router.fused_moe_router:FusedMoERouter.select_experts"
+    SHARED_MLP_FORWARD = "vllm.model_executor.models.deepseek_v2:DeepseekV2MLP.forward"
     REROUTABLE_KERNELS: tuple[str, ...]  # UnquantizedMoeBackend names whose kernel runs after select_experts
     shared_experts_refusal: str | None = None  # why tuned shared experts are not served here (None: they are)
     kernel_advice = "serve unquantized experts with vLLM's default MoE kernel"
@@ -88,14 +91,13 @@ class Vllm032(V1Runner):
         """Wraps this layer's router. The CUDA graphs vLLM captures record the reroute kernel with the
         buffers it reads (adapter rows, table), which are updated in place, so a replay sees the current
         adapters."""
-        router = layer.router
-        select = router.select_experts
+        def rerouted(select: Callable) -> Callable:
+            def select_experts(*args, **kwargs):
+                weights, ids = select(*args, **kwargs)
+                return weights, reroute(ids)
+            return select_experts
 
-        def select_experts(*args, **kwargs):
-            weights, ids = select(*args, **kwargs)
-            return weights, reroute(ids)
-
-        router.select_experts = select_experts
+        replace_attribute(layer.router, self.ROUTER_SELECT, rerouted)
 
     def pack_expert(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +116,14 @@ class Vllm032(V1Runner):
         wrapper = layer.shared_experts
         if wrapper is None or self.shared_experts_refusal is not None:
             return
-        mlp = getattr(wrapper, self.SHARED_MLP)
-        forward = mlp.forward
+        def with_rows(forward: Callable) -> Callable:
+            def forward_with_rows(x: torch.Tensor) -> torch.Tensor:
+                out = forward(x)
+                hook(out, x)
+                return out
+            return forward_with_rows
 
-        def forward_with_rows(x: torch.Tensor) -> torch.Tensor:
-            out = forward(x)
-            hook(out, x)
-            return out
-
-        mlp.forward = forward_with_rows
+        replace_attribute(getattr(wrapper, self.SHARED_MLP), self.SHARED_MLP_FORWARD, with_rows)
 
     def pack_shared(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
