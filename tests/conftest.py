@@ -33,6 +33,20 @@ def tiny_decisive(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def decisive_server(tiny_decisive, tmp_path_factory) -> str:
+    """One `expertweave serve` on the decisive tiny model for the server tests that need no options of their
+    own (test_server_concurrency, test_server_contrastive): the base as "base", law, math and code loaded at
+    start, runtime loading on. Its URL; it runs until the session ends."""
+    from serving import ENGINE_ARGS, running_server
+
+    adapters = tiny_decisive / "adapters"
+    argv = ["serve", str(tiny_decisive / "base"), "--base-name", "base", "--allow-runtime-loading",
+            *[f"--adapter={name}={adapters / name}" for name in ("law", "math", "code")], "--", *ENGINE_ARGS]
+    with running_server(argv, tmp_path_factory.mktemp("decisive-server") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def geometry(tiny) -> BaseGeometry:
     return BaseGeometry.from_checkpoint(tiny / "base")
 

@@ -17,15 +17,13 @@ requests = pytest.importorskip("requests")
 from expertweave_ascend.integrations.hf import load_model  # noqa: E402
 from expertweave_ascend.tiny import MARGIN  # noqa: E402
 from perf.soak import MODELS, PROMPTS, ask  # noqa: E402
-from serving import ENGINE_ARGS, running_server  # noqa: E402
+
 
 @pytest.fixture(scope="module")
-def server(tiny_decisive, tmp_path_factory):
-    adapters = tiny_decisive / "adapters"
-    argv = ["serve", str(tiny_decisive / "base"), "--base-name", "base", "--allow-runtime-loading",
-            *[f"--adapter={name}={adapters / name}" for name in MODELS[1:]], "--", *ENGINE_ARGS]
-    with running_server(argv, tmp_path_factory.mktemp("server") / "serve.log") as url:
-        yield url
+def server(decisive_server):
+    """The session's server on the decisive model (conftest.py): the base and law, math and code (MODELS),
+    runtime loading on."""
+    return decisive_server
 
 
 def test_the_decisive_model_leads_by_its_margin_and_ignores_context(tiny_decisive):

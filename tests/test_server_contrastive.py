@@ -14,18 +14,15 @@ requests = pytest.importorskip("requests")
 from expertweave_ascend.adapters import EsftAdapter  # noqa: E402
 from expertweave_ascend.contrastive import Contrastive  # noqa: E402
 from expertweave_ascend.integrations.hf import contrastive_tokens, load_model, merge_adapter  # noqa: E402
-from serving import ENGINE_ARGS, running_server  # noqa: E402
 
 PROMPT = [5, 17, 42, 99]
 OPTION = {"alpha": 0.001, "beta": 5.0}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_decisive, tmp_path_factory):
-    argv = ["serve", str(tiny_decisive / "base"), "--adapter", f"law={tiny_decisive / 'adapters' / 'law'}",
-            "--", *ENGINE_ARGS]
-    with running_server(argv, tmp_path_factory.mktemp("server") / "serve.log") as url:
-        yield url
+def server(decisive_server):
+    """The session's server on the decisive model (conftest.py), law among its adapters."""
+    return decisive_server
 
 
 @pytest.fixture(scope="module")
