@@ -8,11 +8,9 @@ pytest.importorskip("vllm")
 from expertweave_ascend.adapters import EsftAdapter  # noqa: E402
 from expertweave_ascend.errors import AdapterError, AdapterStateError  # noqa: E402
 from expertweave_ascend.integrations.vllm.verify import verify_vllm  # noqa: E402
-from expertweave_ascend.reports import VerifyReport  # noqa: E402
 from expertweave_ascend.verify import DEFAULT_PROMPTS  # noqa: E402
 
 ENGINE = dict(max_model_len=512, kv_cache_memory_bytes=64 << 20)
-ADAPTERS = ("law", "math", "code")
 
 
 @pytest.fixture(autouse=True)
@@ -20,30 +18,22 @@ def in_process_engine(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def verify(tiny, **kwargs) -> VerifyReport:
-    adapters = {name: tiny / "adapters" / name for name in ADAPTERS}
-    return verify_vllm(tiny / "base", adapters, DEFAULT_PROMPTS, max_new_tokens=32, **ENGINE, **kwargs)
-
-
-def assert_all_equal(report: VerifyReport) -> None:
-    assert set(report.adapters) == set(ADAPTERS) and report.compared == "logprobs" and report.device == "cpu"
-    for name, row in [("base", report.base), *report.adapters.items()]:
-        assert row.tokens_equal, name
-        assert row.max_abs_diff == 0.0, name
-    assert report.ok
-
-
-def test_mixed_batch_equals_merged_models_eager(tiny):
-    report = verify(tiny, enforce_eager=True, granularity=64 << 10)
-    assert_all_equal(report)
-    memory = report.memory
-    assert set(memory.adapters) == set(ADAPTERS)
-    assert memory.adapter_expert_bytes == sum(a.bytes for a in memory.adapters.values())
-    assert 1.0 <= memory.fragmentation <= 1.1
+def assert_all_equal(report: dict, adapters) -> None:
+    """A verify report (its JSON form) in which every row equals plain vLLM's on its merged model bit for bit."""
+    assert set(report["adapters"]) == set(adapters) and report["compared"] == "logprobs" and report["device"] == "cpu"
+    for name, row in [("base", report["base"]), *report["adapters"].items()]:
+        assert row["tokens_equal"], name
+        assert row["max_abs_diff"] == 0.0, name
+    assert report["ok"]
 
 
 def test_mixed_batch_equals_merged_models_compiled(tiny):
-    assert_all_equal(verify(tiny))
+    """The bit-for-bit comparison with plain vLLM, compiled: the base and law in one batch (every adapter's
+    rows in mixed batches, eager and compiled, are compared with the transformers reference in
+    test_vllm_variants.py and test_vllm_shared_experts.py)."""
+    report = verify_vllm(tiny / "base", {"law": tiny / "adapters" / "law"}, DEFAULT_PROMPTS, max_new_tokens=16,
+                         **ENGINE)
+    assert_all_equal(report.to_json(), ["law"])
 
 
 @pytest.fixture(scope="module")
@@ -230,18 +220,28 @@ def test_unload_waits_for_running_requests_and_times_out_changing_nothing(engine
     assert engine.list_adapters() == {}
 
 
-def test_cli_json_is_one_document_on_stdout_and_the_engines_logs_go_to_stderr(tiny):
+def test_mixed_batch_equals_merged_models_eager_in_the_clis_one_json_document(tiny):
+    """`expertweave verify --engine vllm --json`, eager: the base, law and math in one batch, each row equal to
+    plain vLLM's on its merged model bit for bit; the report is one JSON document on stdout and the engines'
+    logs go to stderr."""
     import json
     import subprocess
     import sys
 
+    adapters = ("law", "math")
     result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "verify", "--engine", "vllm",
-                             "--base", str(tiny / "base"), "--adapter", f"law={tiny / 'adapters' / 'law'}",
-                             "--max-new-tokens", "4", "--max-model-len", "256", "--enforce-eager", "--json"],
+                             "--base", str(tiny / "base"),
+                             *[f"--adapter={name}={tiny / 'adapters' / name}" for name in adapters],
+                             "--max-new-tokens", "16", "--max-model-len", "512", "--kv-cache-memory", "64MiB",
+                             "--granularity", "64KiB", "--enforce-eager", "--json"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert report["ok"] and set(report["adapters"]) == {"law"}
+    assert_all_equal(report, adapters)
+    memory = report["memory"]
+    assert set(memory["adapters"]) == set(adapters) and memory["granularity"] == 64 << 10
+    assert memory["adapter_expert_bytes"] == sum(a["bytes"] for a in memory["adapters"].values())
+    assert 1.0 <= memory["fragmentation"] <= 1.1
     assert "INFO" in result.stderr, "vLLM's engine logs went somewhere other than stderr"
 
 

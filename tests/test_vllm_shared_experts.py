@@ -1,6 +1,8 @@
 """Adapters that tune shared experts in the real vLLM engine, in this process: one batch mixing the base,
 routed-only adapters and shared-expert adapters, each row equal to its merged model, eager and compiled
-(where vLLM's CPU MoE forward is traced by Dynamo and the per-token selection must stay an opaque op)."""
+(where vLLM's CPU MoE forward is traced by Dynamo and the per-token selection must stay an opaque op), on
+one engine per mode. That an engine started without shared experts refuses such adapters is checked on
+tests/test_vllm_variants.py's engine, started without them."""
 
 import pytest
 import torch
@@ -24,15 +26,19 @@ def adapters(tiny_decisive, tmp_path_factory):
             "code": tiny_decisive / "adapters" / "code"}
 
 
-def engine(base, adapters, enforce_eager: bool):
+@pytest.fixture(scope="module", params=[True, False], ids=["eager", "compiled"])
+def llm(request, tiny_decisive, adapters):
+    """The module's engine in one mode (param: enforce_eager), started with its four adapters."""
     import os
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
 
-    return ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, max_adapters=len(adapters),
-                          dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20,
-                          enforce_eager=enforce_eager, granularity=64 << 10)
+    llm = ExpertWeaveLLM(str(tiny_decisive / "base"), {n: str(p) for n, p in adapters.items()},
+                         max_adapters=len(adapters), dtype="float32", max_model_len=256,
+                         kv_cache_memory_bytes=32 << 20, enforce_eager=request.param, granularity=64 << 10)
+    yield llm
+    llm.shutdown()
 
 
 def check_mixed_batch(llm, base, adapters, names):
@@ -50,21 +56,16 @@ def check_mixed_batch(llm, base, adapters, names):
     return wants
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
-def test_shared_expert_adapters_in_a_mixed_batch_equal_their_merged_models(tiny_decisive, adapters, enforce_eager):
+def test_shared_expert_adapters_in_a_mixed_batch_equal_their_merged_models(llm, tiny_decisive, adapters):
     base = tiny_decisive / "base"
-    llm = engine(base, adapters, enforce_eager)
-    try:
-        names = [None, "law-shared", "law", "shared-only", "code", "law-shared", None, "shared-only"]
-        wants = check_mixed_batch(llm, base, adapters, names)
-        assert wants[3] != merged_tokens(load_model(base, torch.float32), None, PROMPTS[0], TOKENS), \
-            "the shared-only adapter's tuned shared experts change its outputs"
-        report = llm.memory_report()
-        assert report.adapters["shared-only"].shared_expert_bytes == 3 * 3 * 128 * 64 * 4
-        llm.unload_adapter("law-shared")
-        check_mixed_batch(llm, base, adapters, ["shared-only", "law", None])
-    finally:
-        llm.shutdown()
+    names = [None, "law-shared", "law", "shared-only", "code", "law-shared", None, "shared-only"]
+    wants = check_mixed_batch(llm, base, adapters, names)
+    assert wants[3] != merged_tokens(load_model(base, torch.float32), None, PROMPTS[0], TOKENS), \
+        "the shared-only adapter's tuned shared experts change its outputs"
+    report = llm.memory_report()
+    assert report.adapters["shared-only"].shared_expert_bytes == 3 * 3 * 128 * 64 * 4
+    llm.unload_adapter("law-shared")
+    check_mixed_batch(llm, base, adapters, ["shared-only", "law", None])
 
 
 def test_shared_experts_are_served_when_asked_for_or_named_at_start(tiny_decisive, adapters):
@@ -75,18 +76,3 @@ def test_shared_experts_are_served_when_asked_for_or_named_at_start(tiny_decisiv
     assert not engine_config(geometry, {"law": adapters["law"]}, 2)["shared_experts"]
     assert engine_config(geometry, {"law": adapters["law"]}, 2, shared_experts=True)["shared_experts"]
     assert engine_config(geometry, {"law": adapters["law"], "law-shared": adapters["law-shared"]}, 2)["shared_experts"]
-
-
-def test_an_engine_started_without_shared_experts_refuses_them_at_load(tiny_decisive, adapters):
-    from expertweave_ascend.errors import ExpertWeaveError
-
-    llm = engine(tiny_decisive / "base", {"law": adapters["law"]}, enforce_eager=True)
-    try:
-        before = llm.memory_report()
-        with pytest.raises(ExpertWeaveError, match=r"started without serving tuned shared experts .*--shared-experts"):
-            llm.load_adapter("law-shared", adapters["law-shared"])
-        after = llm.memory_report()
-        assert set(after.adapters) == {"law"} and after.adapter_expert_bytes == before.adapter_expert_bytes
-        check_mixed_batch(llm, tiny_decisive / "base", adapters, [None, "law"])
-    finally:
-        llm.shutdown()

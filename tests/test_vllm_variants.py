@@ -2,7 +2,10 @@
 routed-only adapters and two non-expert variants submitted together run in steps that never mix variants
 (ExpertWeave's scheduler; the worker refuses a mixed step), the weights are switched between steps, and
 every output equals its merged model, eager and compiled. An engine without ExpertWeave's scheduler
-refuses such adapters in one line."""
+refuses such adapters in one line, and one started without shared experts refuses adapters that tune them.
+
+One engine per mode (eager, compiled) serves this module's tests, each leaving it as it found it save for
+what it says it unloads; only the engine on vLLM's own scheduler is a private one."""
 
 import pytest
 import torch
@@ -12,11 +15,13 @@ pytest.importorskip("vllm")
 from catalogue_variants import merged_tokens  # noqa: E402
 from expertweave_ascend.errors import ExpertWeaveError  # noqa: E402
 from expertweave_ascend.integrations.hf import load_model  # noqa: E402
+from test_shared_experts import with_shared_experts  # noqa: E402
 from test_variants import with_non_expert  # noqa: E402
 
 PROMPTS = ([5, 17, 42, 99], [3, 250, 7], [8, 8, 31])
 TOKENS = 6
 ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20, granularity=64 << 10)
+SEATS = 4
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,22 @@ def engine(base, adapters, **kwargs):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
 
-    return ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, max_adapters=max(1, len(adapters)),
-                          **ENGINE, **kwargs)
+    kwargs.setdefault("max_adapters", max(1, len(adapters)))
+    return ExpertWeaveLLM(str(base), {n: str(p) for n, p in adapters.items()}, **ENGINE, **kwargs)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["eager", "compiled"])
+def llm(request, tiny_decisive, adapters):
+    """The module's engine in one mode (param: enforce_eager), started with law, law-ne, ne-only and code (no
+    adapter tuning shared experts), room for one more adapter, and four seats (max_num_seqs)."""
+    llm = engine(tiny_decisive / "base", adapters, enforce_eager=request.param, max_adapters=len(adapters) + 1,
+                 adapter_slots=64, max_num_seqs=SEATS)
+    yield llm
+    llm.shutdown()
+
+
+# A test on the eager engine only.
+EAGER = pytest.mark.parametrize("llm", [True], ids=["eager"], indirect=True)
 
 
 def generate(llm, names, tokens=TOKENS):
@@ -56,51 +75,59 @@ def check(llm, base, adapters, names, tokens=TOKENS) -> list[list[int]]:
     return got
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
-def test_variants_submitted_together_equal_their_merged_models(tiny_decisive, adapters, enforce_eager):
+def test_variants_submitted_together_equal_their_merged_models(llm, tiny_decisive, adapters):
     from expertweave_ascend.integrations.vllm import worker
 
     base = tiny_decisive / "base"
-    llm = engine(base, adapters, enforce_eager=enforce_eager)
-    try:
-        got = check(llm, base, adapters, [None, "law-ne", "law", "ne-only", "code", "law-ne", None, "ne-only", "law"])
-        assert got[1] != merged_tokens(load_model(base, torch.float32), adapters["law"], PROMPTS[1], TOKENS), \
-            "the tuned non-expert tensors change law-ne's outputs"
-        active = llm.llm.collective_rpc(worker.weave_of)[0]
-        switcher = active.switcher
-        assert switcher.switches >= 2, "law-ne's and ne-only's weights each had steps (the base's are in at start)"
-        assert llm.memory_report().adapters["law-ne"].non_expert_bytes == sum(
-            t.numel() * 2 for t in active.weave.adapters["law-ne"].non_expert.values())
-        llm.unload_adapter("ne-only")
-        check(llm, base, adapters, ["law-ne", None, "code", "law-ne"])
-    finally:
-        llm.shutdown()
+    got = check(llm, base, adapters, [None, "law-ne", "law", "ne-only", "code", "law-ne", None, "ne-only", "law"])
+    assert got[1] != merged_tokens(load_model(base, torch.float32), adapters["law"], PROMPTS[1], TOKENS), \
+        "the tuned non-expert tensors change law-ne's outputs"
+    active = llm.llm.collective_rpc(worker.weave_of)[0]
+    switcher = active.switcher
+    assert switcher.switches >= 2, "law-ne's and ne-only's weights each had steps (the base's are in at start)"
+    assert llm.memory_report().adapters["law-ne"].non_expert_bytes == sum(
+        t.numel() * 2 for t in active.weave.adapters["law-ne"].non_expert.values())
+    llm.unload_adapter("ne-only")
+    check(llm, base, adapters, ["law-ne", None, "code", "law-ne"])
 
 
-def test_a_variant_tuning_one_half_of_a_fused_weight_leaves_the_other_half_the_bases(tiny_decisive, tmp_path):
+@EAGER
+def test_a_variant_tuning_one_half_of_a_fused_weight_leaves_the_other_half_the_bases(llm, tiny_decisive, tmp_path):
     """vLLM loads gate_proj and up_proj into one parameter: switching to a variant that tunes only gate_proj,
     and back, keeps up_proj (and so the base's outputs) intact."""
     base = tiny_decisive / "base"
     adapters = {"gate-only": with_non_expert(tiny_decisive, "law", tmp_path / "gate-only",
                                              names=("model.layers.0.mlp.gate_proj.weight",))}
-    llm = engine(base, adapters, enforce_eager=True)
-    try:
-        check(llm, base, adapters, [None])
-        check(llm, base, adapters, ["gate-only", "gate-only"])
-        check(llm, base, adapters, [None, None])
-    finally:
-        llm.shutdown()
+    llm.load_adapter("gate-only", adapters["gate-only"])
+    check(llm, base, adapters, [None])
+    check(llm, base, adapters, ["gate-only", "gate-only"])
+    check(llm, base, adapters, [None, None])
+    llm.unload_adapter("gate-only")
 
 
-def test_a_variant_that_finds_the_seats_taken_gets_them_when_the_others_finish(tiny_decisive, adapters):
-    """Two seats (max_num_seqs 2), both taken by base requests longer than a quantum when the variant's turn
-    comes: the base requests run on, admitting no one new, and the variant's request is served after them."""
-    base = tiny_decisive / "base"
-    llm = engine(base, {"law-ne": adapters["law-ne"]}, enforce_eager=True, max_num_seqs=2)
-    try:
-        check(llm, base, adapters, [None, None, "law-ne", None, "law-ne"], tokens=40)
-    finally:
-        llm.shutdown()
+@EAGER
+def test_a_variant_that_finds_the_seats_taken_gets_them_when_the_others_finish(llm, tiny_decisive, adapters):
+    """Every seat (max_num_seqs) taken by base requests longer than a quantum when the variant's turn comes:
+    the base requests run on, admitting no one new, and the variant's requests are served after them."""
+    check(llm, tiny_decisive / "base", adapters, [None] * SEATS + ["law-ne", None, "law-ne"], tokens=40)
+
+
+@pytest.fixture(scope="module")
+def law_shared(tiny_decisive, tmp_path_factory):
+    """law, also tuning the shared experts of layers 1 and 3."""
+    return with_shared_experts(tiny_decisive, "law", tmp_path_factory.mktemp("shared") / "law-shared", (1, 3))
+
+
+@EAGER
+def test_an_engine_started_without_shared_experts_refuses_them_at_load(llm, tiny_decisive, adapters, law_shared):
+    from expertweave_ascend.errors import ExpertWeaveError
+
+    before = llm.memory_report()
+    with pytest.raises(ExpertWeaveError, match=r"started without serving tuned shared experts .*--shared-experts"):
+        llm.load_adapter("law-shared", law_shared)
+    after = llm.memory_report()
+    assert set(after.adapters) == set(before.adapters) and after.adapter_expert_bytes == before.adapter_expert_bytes
+    check(llm, tiny_decisive / "base", adapters, [None, "law"])
 
 
 def test_an_engine_without_expertweaves_scheduler_refuses_them(tiny_decisive, adapters):
@@ -114,18 +141,3 @@ def test_an_engine_without_expertweaves_scheduler_refuses_them(tiny_decisive, ad
         llm.load_adapter("law", adapters["law"])
     finally:
         llm.shutdown()
-
-
-@pytest.mark.parametrize("variant,streak,oldest,chosen", [
-    (None, 0, {None: 1.0, "law-ne": 0.5}, None),  # the running group keeps the engine
-    ("law-ne", 3, {"law-ne": 0.2}, "law-ne"),
-    ("law-ne", 16, {"law-ne": 0.2}, "law-ne"),  # past its quantum, but nobody else waits
-    ("law-ne", 16, {"law-ne": 0.2, None: 0.9, "ne-only": 0.4}, "ne-only"),  # past it: the oldest other group
-    ("law-ne", 2, {None: 0.9, "ne-only": 0.4}, "ne-only"),  # its requests are gone
-])
-def test_the_scheduler_serves_groups_first_come_first_served_within_a_quantum(variant, streak, oldest, chosen):
-    from expertweave_ascend.integrations.vllm.grouping import VariantScheduler
-
-    scheduler = VariantScheduler.__new__(VariantScheduler)  # the policy alone, without an engine
-    scheduler.variant, scheduler.streak = variant, streak
-    assert scheduler._choose(oldest) == chosen
