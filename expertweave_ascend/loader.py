@@ -11,12 +11,45 @@ Warming fills the host tier's free room from a list of adapters (a server's cata
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterStateError, CapacityError, ExpertWeaveError
 from .host_tier import HostTier
 from .packed import PackedAdapter
-from .weave import ExpertWeave, PendingLoad
+from .weave import ExpertWeave, LoadedAdapter, PendingLoad
+
+
+@dataclass(frozen=True)
+class LoadAnswer:
+    """One rank's outcome of a load: where it put the adapter (row, slots per MoE layer), its size, content
+    hash and kind, where the packed copy came from and how long reading and copying took; or the one-line
+    error it met (public_error: the same without anything read from the files; capacity: no room)."""
+    row: int = -1
+    experts: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    slots: dict[str, list[int]] = field(default_factory=dict)
+    variant: bool = False
+    source: str | None = None  # disk, host or prefetch
+    read_s: float = 0.0
+    copy_s: float = 0.0
+    error: str | None = None
+    public_error: str | None = None
+    capacity: bool = False
+
+    @classmethod
+    def loaded(cls, loaded: LoadedAdapter, facts: dict) -> "LoadAnswer":
+        return cls(loaded.row, loaded.num_experts, loaded.nbytes, loaded.sha256,
+                   {str(layer): list(slots) for layer, slots in loaded.slots.items()}, bool(loaded.non_expert),
+                   **facts)
+
+    @classmethod
+    def failed(cls, error: Exception) -> "LoadAnswer":
+        if isinstance(error, ExpertWeaveError):
+            return cls(error=str(error), public_error=getattr(error, "public_message", str(error)),
+                       capacity=isinstance(error, CapacityError))
+        return cls(error=f"load failed: {type(error).__name__}: {error}")
 
 
 class BackgroundLoader:
@@ -68,21 +101,22 @@ class BackgroundLoader:
             if not self.host_tier.put(name, packed, make_room=False):
                 return
 
-    def load_now(self, name: str, path: str | Path):
-        """Loads on the caller's thread (through the host tier, as background loads do); the LoadedAdapter
-        and the load's source and timing."""
-        pending, facts = self._load(name, str(path))
+    def load_now(self, name: str, path: str | Path) -> LoadAnswer:
+        """Loads on the caller's thread (through the host tier, as background loads do)."""
+        try:
+            pending, facts = self._load(name, str(path))
+        except ExpertWeaveError as e:
+            return LoadAnswer.failed(e)
         loaded = self.weave.publish(pending)
         self.prefetched.discard(name)
-        return loaded, facts
+        return LoadAnswer.loaded(loaded, facts)
 
     def loading(self) -> list[str]:
         with self._lock:
             return list(self._running)
 
-    def collect(self) -> dict[str, dict]:
-        """Publishes every finished load (call from the engine's thread, between steps): name -> its row,
-        slots, content hash and timing, or {"error": ...}."""
+    def collect(self) -> dict[str, LoadAnswer]:
+        """Publishes every finished load (call from the engine's thread, between steps): name -> its answer."""
         with self._lock:
             done = {name: f for name, f in self._running.items() if f.done()}
             for name in done:
@@ -93,27 +127,23 @@ class BackgroundLoader:
         for name, future in done.items():
             try:
                 pending, facts = future.result()
-            except ExpertWeaveError as e:
-                results[name] = {"error": str(e), "public_error": getattr(e, "public_message", str(e)),
-                                 "capacity": isinstance(e, CapacityError)}
-                continue
-            except Exception as e:  # an unexpected failure in the loader thread must not stop the engine
-                results[name] = {"error": f"adapter {name!r}: load failed: {type(e).__name__}: {e}"}
+            except Exception as e:  # an unexpected failure in the loader thread must not stop the engine either
+                results[name] = LoadAnswer.failed(e if isinstance(e, ExpertWeaveError) else
+                                                  ExpertWeaveError(f"adapter {name!r}: load failed: "
+                                                                   f"{type(e).__name__}: {e}"))
                 continue
             loaded = self.weave.publish(pending)
             self.prefetched.discard(name)
-            results[name] = {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes,
-                             "sha256": loaded.sha256, "slots": {str(l): s for l, s in loaded.slots.items()},
-                             "variant": bool(loaded.non_expert), **facts}
+            results[name] = LoadAnswer.loaded(loaded, facts)
         return results
 
-    def wait(self, names: set[str], poll_s: float = 0.005) -> dict[str, dict]:
+    def wait(self, names: set[str], poll_s: float = 0.005) -> dict[str, LoadAnswer]:
         """Collects until every named load has finished; raises the first failure as ExpertWeaveError."""
-        done: dict[str, dict] = {}
+        done: dict[str, LoadAnswer] = {}
         while not names <= set(done):
             done.update(self.collect())
             time.sleep(poll_s)
-        failed = [answer["error"] for name, answer in done.items() if "error" in answer]
+        failed = [answer.error for answer in done.values() if answer.error is not None]
         if failed:
             raise ExpertWeaveError(failed[0])
         return done

@@ -107,8 +107,9 @@ def loaded(make_weave, adapters):
     state = {}
     for name, path in adapters.items():
         expected = content_sha256((path / "expert_cfg.json").read_bytes(), *file_tensors(path))
-        adapter, facts = loader.load_now(name, path)
-        assert facts["source"] == "disk"
+        answer = loader.load_now(name, path)
+        assert answer.error is None and answer.source == "disk"
+        adapter = weave.adapters[name]
         packed = tier.get(name, path)
         state[name] = (adapter, packed, served(weave, adapter, packed), expected)
     yield weave, tier, state

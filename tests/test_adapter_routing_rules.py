@@ -14,13 +14,12 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from expertweave_ascend.catalogue import AdapterCatalogue  # noqa: E402
 from expertweave_ascend.integrations.vllm.engine import SALT_MARKER, adapter_cache_salt  # noqa: E402
 from expertweave_ascend.integrations.vllm.metrics import AdapterMetrics  # noqa: E402
-from expertweave_ascend.integrations.vllm.tiering import TieredAdapters  # noqa: E402
-from expertweave_ascend.residency import UNLOADING, Residency  # noqa: E402
-from expertweave_ascend.integrations.vllm.server import (AdapterEntry, AdapterModelMiddleware,  # noqa: E402
-                                                         AdapterRegistry, adapter_name_problem)
+from expertweave_ascend.integrations.vllm.frontend import AdapterFrontEnd, adapter_name_problem  # noqa: E402
+from expertweave_ascend.integrations.vllm.server import AdapterModelMiddleware  # noqa: E402
+from expertweave_ascend.residency import UNLOADING, Content, Residency  # noqa: E402
 
-LAW = AdapterEntry("adapters/law", "1" * 64)
-LAW_RETRAINED = AdapterEntry("adapters/law-v2", "2" * 64)
+LAW = Content("adapters/law", "1" * 64)
+LAW_RETRAINED = Content("adapters/law-v2", "2" * 64)
 
 
 class RecordingApp:
@@ -39,21 +38,22 @@ class RecordingApp:
         await send({"type": "http.response.body", "body": answer})
 
 
-class FrontEnd:
-    """The server's front-end with these adapters on the device and nothing else in its catalogue."""
+class Routes:
+    """The server's routes over a front-end with these adapters on the device, nothing else in its catalogue
+    and no engine (nothing here reaches one)."""
 
     def __init__(self, adapters):
         residency = Residency(8)
-        for name, entry in adapters.items():
-            residency.add_resident(name, entry)
-        self.registry = AdapterRegistry(None, "base", residency)
-        self.metrics = AdapterMetrics(lambda: residency.entries, CollectorRegistry())
-        self.tiers = TieredAdapters(self, AdapterCatalogue(), residency, wait_s=1.0)
+        for name, content in adapters.items():
+            residency.add_resident(name, content)
+        self.front_end = AdapterFrontEnd(None, None, None, AdapterCatalogue(), residency,
+                                         AdapterMetrics(lambda: residency.entries, CollectorRegistry()),
+                                         base_name="base", wait_s=1.0)
 
 
 def post(adapters: dict, path: str, body) -> tuple[int, dict, list]:
     app = RecordingApp()
-    middleware = AdapterModelMiddleware(app, FrontEnd(adapters))
+    middleware = AdapterModelMiddleware(app, Routes(adapters))
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     sent = []
 
@@ -125,7 +125,7 @@ def test_bodies_that_are_not_json_go_to_vllm_untouched(body):
         await send({"type": "http.response.start", "status": 400, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    middleware = AdapterModelMiddleware(app_receiving_raw, FrontEnd({"law": LAW}))
+    middleware = AdapterModelMiddleware(app_receiving_raw, Routes({"law": LAW}))
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -138,8 +138,8 @@ def test_bodies_that_are_not_json_go_to_vllm_untouched(body):
 
 
 def test_a_request_for_an_adapter_being_unloaded_is_409():
-    front_end = FrontEnd({"law": LAW})
-    assert front_end.registry.residency.begin_leave("law", UNLOADING)
+    routes = Routes({"law": LAW})
+    assert routes.front_end.residency.begin_leave("law", UNLOADING)
     app = RecordingApp()
     sent = []
 
@@ -149,7 +149,7 @@ def test_a_request_for_an_adapter_being_unloaded_is_409():
     async def send(message):
         sent.append(message)
 
-    asyncio.run(AdapterModelMiddleware(app, front_end)(
+    asyncio.run(AdapterModelMiddleware(app, routes)(
         {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
     assert sent[0]["status"] == 409 and not app.bodies
 
@@ -170,7 +170,7 @@ def test_names_the_server_could_not_serve_are_refused(name, problem):
 
 def post_with_headers(headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, dict, list]:
     app = RecordingApp()
-    middleware = AdapterModelMiddleware(app, FrontEnd({"law": LAW}))
+    middleware = AdapterModelMiddleware(app, Routes({"law": LAW}))
     sent = []
 
     async def receive():
@@ -239,7 +239,8 @@ def test_a_metrics_scrape_makes_no_engine_call():
     """On 0071847 each scrape cost three engine calls (a scrape flood tripled a completion's latency): the
     front-end here has no engine at all, and a scrape still reaches the app with the series collected."""
     app = RecordingApp()
-    front_end = FrontEnd({"law": LAW})
+    routes = Routes({"law": LAW})
+    front_end = routes.front_end
     front_end.metrics.hits["law"] += 2
     front_end.metrics.hits["gone"] += 5  # an adapter no longer on the device shows no series
     sent = []
@@ -251,8 +252,8 @@ def test_a_metrics_scrape_makes_no_engine_call():
         sent.append(message)
 
     for _ in range(100):
-        asyncio.run(AdapterModelMiddleware(app, front_end)(
+        asyncio.run(AdapterModelMiddleware(app, routes)(
             {"type": "http", "method": "GET", "path": "/metrics", "headers": []}, receive, send))
-    assert not hasattr(front_end, "engine") and len(app.bodies) == 100
+    assert front_end.engine is None and front_end.workers is None and len(app.bodies) == 100
     samples = {(m.name, s.labels.get("adapter")): s.value for m in front_end.metrics.collect() for s in m.samples}
     assert samples[("expertweave_adapter_hits", "law")] == 2 and ("expertweave_adapter_hits", "gone") not in samples

@@ -94,7 +94,7 @@ def test_the_api_server_process_imports_no_model_runner():
         load_general_plugins()
         cli_args = importlib.import_module(platforms.current().CLI_ARGS)
         cli_args.make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m"])
-        server.add_front_end(server.api_server_module(), server.ExpertWeaveFrontEnd())
+        server.add_front_end(server.api_server_module(), server.AdapterRoutes())
         print(json.dumps([m for m in ("expertweave_ascend.integrations.vllm.worker", {runner_module!r})
                           if m in sys.modules]))
     """, dict(os.environ))

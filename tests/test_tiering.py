@@ -15,7 +15,7 @@ from expertweave_ascend.catalogue import AdapterCatalogue
 from expertweave_ascend.errors import AdapterStateError, ConfinementError
 from expertweave_ascend.host_tier import HostTier
 from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
-from expertweave_ascend.loader import BackgroundLoader
+from expertweave_ascend.loader import BackgroundLoader, LoadAnswer
 from expertweave_ascend.residency import EVICTING, LOADING, RESIDENT, UNLOADING, Residency
 from expertweave_ascend.weave import ExpertWeave, WeaveConfig
 
@@ -235,7 +235,7 @@ def test_a_host_tier_copy_whose_files_changed_is_not_served(weave, adapter_copy)
     assert tier.get("law", path) is None and tier.names() == []
 
 
-def collect_until(loader: BackgroundLoader, name: str) -> dict:
+def collect_until(loader: BackgroundLoader, name: str) -> LoadAnswer:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         done = loader.collect()
@@ -252,20 +252,20 @@ def test_a_background_load_publishes_what_a_direct_load_writes(weave, tiny, geom
         with pytest.raises(AdapterStateError, match="already being loaded"):
             loader.start("law", tiny / "adapters" / "law")
         answer = collect_until(loader, "law")
-        assert answer["source"] == "disk" and "law" in weave.adapters and loader.loading() == []
-        row, slots = answer["row"], {int(l): s for l, s in answer["slots"].items()}
+        assert answer.source == "disk" and "law" in weave.adapters and loader.loading() == []
+        row, slots = answer.row, {int(l): s for l, s in answer.slots.items()}
         views = {layer: {n: v[s].clone() for n, v in weave.memory.views(layer).items()} for layer, s in slots.items()}
         table = weave.tables.tensor[:, row].clone()
         weave.unload_adapter("law")
         direct = weave.load_adapter("law", tiny / "adapters" / "law")
-        assert direct.row == row and direct.slots == slots and direct.sha256 == answer["sha256"]
+        assert direct.row == row and direct.slots == slots and direct.sha256 == answer.sha256
         assert torch.equal(weave.tables.tensor[:, row], table)
         for layer, s in slots.items():
             for n, v in weave.memory.views(layer).items():
                 assert torch.equal(v[s], views[layer][n])
         weave.unload_adapter("law")
         loader.start("law", tiny / "adapters" / "law")
-        assert collect_until(loader, "law")["source"] == "host"  # packed once, in the host tier since
+        assert collect_until(loader, "law").source == "host"  # packed once, in the host tier since
     finally:
         loader.close()
 
@@ -276,7 +276,7 @@ def test_a_prefetched_adapter_loads_from_the_host_tier(weave, tiny):
         assert loader.prefetch("math", tiny / "adapters" / "math")
         assert not loader.prefetch("math", tiny / "adapters" / "math"), "already on its way"
         loader.start("math", tiny / "adapters" / "math")
-        assert collect_until(loader, "math")["source"] == "prefetch"
+        assert collect_until(loader, "math").source == "prefetch"
         assert not HostTier(0).names() and not BackgroundLoader(weave, HostTier(0)).prefetch("law", tiny / "adapters" / "law")
     finally:
         loader.close()
@@ -290,7 +290,7 @@ def test_a_failed_background_load_changes_nothing(weave, adapter_copy):
     try:
         loader.start("bad", bad)
         answer = collect_until(loader, "bad")
-        assert "model.safetensors" in answer["error"] and not answer["capacity"]
+        assert "model.safetensors" in answer.error and not answer.capacity
         assert "bad" not in weave.adapters and loader.host_tier.names() == []
         assert torch.equal(weave.tables.tensor, before[0])
         assert (weave.memory.mapped_bytes, list(weave.tables.free_rows)) == before[1:]
@@ -305,7 +305,7 @@ def test_a_load_without_slots_says_it_is_a_capacity_error(tiny, geometry):
     try:
         loader.start("law", tiny / "adapters" / "law")
         answer = collect_until(loader, "law")
-        assert answer["capacity"] and "adapter slots" in answer["error"]
+        assert answer.capacity and "adapter slots" in answer.error
     finally:
         loader.close()
         weave.close()
@@ -330,7 +330,7 @@ def test_the_engine_thread_keeps_working_while_a_load_copies(weave, tiny):
             weave.end_request("code") if weave.begin_request("code") else None
         assert loader.loading() == ["law"] and "law" not in weave.adapters
         release.set()
-        assert "error" not in collect_until(loader, "law")
+        assert collect_until(loader, "law").error is None
     finally:
         release.set()
         loader.close()

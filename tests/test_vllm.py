@@ -138,12 +138,12 @@ def test_vllm_admits_no_request_for_an_adapter_that_is_unknown_or_being_unloaded
         raw("nope", None)
     engine.load_adapter("math", tiny / "adapters" / "math")
     salt = adapter_cache_salt(engine.list_adapters()["math"]["sha256"], None)
-    assert engine.residency.begin_leave("math", UNLOADING)
+    assert engine.front_end.residency.begin_leave("math", UNLOADING)
     try:
         with pytest.raises(refused, match="adapter 'math' is being unloaded"):
             raw("math", salt)
     finally:
-        engine.residency.end_leave("math", left=False)
+        engine.front_end.residency.end_leave("math", left=False)
     assert raw("math", salt)[0].outputs[0].token_ids
     engine.unload_adapter("math")
     assert engine.list_adapters() == {}

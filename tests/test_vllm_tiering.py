@@ -2,6 +2,7 @@
 rows in waves (outputs equal the merged models), and an adapter loading on the workers' loader thread
 never stops the engine's steps (observed step by step while a load is held in its read phase)."""
 
+import asyncio
 import threading
 import time
 
@@ -13,6 +14,7 @@ pytest.importorskip("vllm")
 from catalogue_variants import merged_tokens, write_variants  # noqa: E402
 from expertweave_ascend.errors import AdapterStateError  # noqa: E402
 from expertweave_ascend.integrations.hf import load_model  # noqa: E402
+from expertweave_ascend.integrations.vllm.workers import Collected, StartAnswer  # noqa: E402
 
 ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20, enforce_eager=True,
               granularity=64 << 10)
@@ -89,8 +91,8 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
     weave.pack = held_pack
     llm_engine = engine.llm.llm_engine
     try:
-        assert engine.llm.collective_rpc("expertweave_start_load", args=("a005", str(catalogue["a005"]))) == \
-            [{"started": True, "evicted": False}]
+        workers = engine.front_end.workers
+        assert asyncio.run(workers.start_load("a005", str(catalogue["a005"]), None, [])) == [StartAnswer(started=True)]
         assert reading.wait(30)
         for i in range(4):  # two base requests, two of the resident adapter
             params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -102,21 +104,21 @@ def test_steps_complete_while_an_adapter_loads(engine, catalogue):
             for output in llm_engine.step():
                 if output.request_id in sampled_steps and output.outputs and output.outputs[0].token_ids:
                     sampled_steps[output.request_id] += 1
-            collected = engine.llm.collective_rpc("expertweave_collect_loads")[0]
-            assert collected == {"done": {}, "loading": ["a005"]}, "the load finished while it was held"
+            [collected] = asyncio.run(workers.collect())
+            assert collected == Collected({}, ["a005"]), "the load finished while it was held"
         release.set()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            collected = engine.llm.collective_rpc("expertweave_collect_loads")[0]
-            if collected["done"]:
+            [collected] = asyncio.run(workers.collect())
+            if collected.done:
                 break
             llm_engine.step()
             time.sleep(0.01)
-        assert set(collected["done"]) == {"a005"} and collected["done"]["a005"]["source"] == "disk"
+        assert set(collected.done) == {"a005"} and collected.done["a005"].source == "disk"
         while llm_engine.has_unfinished_requests():
             llm_engine.step()
     finally:
         release.set()
         weave.pack = original
-    engine.llm.collective_rpc("expertweave_discard_adapter", args=("a005",))
+    asyncio.run(workers.discard("a005"))
     engine.unload_adapter("a001")

@@ -81,17 +81,21 @@ def test_a_load_every_rank_agrees_on_serves_and_unloads_everywhere(engine, tiny)
 
 
 def test_ranks_that_place_an_adapter_differently_are_undone_everywhere():
-    from expertweave_ascend.integrations.vllm.agreement import check_load
+    from dataclasses import replace
 
-    same = {"row": 1, "experts": 2, "bytes": 10, "sha256": "ab" * 32, "slots": {"1": [16, 17]}, "variant": False}
-    assert check_load("law", [same, dict(same)]).info == {"row": 1, "experts": 2, "bytes": 10, "sha256": "ab" * 32,
-                                                          "variant": False}
-    outcome = check_load("law", [same, {**same, "slots": {"1": [16, 18]}}])
-    assert outcome.roll_back and outcome.info is None
+    from expertweave_ascend.integrations.vllm.agreement import check_load
+    from expertweave_ascend.loader import LoadAnswer
+
+    same = LoadAnswer(row=1, experts=2, bytes=10, sha256="ab" * 32, slots={"1": [16, 17]})
+    assert check_load("law", [same, replace(same)]).loaded == same
+    outcome = check_load("law", [same, replace(same, slots={"1": [16, 18]})])
+    assert outcome.roll_back and outcome.loaded is None
     assert outcome.error == "adapter 'law': the ranks placed it differently (rank 0: row 1; rank 1: row 1); undone on every rank"
-    outcome = check_load("law", [same, {**same, "sha256": "cd" * 32}])
+    outcome = check_load("law", [same, replace(same, sha256="cd" * 32)])
     assert outcome.roll_back and outcome.error == ("adapter 'law': the ranks read different bytes (rank 0: sha256 "
                                                    "abababababab; rank 1: sha256 cdcdcdcdcdcd); was it changed while "
                                                    "loading? Undone on every rank")
-    outcome = check_load("law", [{"error": "x: bad"}, {"error": "x: bad"}])
-    assert outcome.error == "x: bad" and not outcome.roll_back
+    outcome = check_load("law", [LoadAnswer(error="x: bad"), LoadAnswer(error="x: bad")])
+    assert outcome.error == "x: bad" and not outcome.roll_back and not outcome.capacity
+    outcome = check_load("law", [same, LoadAnswer(error="x: no room", capacity=True)])
+    assert outcome.roll_back and outcome.capacity and outcome.error == "x: no room (rank 1 of 2; undone on the others)"

@@ -1,8 +1,9 @@
-"""Admitting a request's adapter where vLLM's engine client admits the request itself.
+"""A request's ExpertWeave arguments: what a front-end sets (request_fields), and the engine's check of them
+where vLLM's engine client admits the request itself (install, check_request).
 
 Every request an engine client (AsyncLLM in the server, LLMEngine offline) accepts is registered in its
 output processor, synchronously and just before it is sent to the engine core; from then on it is one of
-the live requests an unload waits for (lifetime.py). install() puts RequestCheck in front of that
+the live requests an unload waits for (lifetime.py). install() puts check_request in front of that
 registration on the engine client the front-end drives (its own object: another engine in the process is
 not checked), so every request, whatever route or API it came by, is checked against what the front-end
 knows at the moment it becomes live: either it is refused, or an unload sees it.
@@ -13,28 +14,43 @@ admissible now. Anything else is refused with one error for that request (400 ov
 or malformed argument never reaches the scheduler or the workers, where it would stop the engine.
 """
 
-from dataclasses import dataclass
 from typing import Callable
 
-from .contrastive import CONTRASTIVE_ARGS, PAIR_ARG, PROCESSOR as CONTRASTIVE_PROCESSOR, params_problem, \
-    request_contrastive, variant_refusal
-from .engine import ADAPTER_ARG, SALT_HASH_CHARS, SALT_MARKER, client_salt_problem
+from ...contrastive import Contrastive
+from ...residency import Content
+from .contrastive import CONTRASTIVE_ARGS, PAIR_ARG, PROCESSOR as CONTRASTIVE_PROCESSOR, contrastive_args, \
+    params_problem, request_contrastive, variant_refusal
+from .engine import ADAPTER_ARG, SALT_HASH_CHARS, SALT_MARKER, adapter_cache_salt, client_salt_problem
 from .variants import VARIANT_ARG
 
 PROCESSORS = (CONTRASTIVE_PROCESSOR,)  # ExpertWeave's logits processors (module:class)
 ARGS = (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS)  # the extra_args a front-end sets
 PREFIX = "esft_"  # every ExpertWeave extra argument starts so; PAIR_ARG is the scheduler's own
 
-
-@dataclass(frozen=True)
-class Admitted:
-    """What the engine must know of an adapter a request names: its content hash and its kind."""
-    sha256: str
-    variant: bool  # it tunes non-expert modules
+# adapter name -> what a load put on the device (its content hash and kind), or ValueError saying why its
+# requests may not start now
+Admit = Callable[[str], Content]
 
 
-# adapter name -> Admitted, or ValueError saying why its requests may not start now
-Admit = Callable[[str], Admitted]
+def client_args_problem(extra, where: str, instead: str) -> str | None:
+    """Why a client's own extra arguments (`where` names them as the client sent them) cannot be sent on;
+    `instead` says how that client names an adapter and contrastive decoding."""
+    if extra is not None and not isinstance(extra, dict):
+        return f"{where} must be an object"
+    for key in extra or ():
+        if isinstance(key, str) and key.startswith(PREFIX):
+            return f"{where}.{key} is set by {instead}"
+    return None
+
+
+def request_fields(name: str, content: Content, option: Contrastive | None, extra: dict | None,
+                   client_salt) -> tuple[dict, str]:
+    """The extra_args and cache_salt of a request for a loaded adapter: the client's own extra arguments
+    (checked by client_args_problem) with the adapter's, and the client's salt with the adapter's after it
+    (ValueError for a client salt that cannot take it)."""
+    return ({**(extra or {}), ADAPTER_ARG: name, **({VARIANT_ARG: name} if content.variant else {}),
+             **(contrastive_args(option) if option is not None else {})},
+            adapter_cache_salt(content.sha256, client_salt))
 
 
 def check_request(request, admit: Admit) -> None:

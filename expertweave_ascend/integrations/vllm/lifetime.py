@@ -24,34 +24,31 @@ def live_request_ids(engine) -> list[str]:
     return list(engine.output_processor.request_states)
 
 
-class _UnloadPoll:
-    def __init__(self, name: str, timeout: float | None):
-        self.name, self.timeout = name, timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-
-    def done(self, statuses: list[dict]) -> bool:
-        """Whether every rank unloaded; raises AdapterBusyError once the time is up."""
-        unloaded = {s["unloaded"] for s in statuses}
+async def unload_when_idle(workers, engine_client, name: str, timeout: float | None,
+                           leased: Callable[[], int] = lambda: 0) -> None:
+    """Unloads the adapter from every rank once it is idle, or raises AdapterBusyError after timeout seconds
+    (None: no limit), changing nothing. leased(): the adapter's requests the front-end admitted and still
+    holds (residency.py: from before the engine registers them until their responses end); they are waited
+    for first, since one of them may not have reached the engine yet. engine_client: AsyncLLM or LLMEngine,
+    whose live requests the workers must all have seen."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        leases = leased()
+        statuses = [] if leases else await workers.unload(name, live_request_ids(engine_client))
+        unloaded = {s.unloaded for s in statuses}
         if unloaded == {True}:
-            return True
+            return
         if True in unloaded:
-            raise ExpertWeaveError(f"adapter {self.name!r}: the tensor-parallel ranks disagree on whether it is "
-                                   f"idle ({statuses}); the engine's ranks no longer hold the same adapters")
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            running = max(s["running"] for s in statuses)
-            queued = max(s["queued"] for s in statuses)
-            raise AdapterBusyError(f"adapter {self.name!r} still has {running} request(s) running and {queued} "
-                                   f"queued in the engine after {self.timeout} s; not unloaded")
-        return False
-
-    def leased(self, leases: int) -> bool:
-        """Whether requests the front-end admitted are still in flight (they hold leases, residency.py, from
-        before the engine registers them until their responses end); raises AdapterBusyError once the time is
-        up. Until they are done the workers are not asked: one of them may not have reached the engine yet."""
-        if leases and self.deadline is not None and time.monotonic() >= self.deadline:
-            raise AdapterBusyError(f"adapter {self.name!r} still has {leases} request(s) running or on their way "
-                                   f"into the engine after {self.timeout} s; not unloaded")
-        return leases > 0
+            raise ExpertWeaveError(f"adapter {name!r}: the tensor-parallel ranks disagree on whether it is idle "
+                                   f"({statuses}); the engine's ranks no longer hold the same adapters")
+        if deadline is not None and time.monotonic() >= deadline:
+            if leases:
+                raise AdapterBusyError(f"adapter {name!r} still has {leases} request(s) running or on their way "
+                                       f"into the engine after {timeout} s; not unloaded")
+            raise AdapterBusyError(f"adapter {name!r} still has {max(s.running for s in statuses)} request(s) "
+                                   f"running and {max(s.queued for s in statuses)} queued in the engine after "
+                                   f"{timeout} s; not unloaded")
+        await asyncio.sleep(POLL_S)
 
 
 def hand_over_finished_requests(engine) -> None:
@@ -62,27 +59,6 @@ def hand_over_finished_requests(engine) -> None:
 
     if isinstance(engine.engine_core, InprocClient) and not engine.has_unfinished_requests():
         engine.step()
-
-
-def unload_when_idle(llm, name: str, timeout: float | None, leased: Callable[[], int] = lambda: 0) -> None:
-    """For vllm.LLM: unloads once idle, or raises AdapterBusyError after timeout seconds (None: no limit).
-    leased(): the adapter's requests the front-end admitted and still holds, which are waited for first."""
-    poll = _UnloadPoll(name, timeout)
-    while True:
-        hand_over_finished_requests(llm.llm_engine)
-        if not poll.leased(leased()) and poll.done(
-                llm.collective_rpc("expertweave_unload_adapter", args=(name, live_request_ids(llm.llm_engine)))):
-            return
-        time.sleep(POLL_S)
-
-
-async def unload_when_idle_async(engine_client, name: str, timeout: float | None,
-                                 leased: Callable[[], int] = lambda: 0) -> None:
-    """As unload_when_idle, for the server's AsyncLLM."""
-    poll = _UnloadPoll(name, timeout)
-    while poll.leased(leased()) or not poll.done(await engine_client.collective_rpc(
-            "expertweave_unload_adapter", args=(name, live_request_ids(engine_client)))):
-        await asyncio.sleep(POLL_S)
 
 
 def worker_message(error: Exception) -> str:

@@ -1,25 +1,29 @@
 """ExpertWeaveLLM: vllm.LLM serving a base model and many ESFT adapters in one engine."""
 
+import asyncio
 import os
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from prometheus_client import CollectorRegistry
+
 from ...adapters import check_adapter, validate_adapter
 from ...catalogue import AdapterCatalogue
-from ...contrastive import Contrastive, parse_contrastive
-from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
+from ...contrastive import Contrastive
+from ...errors import AdapterStateError, CapacityError
 from ...geometry import BaseGeometry
 from ...reports import MemoryReport
-from ...residency import UNLOADING, Residency
+from ...residency import Residency
 from ...sharing import check_rel_l2
 from ...weave import slots_needed
-from . import admission, agreement, lifetime, platforms
-from .contrastive import (CONTRASTIVE_ARGS, PAIR_ARG, PROMPT_EMBEDS_REFUSAL, contrastive_args, params_problem,
-                          variant_refusal)
-from .engine import (ADAPTER_ARG, adapter_cache_salt, client_salt_problem, contrastive_refusal,
-                     refuse_data_parallelism, shutdown_llm)
-from .variants import VARIANT_ARG
+from . import admission, platforms
+from .contrastive import PROMPT_EMBEDS_REFUSAL, params_problem, variant_refusal
+from .engine import client_salt_problem, refuse_data_parallelism, shutdown_llm
+from .frontend import AdapterFrontEnd, AdapterUnavailable, Lease
+from .metrics import AdapterMetrics
+from .workers import Workers
 
 WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
@@ -57,9 +61,10 @@ class ExpertWeaveLLM:
     at once run in waves, each wave's adapters loaded before it runs. Adapters loaded by hand
     (load_adapter) stay until unloaded by hand.
 
-    Adapters are checked here before anything reaches the engine. Unload admits no new requests of the
-    adapter and waits until the engine's workers report none of them running or queued (lifetime.py);
-    from another thread while generate runs, that needs vLLM's engine in its own process (the default).
+    This is the offline driver of the engine's AdapterFrontEnd (frontend.py), which the server drives too:
+    it runs on an event loop of this object's own thread, so an unload from another thread while generate
+    runs is served (that needs vLLM's engine in its own process, the default). Unload admits no new
+    requests of the adapter and waits until the engine's workers report none of them running or queued.
     """
 
     def __init__(self, model: str, adapters: dict[str, str] | None = None, *, max_adapters: int = 8,
@@ -71,16 +76,15 @@ class ExpertWeaveLLM:
         from vllm import LLM
 
         self.model = model
-        self.geometry = BaseGeometry.from_checkpoint(model)
+        geometry = BaseGeometry.from_checkpoint(model)
         adapters = dict(adapters or {})
         for path in list(adapters.values())[max_adapters:]:  # the first ones are checked by engine_config
-            shared_experts |= bool(check_adapter(path, self.geometry).shared_layers)
-        self.catalogue = AdapterCatalogue(adapter_root, adapters)
-        self.residency = Residency(max_adapters, eviction_policy)
+            shared_experts |= bool(check_adapter(path, geometry).shared_layers)
+        residency = Residency(max_adapters, eviction_policy)
         preload = dict(list(adapters.items())[:max_adapters])
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
         additional["expertweave"] = engine_config(
-            self.geometry, preload, max_adapters, adapter_slots, adapter_memory_bytes, granularity,
+            geometry, preload, max_adapters, adapter_slots, adapter_memory_bytes, granularity,
             host_adapter_bytes, warm=adapter_root is not None or len(adapters) > max_adapters,
             consolidate_rel_l2=consolidate_rel_l2, shared_experts=shared_experts)
         for key, value in platforms.current().engine_defaults(set(llm_kwargs)).items():
@@ -90,14 +94,18 @@ class ExpertWeaveLLM:
             os.environ.setdefault(key, value)  # read by the engine processes this one starts
         self.llm = LLM(model=model, additional_config=additional, worker_extension_cls=WORKER_EXTENSION,
                        **llm_kwargs)
-        # the residency's entries: name -> content hash and kind, of the adapters requests may name
-        for name, listed in self._rpc("expertweave_list_adapters").items():
-            self.residency.add_resident(name, admission.Admitted(listed["sha256"], listed["variant"]))
-        self._lock = threading.Lock()
-        admission.install(self.llm.llm_engine, self._admit)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="expertweave-front-end", daemon=True)
+        self._thread.start()
+        self.front_end = AdapterFrontEnd(
+            self.llm.llm_engine, Workers.of_llm(self.llm), geometry, AdapterCatalogue(adapter_root, adapters),
+            residency, AdapterMetrics(lambda: residency.entries, CollectorRegistry()),
+            adapter_root=None if adapter_root is None else str(adapter_root), wait_s=0)
+        self._run(self.front_end.start())
 
-    def _rpc(self, method: str, *args):
-        return self.llm.collective_rpc(method, args=args)[0]
+    def _run(self, coroutine):
+        """Runs a front-end coroutine on the front-end's loop and returns its result, from any thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, adapter: str | None | Sequence[str | None] = None,
@@ -120,71 +128,58 @@ class ExpertWeaveLLM:
         options = [self._contrastive(*request) for request in zip(options, names, prompts, params)]
         outputs: list = [None] * len(prompts)
         for k, wave in enumerate(self._waves(names)):
-            for name in wave:
-                self.residency.lease(name)  # not evicted while the wave is loaded and runs
+            leases: list[Lease] = []
             try:
-                self._make_resident(wave)
+                for name in sorted(wave):  # each held (never evicted) while the wave is loaded and runs
+                    leases.append(self._acquire(name, wave))
                 chosen = [i for i, name in enumerate(names) if name in wave or (k == 0 and name is None)]
                 done = self._generate([prompts[i] for i in chosen], [params[i] for i in chosen],
                                       [names[i] for i in chosen], [options[i] for i in chosen], use_tqdm)
             finally:
-                for name in wave:
-                    self.residency.release(name)
+                for lease in leases:
+                    self._loop.call_soon_threadsafe(self.front_end.release, lease.name)
             for i, output in zip(chosen, done):
                 outputs[i] = output
         return outputs[0] if single else outputs
+
+    def _acquire(self, name: str, wave: set[str]) -> Lease:
+        try:
+            return self._run(self.front_end.acquire(name))
+        except AdapterUnavailable:
+            raise CapacityError(f"adapters {', '.join(sorted(wave))} do not fit on the device together (rows, slots "
+                                "or memory); pass fewer per generate call or raise max_adapters / adapter_slots") \
+                from None
 
     def _contrastive(self, option, name: str | None, prompt, params) -> Contrastive | None:
         """The request's option, or ValueError before anything is loaded or run."""
         if option is None:
             return None
-        option = parse_contrastive(option)
-        if name is None:
-            raise ValueError("contrastive decoding contrasts an adapter with its base model: name an adapter")
-        refusal = contrastive_refusal(self.llm.llm_engine.vllm_config) or params_problem(params)
-        if refusal is not None:
-            raise ValueError(refusal)
-        with self._lock:
-            entry = self.residency.entries.get(name)
-            variant = None if entry is None else entry.variant
-        if variant or (variant is None and self.catalogue.tunes_non_experts(name)):
-            raise ValueError(variant_refusal(name))
+        option = self._run(self.front_end.contrastive(option, name))
+        problem = params_problem(params)
+        if problem is not None:
+            raise ValueError(problem)
         if isinstance(prompt, dict) and (prompt.get("prompt_embeds") is not None or prompt.get("multi_modal_data")):
             raise ValueError(PROMPT_EMBEDS_REFUSAL if prompt.get("prompt_embeds") is not None else
                              "contrastive decoding runs the base model on the same prompt: text or token ids only")
         return option
 
     def _waves(self, names: list[str | None]) -> list[set[str]]:
-        """The adapters named, in groups of at most max_adapters (one group, maybe empty, when they fit)."""
-        self._check_admissible(names)
+        """The adapters named, in groups that fit beside the adapters loaded by hand (one group, maybe empty,
+        when they fit); refuses the whole batch before any of it runs (vLLM admits request by request)."""
         needed = list(dict.fromkeys(name for name in names if name is not None))
-        with self._lock:
-            pinned = sum(1 for n in self.residency.entries if self.residency.use(n).pinned and n not in needed)
-        room = self.residency.max_resident - pinned
+        residency = self.front_end.residency
+        for name in needed:
+            if self.front_end.unloading(name):
+                raise AdapterStateError(f"adapter {name!r} is being unloaded")
+            if not self._run(self.front_end.known(name)):
+                known = sorted(set(residency.entries) | set(self.front_end.catalogue.names()))
+                raise AdapterStateError(f"unknown adapter {name!r} (not loaded and not in the catalogue: "
+                                        f"{', '.join(known) or 'none'})")
+        room = residency.max_resident - len(set(residency.pinned()) - set(needed))
         if room < 1:
-            raise CapacityError(f"all {self.residency.max_resident} adapter rows hold adapters loaded by hand; "
+            raise CapacityError(f"all {residency.max_resident} adapter rows hold adapters loaded by hand; "
                                 "unload one to serve others")
         return [set(needed[i:i + room]) for i in range(0, len(needed), room)] or [set()]
-
-    def _make_resident(self, wave: set[str]) -> None:
-        """Loads the wave's adapters (leased by the caller), evicting idle adapters outside it by the policy."""
-        for name in sorted(wave - set(self.residency.entries)):
-            while True:
-                if not self.residency.has_room():
-                    self._evict_one(wave)
-                try:
-                    self.load_adapter(name, self.catalogue.path(name), pinned=False)
-                    break
-                except CapacityError:
-                    self._evict_one(wave)
-
-    def _evict_one(self, wave: set[str]) -> None:
-        victim = self.residency.victim()
-        if victim is None:
-            raise CapacityError(f"adapters {', '.join(sorted(wave))} do not fit on the device together "
-                                "(rows, slots or memory); pass fewer per generate call or raise max_adapters / "
-                                "adapter_slots")
-        self.unload_adapter(victim)
 
     def _generate(self, prompts: list, params: list, names: list[str | None], options: list[Contrastive | None],
                   use_tqdm: bool) -> list:
@@ -196,105 +191,56 @@ class ExpertWeaveLLM:
     def vllm_requests(self, prompts: list, params: list, names: list[str | None],
                       options: list[Contrastive | None] | None = None) -> tuple[list, list]:
         """The prompts and sampling params vLLM's engine gets for these requests to loaded adapters: each
-        names its adapter in extra_args and carries the adapter's cache salt. generate() runs them; a caller
-        that steps the engine itself (perf/bench_decode.py) adds them to `self.llm.llm_engine`."""
+        names its adapter in extra_args and carries the adapter's cache salt (admission.request_fields).
+        generate() runs them; a caller that steps the engine itself (perf/bench_decode.py) adds them to
+        `self.llm.llm_engine`."""
         from vllm import SamplingParams
 
         options = options or [None] * len(prompts)
-        with self._lock:
-            entries = {name: self.residency.entries.get(name) for name in set(names) - {None}}
-        for name, entry in entries.items():
-            if entry is None:  # unloaded since the check
+        contents = {name: self.front_end.residency.content(name) for name in set(names) - {None}}
+        for name, content in contents.items():
+            if content is None:  # unloaded since the check
                 raise AdapterStateError(f"unknown adapter {name!r}")
         requests, per_request = [], []
         for prompt, name, sp, option in zip(prompts, names, params, options):
             sp = (sp or SamplingParams()).clone()
             prompt = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            if option is not None and entries[name].variant:  # its files changed since generate() looked
-                raise ValueError(variant_refusal(name))
-            for arg in (ADAPTER_ARG, VARIANT_ARG, *CONTRASTIVE_ARGS, PAIR_ARG):
-                if (sp.extra_args or {}).get(arg) is not None:
-                    raise ValueError(f"extra_args[{arg!r}] is set by ExpertWeaveLLM: pass adapter= instead")
-            if name is None:
+            problem = admission.client_args_problem(sp.extra_args, "extra_args", "ExpertWeaveLLM: pass adapter= "
+                                                    "and contrastive= instead")
+            if problem is None and name is None:
                 problem = client_salt_problem(prompt.get("cache_salt"))
-                if problem is not None:
-                    raise ValueError(problem)
-            else:
-                sp.extra_args = {**(sp.extra_args or {}), ADAPTER_ARG: name,
-                                 **({VARIANT_ARG: name} if entries[name].variant else {}),
-                                 **(contrastive_args(option) if option is not None else {})}
-                prompt["cache_salt"] = adapter_cache_salt(entries[name].sha256, prompt.get("cache_salt"))
+            if problem is not None:
+                raise ValueError(problem)
+            if name is not None:
+                if option is not None and contents[name].variant:  # its files changed since generate() looked
+                    raise ValueError(variant_refusal(name))
+                sp.extra_args, prompt["cache_salt"] = admission.request_fields(
+                    name, contents[name], option, sp.extra_args, prompt.get("cache_salt"))
             requests.append(prompt)
             per_request.append(sp)
         return requests, per_request
 
-    def _admit(self, name: str) -> admission.Admitted:
-        """The adapter as requests for it may start now (vLLM's engine asks as it admits each), or ValueError
-        saying why they may not."""
-        with self._lock:
-            entries = self.residency.entries
-            if name not in entries:
-                raise ValueError(f"unknown adapter {name!r} (loaded: {', '.join(sorted(entries)) or 'none'})")
-            if not self.residency.admits(name):
-                raise ValueError(f"adapter {name!r} is being unloaded")
-            return entries[name]
-
-    def _check_admissible(self, names: list[str | None]) -> None:
-        """Refuses the whole batch before any of it reaches the engine (vLLM admits request by request)."""
-        for name in set(names) - {None}:
-            with self._lock:
-                if self.residency.states.get(name) == UNLOADING:
-                    raise AdapterStateError(f"adapter {name!r} is being unloaded")
-                if name in self.residency.entries:
-                    continue
-            if self.catalogue.path(name) is None:
-                known = sorted(set(self.residency.entries) | set(self.catalogue.names()))
-                raise AdapterStateError(f"unknown adapter {name!r} (not loaded and not in the catalogue: "
-                                        f"{', '.join(known) or 'none'})")
-
     # -- adapters -----------------------------------------------------------------------------
-    def load_adapter(self, name: str, path: str | Path, pinned: bool = True) -> dict:
+    def load_adapter(self, name: str, path: str | Path) -> dict:
         """Validates here, then loads in every worker; errors leave the engine as it was. An adapter
-        loaded by hand (pinned) is never evicted for another; unload it by hand."""
-        check_adapter(path, self.geometry)  # the workers' load reads and checks the data
-        with self._lock:
-            if name in self.residency.entries:
-                raise AdapterStateError(f"adapter {name!r} is already loaded")
-        answers = self.llm.collective_rpc("expertweave_load_adapter", args=(name, str(path)))
-        outcome = agreement.check_load(name, answers)
-        if outcome.roll_back:
-            self.llm.collective_rpc("expertweave_discard_adapter", args=(name,))
-        if outcome.error is not None:
-            capacity = all(a.get("capacity") for a in answers if "error" in a)
-            raise (CapacityError if capacity else ExpertWeaveError)(outcome.error)
-        info = outcome.info
-        with self._lock:
-            self.residency.add_resident(name, admission.Admitted(info["sha256"], info["variant"]), pinned)
-        return info
+        loaded by hand is never evicted for another; unload it by hand."""
+        loaded = self._run(self.front_end.load(name, path))
+        return {k: getattr(loaded, k) for k in ("row", "experts", "bytes", "sha256", "variant")}
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Waits up to timeout seconds (None: no limit), then raises AdapterBusyError, changing nothing."""
-        with self._lock:
-            if name not in self.residency.entries:
-                raise AdapterStateError(f"unknown adapter {name!r}")
-            if not self.residency.begin_leave(name, UNLOADING):
-                raise AdapterStateError(f"adapter {name!r} is being unloaded")
-        left = False
-        try:
-            lifetime.unload_when_idle(self.llm, name, timeout, lambda: self.residency.use(name).leases)
-            left = True
-        finally:
-            with self._lock:
-                self.residency.end_leave(name, left)
+        self._run(self.front_end.unload(name, timeout))
 
     def list_adapters(self) -> dict:
-        return self._rpc("expertweave_list_adapters")
+        return {name: asdict(listed) for name, listed in self._run(self.front_end.workers.adapters()).items()}
 
     def memory_report(self) -> MemoryReport:
-        return MemoryReport.from_json(self._rpc("expertweave_memory_report"))
+        return self._run(self.front_end.workers.memory_report())
 
     def shutdown(self) -> None:
         """Stops the engine and gives its expert memory back (an in-process engine keeps the
         process's address space, so this matters when one process starts several engines)."""
-        self._rpc("expertweave_close")
+        self._run(self.front_end.workers.close())
         shutdown_llm(self.llm)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()

@@ -22,7 +22,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ...errors import AdapterStateError, CapacityError, ExpertWeaveError
+from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...host_tier import HostTier
 from ...loader import BackgroundLoader
@@ -33,6 +33,7 @@ from .contrastive import request_pair
 from .engine import expertweave_config, request_adapter
 from .layer import HANDLE_ATTR, VllmMoELayer
 from .variants import VariantSwitcher
+from .workers import Collected, ListedAdapter, StartAnswer, Tiers, UnloadStatus, wire
 
 logger = logging.getLogger("expertweave")
 
@@ -187,15 +188,15 @@ class WorkerWeave:
             self.token_adapter[:end].copy_(self.staging[:end], non_blocking=True)
         self.filled = total
 
-    def unload_when_idle(self, name: str, live_request_ids) -> dict:
+    def unload_when_idle(self, name: str, live_request_ids) -> UnloadStatus:
         """Unloads the adapter if none of its requests runs and none of the engine client's live requests
         is still queued (not yet scheduled here, so perhaps this adapter's); else says how many."""
         loaded = self.weave.adapter(name)
         queued = sum(1 for r in live_request_ids if r not in self.requests)
         if loaded.in_flight or queued:
-            return {"unloaded": False, "running": loaded.in_flight, "queued": queued}
+            return UnloadStatus(False, loaded.in_flight, queued)
         self.weave.unload_adapter(name, timeout=0)
-        return {"unloaded": True, "running": 0, "queued": 0}
+        return UnloadStatus(True)
 
     def close(self) -> None:
         self.loader.close()
@@ -278,38 +279,30 @@ class ExpertWeaveWorkerExtension:
     """Methods vLLM appends to its worker (worker_extension_cls); called with collective_rpc."""
 
     def expertweave_load_adapter(self, name: str, path: str) -> dict:
-        """This rank's row and slots, or the one-line error it met: a rank that raised would leave the
-        others loaded (agreement.py decides, and rolls back through expertweave_discard_adapter)."""
-        try:
-            loaded, facts = weave_of(self).loader.load_now(name, path)
-        except ExpertWeaveError as e:
-            return {"error": str(e), "public_error": getattr(e, "public_message", str(e)),
-                    "capacity": isinstance(e, CapacityError)}
-        return {"row": loaded.row, "experts": loaded.num_experts, "bytes": loaded.nbytes, "sha256": loaded.sha256,
-                "slots": {str(layer): slots for layer, slots in loaded.slots.items()},
-                "variant": bool(loaded.non_expert), **facts}
+        """This rank's LoadAnswer: its row and slots, or the one-line error it met; a rank that raised would
+        leave the others loaded (agreement.py decides, and rolls back through expertweave_discard_adapter)."""
+        return wire(weave_of(self).loader.load_now(name, path))
 
     def expertweave_start_load(self, name: str, path: str, evict: str | None = None,
                                live_request_ids: list[str] = ()) -> dict:
         """Starts loading in the background (loader.py); expertweave_collect_loads reports the outcome.
         With evict, first unloads that adapter if it is idle (as expertweave_unload_adapter) and starts
-        nothing if it is not: {"evicted": False, "running", "queued"}."""
+        nothing if it is not. A StartAnswer."""
         active = weave_of(self)
         if evict is not None:
             status = active.unload_when_idle(evict, live_request_ids)
-            if not status["unloaded"]:
-                return {"evicted": False, **status}
+            if not status.unloaded:
+                return wire(StartAnswer(running=status.running, queued=status.queued))
         try:
             active.loader.start(name, path)
         except ExpertWeaveError as e:
-            return {"error": str(e), "evicted": evict is not None}
-        return {"started": True, "evicted": evict is not None}
+            return wire(StartAnswer(evicted=evict is not None, error=str(e)))
+        return wire(StartAnswer(started=True, evicted=evict is not None))
 
     def expertweave_collect_loads(self) -> dict:
-        """{"done": name -> this rank's load answer (as expertweave_load_adapter's, with its source and
-        timing), "loading": names still loading}; publishes finished loads on this rank."""
+        """A Collected: this rank's finished loads (published now), and the ones still loading."""
         loader = weave_of(self).loader
-        return {"done": loader.collect(), "loading": loader.loading()}
+        return wire(Collected(loader.collect(), loader.loading()))
 
     def expertweave_prefetch(self, name: str, path: str) -> bool:
         """Packs an adapter into the host tier in the background; False if it is there or on its way."""
@@ -320,12 +313,11 @@ class ExpertWeaveWorkerExtension:
         weave_of(self).loader.warm(entries)
 
     def expertweave_tiers(self) -> dict:
-        """Which adapters this rank holds where: {"device": names, "loading": names, "host": names,
-        "host_bytes", "host_budget_bytes", "warm_bytes"}."""
+        """Tiers: which adapters this rank holds where, and the tiers' bytes."""
         active = weave_of(self)
-        return {"device": sorted(active.weave.adapters), "loading": active.loader.loading(),
-                "host": active.host_tier.names(), "host_bytes": active.host_tier.resident_bytes,
-                "host_budget_bytes": active.host_tier.budget_bytes, "warm_bytes": active.weave.memory.warm_bytes}
+        return wire(Tiers(sorted(active.weave.adapters), active.loader.loading(), active.host_tier.names(),
+                          active.host_tier.resident_bytes, active.host_tier.budget_bytes,
+                          active.weave.memory.warm_bytes))
 
     def expertweave_discard_adapter(self, name: str) -> None:
         """Takes back a load the ranks did not agree on (never published, so no request uses it)."""
@@ -334,12 +326,13 @@ class ExpertWeaveWorkerExtension:
             weave.unload_adapter(name, timeout=0)
 
     def expertweave_unload_adapter(self, name: str, live_request_ids: list[str]) -> dict:
-        """{"unloaded", "running", "queued"}: see WorkerWeave.unload_when_idle; front-ends poll it."""
-        return weave_of(self).unload_when_idle(name, live_request_ids)
+        """An UnloadStatus: see WorkerWeave.unload_when_idle; the front-end polls it."""
+        return wire(weave_of(self).unload_when_idle(name, live_request_ids))
 
     def expertweave_list_adapters(self) -> dict:
-        return {name: {"path": str(a.path), "sha256": a.sha256, "experts": a.num_experts, "bytes": a.nbytes,
-                       "requests": a.in_flight, "variant": bool(a.non_expert)}
+        """name -> ListedAdapter, for every adapter loaded on this rank."""
+        return {name: wire(ListedAdapter(str(a.path), a.sha256, a.num_experts, a.nbytes, a.in_flight,
+                                         bool(a.non_expert)))
                 for name, a in weave_of(self).weave.adapters.items()}
 
     def expertweave_metrics(self) -> dict:
