@@ -18,6 +18,7 @@ from typing import Callable
 
 from ...contrastive import Contrastive
 from ...residency import Content
+from . import patching
 from .contrastive import CONTRASTIVE_ARGS, PAIR_ARG, PROCESSOR as CONTRASTIVE_PROCESSOR, contrastive_args, \
     params_problem, request_contrastive, variant_refusal
 from .engine import ADAPTER_ARG, SALT_HASH_CHARS, SALT_MARKER, adapter_cache_salt, client_salt_problem
@@ -98,16 +99,17 @@ def install(engine_client, admit: Admit) -> None:
     any other exception there is a 500), and which is the ValueError offline callers catch on vLLM 0.23."""
     from vllm.exceptions import VLLMValidationError
 
-    processor = engine_client.output_processor
-    register = processor.add_request
+    def checked(register):
+        def add_request(request, *args, **kwargs):
+            try:
+                check_request(request, admit)
+            except ValueError as e:
+                raise VLLMValidationError(str(e)) from None
+            return register(request, *args, **kwargs)
+        return add_request
 
-    def add_request(request, *args, **kwargs):
-        try:
-            check_request(request, admit)
-        except ValueError as e:
-            raise VLLMValidationError(str(e)) from None
-        return register(request, *args, **kwargs)
-    processor.add_request = add_request
+    patching.replace_attribute(engine_client.output_processor,
+                               "vllm.v1.engine.output_processor:OutputProcessor.add_request", checked)
 
 
 def with_processors(processors: list | None) -> list:

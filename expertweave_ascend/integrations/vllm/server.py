@@ -31,7 +31,7 @@ from ...catalogue import AdapterCatalogue
 from ...errors import AdapterBusyError, AdapterFileError, ConfinementError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...residency import Residency
-from . import admission, lifetime, platforms
+from . import admission, lifetime, patching, platforms
 from .contrastive import (PARALLEL_REFUSAL, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
                           variant_refusal)
 from .engine import client_salt_problem
@@ -387,21 +387,23 @@ def api_server_module():
 
 
 def add_front_end(module, routes: AdapterRoutes) -> None:
-    """Makes vLLM's build_and_serve add the front-end to the app it builds and initialise it with the app's
-    state; our own process (the API server we start), so nothing else sees the change."""
-    build_app, init_app_state = module.build_app, module.init_app_state
+    """Makes vLLM's build_and_serve add the routes to the app it builds and initialise them with the app's
+    state; our own process (the API server we start), so nothing else sees the change (patching.PATCHES)."""
+    def with_routes(build_app):
+        def build_app_with_adapters(args, *rest, **kwargs):
+            app = build_app(args, *rest, **kwargs)
+            routes.attach(app, ServerOptions.of(args))
+            return app
+        return build_app_with_adapters
 
-    def build_app_with_adapters(args, *rest, **kwargs):
-        app = build_app(args, *rest, **kwargs)
-        routes.attach(app, ServerOptions.of(args))
-        return app
+    def with_state(init_app_state):
+        async def init_app_state_with_adapters(engine_client, state, args, *rest, **kwargs):
+            await init_app_state(engine_client, state, args, *rest, **kwargs)
+            await routes.init_state(engine_client, state, args)
+        return init_app_state_with_adapters
 
-    async def init_app_state_with_adapters(engine_client, state, args, *rest, **kwargs):
-        await init_app_state(engine_client, state, args, *rest, **kwargs)
-        await routes.init_state(engine_client, state, args)
-
-    module.build_app = build_app_with_adapters
-    module.init_app_state = init_app_state_with_adapters
+    patching.replace_method(f"{module.__name__}:build_app", with_routes)
+    patching.replace_method(f"{module.__name__}:init_app_state", with_state)
 
 
 def main(argv: list[str] | None = None) -> None:
