@@ -189,7 +189,8 @@ class AdapterFrontEnd:
                     task = self._tasks[name] = asyncio.create_task(self._load_task(name))
                 done, _ = await asyncio.wait({task}, timeout=remaining if self.wait_s else None)
                 if done and task.result() is not None:
-                    raise task.result()
+                    error = task.result()
+                    raise type(error)(*error.args)  # each waiter its own
         finally:
             use.waiting -= 1
             waited = time.monotonic() - started
@@ -261,8 +262,8 @@ class AdapterFrontEnd:
                 if self.residency.state(victim) is not None:
                     raise AdapterConflict(f"adapter {victim!r} would have made room but still has requests: "
                                           "retry later")
-            if self.residency.state(name) is not None:
-                raise AdapterStateError(f"adapter name {name!r} is already in use")
+            if self.residency.state(name) is not None:  # taken while rows were made
+                raise AdapterConflict(f"adapter name {name!r} is already in use")
             self.residency.begin_load(name)
 
     async def unload(self, name: str, timeout: float | None) -> None:
