@@ -43,7 +43,7 @@ test: test-main test-long test-vllm023
 test-main: env pinned
 	$(PY) -m pytest -q tests --ignore=tests/vllm023 -m "not long"
 
-test-long: env
+test-long: env pinned
 	$(PY) -m pytest -q tests --ignore=tests/vllm023 -m long
 
 test-vllm023: env-vllm023
