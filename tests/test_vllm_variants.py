@@ -122,7 +122,9 @@ def law_shared(tiny_decisive, tmp_path_factory):
 def test_an_engine_started_without_shared_experts_refuses_them_at_load(llm, tiny_decisive, adapters, law_shared):
     from expertweave_ascend.errors import ExpertWeaveError
 
+    check(llm, tiny_decisive / "base", adapters, [None, "law"])
     before = llm.memory_report()
+    assert "law" in before.adapters
     with pytest.raises(ExpertWeaveError, match=r"started without serving tuned shared experts .*--shared-experts"):
         llm.load_adapter("law-shared", law_shared)
     after = llm.memory_report()
