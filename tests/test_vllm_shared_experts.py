@@ -1,8 +1,8 @@
 """Adapters that tune shared experts in the real vLLM engine, in this process: one batch mixing the base,
 routed-only adapters and shared-expert adapters, each row equal to its merged model, eager and compiled
 (where vLLM's CPU MoE forward is traced by Dynamo and the per-token selection must stay an opaque op), on
-one engine per mode. That an engine started without shared experts refuses such adapters is checked on
-tests/test_vllm_variants.py's engine, started without them."""
+one engine per mode; an engine started without shared experts refuses such adapters and keeps serving
+what it holds."""
 
 import pytest
 import torch
@@ -76,3 +76,26 @@ def test_shared_experts_are_served_when_asked_for_or_named_at_start(tiny_decisiv
     assert not engine_config(geometry, {"law": adapters["law"]}, 2)["shared_experts"]
     assert engine_config(geometry, {"law": adapters["law"]}, 2, shared_experts=True)["shared_experts"]
     assert engine_config(geometry, {"law": adapters["law"], "law-shared": adapters["law-shared"]}, 2)["shared_experts"]
+
+
+def test_an_engine_started_without_shared_experts_refuses_them_at_load(tiny_decisive, adapters):
+    """An engine started with law alone, full (room for one adapter), refuses a shared-expert adapter at load
+    and keeps law."""
+    import os
+
+    from expertweave_ascend.errors import ExpertWeaveError
+    from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = ExpertWeaveLLM(str(tiny_decisive / "base"), {"law": str(adapters["law"])}, max_adapters=1,
+                         dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20, enforce_eager=True,
+                         granularity=64 << 10)
+    try:
+        before = llm.memory_report()
+        with pytest.raises(ExpertWeaveError, match=r"started without serving tuned shared experts .*--shared-experts"):
+            llm.load_adapter("law-shared", adapters["law-shared"])
+        after = llm.memory_report()
+        assert set(after.adapters) == {"law"} and after.adapter_expert_bytes == before.adapter_expert_bytes
+        check_mixed_batch(llm, tiny_decisive / "base", adapters, [None, "law"])
+    finally:
+        llm.shutdown()

@@ -2,7 +2,7 @@
 routed-only adapters and two non-expert variants submitted together run in steps that never mix variants
 (ExpertWeave's scheduler; the worker refuses a mixed step), the weights are switched between steps, and
 every output equals its merged model, eager and compiled. An engine without ExpertWeave's scheduler
-refuses such adapters in one line, and one started without shared experts refuses adapters that tune them.
+refuses such adapters in one line.
 
 One engine per mode (eager, compiled) serves this module's tests, each leaving it as it found it save for
 what it says it unloads; only the engine on vLLM's own scheduler is a private one."""
@@ -15,7 +15,6 @@ pytest.importorskip("vllm")
 from catalogue_variants import merged_tokens  # noqa: E402
 from expertweave_ascend.errors import ExpertWeaveError  # noqa: E402
 from expertweave_ascend.integrations.hf import load_model  # noqa: E402
-from test_shared_experts import with_shared_experts  # noqa: E402
 from test_variants import with_non_expert  # noqa: E402
 
 PROMPTS = ([5, 17, 42, 99], [3, 250, 7], [8, 8, 31])
@@ -45,8 +44,8 @@ def engine(base, adapters, **kwargs):
 
 @pytest.fixture(scope="module", params=[True, False], ids=["eager", "compiled"])
 def llm(request, tiny_decisive, adapters):
-    """The module's engine in one mode (param: enforce_eager), started with law, law-ne, ne-only and code (no
-    adapter tuning shared experts), room for one more adapter, and four seats (max_num_seqs)."""
+    """The module's engine in one mode (param: enforce_eager), started with law, law-ne, ne-only and code, room
+    for one more adapter, and four seats (max_num_seqs)."""
     llm = engine(tiny_decisive / "base", adapters, enforce_eager=request.param, max_adapters=len(adapters) + 1,
                  adapter_slots=64, max_num_seqs=SEATS)
     yield llm
@@ -110,26 +109,6 @@ def test_a_variant_that_finds_the_seats_taken_gets_them_when_the_others_finish(l
     """Every seat (max_num_seqs) taken by base requests longer than a quantum when the variant's turn comes:
     the base requests run on, admitting no one new, and the variant's requests are served after them."""
     check(llm, tiny_decisive / "base", adapters, [None] * SEATS + ["law-ne", None, "law-ne"], tokens=40)
-
-
-@pytest.fixture(scope="module")
-def law_shared(tiny_decisive, tmp_path_factory):
-    """law, also tuning the shared experts of layers 1 and 3."""
-    return with_shared_experts(tiny_decisive, "law", tmp_path_factory.mktemp("shared") / "law-shared", (1, 3))
-
-
-@EAGER
-def test_an_engine_started_without_shared_experts_refuses_them_at_load(llm, tiny_decisive, adapters, law_shared):
-    from expertweave_ascend.errors import ExpertWeaveError
-
-    check(llm, tiny_decisive / "base", adapters, [None, "law"])
-    before = llm.memory_report()
-    assert "law" in before.adapters
-    with pytest.raises(ExpertWeaveError, match=r"started without serving tuned shared experts .*--shared-experts"):
-        llm.load_adapter("law-shared", law_shared)
-    after = llm.memory_report()
-    assert set(after.adapters) == set(before.adapters) and after.adapter_expert_bytes == before.adapter_expert_bytes
-    check(llm, tiny_decisive / "base", adapters, [None, "law"])
 
 
 def test_an_engine_without_expertweaves_scheduler_refuses_them(tiny_decisive, adapters):
