@@ -34,6 +34,7 @@ from ...residency import EVICTING, UNLOADING, Content, Residency
 from . import admission, agreement, lifetime
 from .contrastive import variant_refusal
 from .engine import contrastive_refusal
+from .layer import SHARED_EXPERTS_REFUSAL
 from .metrics import AdapterMetrics
 from .workers import Workers
 
@@ -212,8 +213,10 @@ class AdapterFrontEnd:
     # -- loads by hand and unloads ------------------------------------------------------------
     async def load(self, name: str, path: str | Path) -> LoadAnswer:
         """Loads an adapter by hand (pinned: never evicted, only unloaded by hand), evicting idle catalogued
-        adapters for a row. Raises AdapterStateError (the name), ConfinementError / AdapterError (the files),
-        AdapterConflict (no row), CapacityError / AdapterLoadFailed (the workers refused); changes nothing then."""
+        adapters for a row once its files passed every check made here. Raises AdapterStateError (the name),
+        ConfinementError / AdapterError / ExpertWeaveError (the files, or an adapter this engine does not serve),
+        AdapterConflict (no row), CapacityError / AdapterLoadFailed (the workers refused): nothing changed then,
+        but for adapters evicted before a refusal of the workers (idle ones, which a request loads again)."""
         problem = adapter_name_problem(name)
         if problem is not None:
             raise AdapterStateError(problem)
@@ -245,9 +248,14 @@ class AdapterFrontEnd:
         return outcome.loaded
 
     def _checked_path(self, path: str | Path) -> Path:
-        """The adapter directory to load: inside the adapter root when there is one, and a valid adapter."""
+        """The adapter directory to load: inside the adapter root when there is one, a valid adapter, and one
+        this engine serves (checked before a load by hand makes room: a refusal then would have evicted an
+        adapter for nothing)."""
         resolved = confined(Path(self.adapter_root), path) if self.adapter_root is not None else Path(path)
-        check_adapter(resolved, self.geometry)  # the workers' load reads and checks the data
+        adapter = check_adapter(resolved, self.geometry)  # the workers' load reads and checks the data
+        if adapter.shared_layers and not (self.engine.vllm_config.additional_config or {}).get(
+                "expertweave", {}).get("shared_experts"):
+            raise ExpertWeaveError(f"{resolved}: {SHARED_EXPERTS_REFUSAL}")
         return resolved
 
     async def _reserve_row(self, name: str) -> None:

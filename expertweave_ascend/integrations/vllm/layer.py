@@ -8,6 +8,9 @@ from ...memory import WeightSpec
 from ...shared_experts import SharedExpertRows
 from .engine import EnginePlatform
 
+SHARED_EXPERTS_REFUSAL = ("this engine was started without serving tuned shared experts (no adapter named at start "
+                          "tunes them): start it with --shared-experts (ExpertWeaveLLM(shared_experts=True))")
+
 
 HANDLE_ATTR = "_expertweave_layer"  # set on a woven MoE layer module: its VllmMoELayer
 
@@ -61,9 +64,7 @@ class VllmMoELayer:
     def pack_shared(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         w13, w2 = self.api.pack_shared(self.runner, torch.cat([gate, up], dim=0), down)
         if not self.shared_experts:
-            raise ExpertWeaveError("this engine was started without serving tuned shared experts (no adapter "
-                                   "named at start tunes them): start it with --shared-experts "
-                                   "(ExpertWeaveLLM(shared_experts=True))")
+            raise ExpertWeaveError(SHARED_EXPERTS_REFUSAL)
         return {"w13": w13, "w2": w2}
 
     @staticmethod
