@@ -35,7 +35,7 @@ Where rerouting shows up (one per MoE layer per forward step):
 Options:
   --adapter NAME=PATH   serve the ESFT adapter at PATH as model NAME (repeatable)
   --adapters-dir DIR    serve every subdirectory of DIR as an adapter
-  --tp N, --dp N        tensor / data parallel size (default 1 / 1)
+  --tp N, --dp N        tensor / data parallel size (default 1 / 1; --dp above 1 is refused)
   --devices LIST        NPUs, as ASCEND_RT_VISIBLE_DEVICES (default: the first TP x DP)
   --port PORT           (default 8000)
   --mode torch|msprof   (default torch)

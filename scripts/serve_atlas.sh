@@ -19,7 +19,7 @@ Options:
   --adapter NAME=PATH   serve the ESFT adapter at PATH as model NAME (repeatable)
   --adapters-dir DIR    serve every subdirectory of DIR as an adapter named after it
   --tp N                tensor parallel size (default 1)
-  --dp N                data parallel size (default 1)
+  --dp N                data parallel size (default 1; ExpertWeave refuses more than 1 for now)
   --devices LIST        NPUs, as ASCEND_RT_VISIBLE_DEVICES (default: the first TP x DP)
   --host HOST           address to listen on (default 0.0.0.0)
   --port PORT           (default 8000)
@@ -93,7 +93,7 @@ positive_int --dp "$dp"
 positive_int --port "$port"
 positive_int --timeout "$timeout"
 at_most --tp "$tp" 1024
-at_most --dp "$dp" 1024
+[[ $dp == 1 ]] || die "--dp $dp: data parallelism is not supported by ExpertWeave yet (each engine would load adapters on its own): serve one engine per device behind a load balancer, or use --tp"
 at_most --port "$port" 65535
 at_most --timeout "$timeout" 604800
 for arg in "${vllm_args[@]}"; do

@@ -54,6 +54,9 @@ def test_serve_needs_a_base_and_checks_its_numbers():
         "serve_atlas.sh: error: --tp must be a positive integer, not '0'\n"
     assert run("scripts/serve_atlas.sh", ROOT, "--adapter").stderr == \
         "serve_atlas.sh: error: --adapter needs a value (see --help)\n"
+    assert run("scripts/serve_atlas.sh", ROOT, "--dp", "2").stderr == \
+        ("serve_atlas.sh: error: --dp 2: data parallelism is not supported by ExpertWeave yet (each engine would load "
+         "adapters on its own): serve one engine per device behind a load balancer, or use --tp\n")
     refused = run("scripts/serve_atlas.sh", ROOT, "--", "--enable-expert-parallel")
     assert refused.returncode == 2 and "expert parallelism is not supported" in refused.stderr
 
