@@ -44,12 +44,15 @@ class LoadAnswer:
                    {str(layer): list(slots) for layer, slots in loaded.slots.items()}, bool(loaded.non_expert),
                    **facts)
 
+    def summary(self) -> dict:
+        """What a load by hand reports to its caller: row, experts, bytes, content hash and kind."""
+        return {"row": self.row, "experts": self.experts, "bytes": self.bytes, "sha256": self.sha256,
+                "variant": self.variant}
+
     @classmethod
-    def failed(cls, error: Exception) -> "LoadAnswer":
-        if isinstance(error, ExpertWeaveError):
-            return cls(error=str(error), public_error=getattr(error, "public_message", str(error)),
-                       capacity=isinstance(error, CapacityError))
-        return cls(error=f"load failed: {type(error).__name__}: {error}")
+    def failed(cls, error: ExpertWeaveError) -> "LoadAnswer":
+        return cls(error=str(error), public_error=getattr(error, "public_message", str(error)),
+                   capacity=isinstance(error, CapacityError))
 
 
 class BackgroundLoader:

@@ -29,8 +29,8 @@ class VariantGrouping:
         self.starved: str | None = None  # a variant whose turn yielded no step, None: none
         self.starving = False  # whether one is (None is a variant too)
 
-    def plan(self, scheduler) -> list[Request]:
-        queued = scheduler.queued_requests()
+    def plan(self, scheduler, waiting: list[Request]) -> tuple[list[Request], list[Request]]:
+        queued = [*scheduler.running, *waiting]
         if not queued:
             self.variant, self.streak = None, 0
         oldest: dict[str | None, float] = {}
@@ -41,9 +41,10 @@ class VariantGrouping:
             self.starving = False  # its requests finished or were aborted
         self.grouped = not (set(oldest) <= {None} and self.variant is None and not self.starving)
         if not self.grouped:
-            return []
+            return [], []
         self.chosen, self.variants = self.choose(oldest), len(oldest)
-        return [r for r in scheduler.running if request_variant(r.sampling_params) != self.chosen]
+        return ([r for r in scheduler.running if request_variant(r.sampling_params) != self.chosen],
+                [r for r in waiting if not self.admits(r)])
 
     def choose(self, oldest: dict[str | None, float]) -> str | None:
         """The variant of the next step, given the arrival time of each variant's oldest request."""
@@ -55,8 +56,7 @@ class VariantGrouping:
         return min(others, key=others.get)
 
     def admits(self, request: Request) -> bool:
-        if not self.grouped:
-            return True
+        """Whether a waiting request may start in the grouped step planned."""
         variant = request_variant(request.sampling_params)
         return variant == self.chosen and (not self.starving or variant == self.starved)
 

@@ -224,8 +224,7 @@ class ExpertWeaveLLM:
     def load_adapter(self, name: str, path: str | Path) -> dict:
         """Validates here, then loads in every worker; errors leave the engine as it was. An adapter
         loaded by hand is never evicted for another; unload it by hand."""
-        loaded = self._run(self.front_end.load(name, path))
-        return {k: getattr(loaded, k) for k in ("row", "experts", "bytes", "sha256", "variant")}
+        return self._run(self.front_end.load(name, path)).summary()
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Waits up to timeout seconds (None: no limit), then raises AdapterBusyError, changing nothing."""

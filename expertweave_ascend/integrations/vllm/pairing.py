@@ -54,14 +54,11 @@ class ContrastivePairing:
         self.ahead: list[tuple[Request, Request]] = []  # (member, partner): the members sitting the step planned out
 
     # -- the step policy --------------------------------------------------------------------------------
-    def plan(self, scheduler) -> list[Request]:
+    def plan(self, scheduler, waiting: list[Request]) -> tuple[list[Request], list[Request]]:
         self.ahead = [(member, partner) for pair in self._pairs(scheduler) for member, partner in (pair, pair[::-1])
                       if member.status == RequestStatus.RUNNING
                       and member.num_computed_tokens > partner.num_computed_tokens]
-        return [member for member, _ in self.ahead]
-
-    def admits(self, request: Request) -> bool:
-        return True
+        return [member for member, _ in self.ahead], []  # waiting pairs are put together, never held
 
     def kept_step_empty(self, mine: set[int], others: set[int]) -> bool:
         """A member ahead kept its partner from running only where the step held both (grouping gave it to

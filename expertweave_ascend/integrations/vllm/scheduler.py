@@ -35,11 +35,9 @@ from .pairing import ContrastivePairing
 
 
 class StepPolicy(Protocol):
-    def plan(self, scheduler: Scheduler) -> list[Request]:
-        """Decides the step about to be scheduled; returns the running requests that sit it out."""
-
-    def admits(self, request: Request) -> bool:
-        """Whether a waiting request may start in the step planned."""
+    def plan(self, scheduler: Scheduler, waiting: list[Request]) -> tuple[list[Request], list[Request]]:
+        """Decides the step about to be scheduled: the running requests that sit it out, and the waiting ones
+        (of `waiting`, the scheduler's queues) that may not start in it."""
 
     def kept_step_empty(self, mine: set[int], others: set[int]) -> bool:
         """Whether the requests this policy left out of a step that scheduled nothing (mine, by id) could have
@@ -67,10 +65,9 @@ class ExpertWeaveScheduler(Scheduler):
         """The running requests that sit the next step out, the waiting ones held back from it, and the ids of
         those each policy left out."""
         sitting, held, left_out = {}, {}, []
-        waiting = self.waiting_requests()
+        waiting = [r for name in platforms.current().SCHEDULER_WAITING for r in getattr(self, name)]
         for policy in self.policies:
-            sits = policy.plan(self)
-            holds = [r for r in waiting if not policy.admits(r)]
+            sits, holds = policy.plan(self, waiting)
             sitting.update((id(r), r) for r in sits)
             held.update((id(r), r) for r in holds)
             left_out.append({id(r) for r in [*sits, *holds]})
@@ -105,13 +102,6 @@ class ExpertWeaveScheduler(Scheduler):
     def finish_requests(self, request_ids, finished_status):
         return self.pairing.finish_requests(request_ids, finished_status, super().finish_requests)
 
-    def waiting_requests(self) -> list[Request]:
-        return [r for name in platforms.current().SCHEDULER_WAITING for r in getattr(self, name)]
-
-    def queued_requests(self) -> list[Request]:
-        """Every request the scheduler holds, running or waiting."""
-        return [*self.running, *self.waiting_requests()]
-
 
 @contextmanager
 def sitting_out(scheduler: Scheduler, hidden: list[Request]):
@@ -139,6 +129,9 @@ def sitting_out(scheduler: Scheduler, hidden: list[Request]):
 def held_back(scheduler: Scheduler, held: list[Request]):
     """Takes these waiting requests out of the scheduler's waiting queues for the steps scheduled inside, and
     puts them back in their places."""
+    if not held:
+        yield
+        return
     taken = {}
     ids = {id(r) for r in held}
     for name in platforms.current().SCHEDULER_WAITING:

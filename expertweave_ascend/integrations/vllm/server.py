@@ -343,8 +343,7 @@ class AdapterRoutes:
             loaded = await self.front_end.load(name, path)
         except Exception as e:  # errors raised in a worker come back wrapped by vLLM
             return self.refusal(e, path)
-        return {"adapter_name": name, **{k: getattr(loaded, k) for k in ("row", "experts", "bytes", "sha256",
-                                                                         "variant")}}
+        return {"adapter_name": name, **loaded.summary()}
 
     async def unload_route(self, request: Request):
         body = _json_object(await request.body())

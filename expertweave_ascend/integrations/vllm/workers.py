@@ -2,14 +2,14 @@
 
 vLLM's collective_rpc runs a method of ExpertWeaveWorkerExtension (worker.py) on every worker and returns
 each rank's answer in rank order. Answers cross the process boundary as plain data (vLLM serialises them
-with msgpack), so each is a dataclass on both ends and a dict on the wire (`wire` / `from_wire`). Only
-this module and worker.py name the methods.
+with msgpack), so each is a dataclass on both ends and a dict on the wire (`wire`, and `Answer(**wire)`
+back). Only this module and worker.py name the methods.
 
 Workers is asynchronous: the server awaits AsyncLLM's collective_rpc; offline, ExpertWeaveLLM runs the
 front-end on an event loop of its own and gives Workers vllm.LLM's blocking collective_rpc.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable
 
 from ...loader import LoadAnswer
@@ -20,12 +20,6 @@ Call = Callable[[str, tuple], Awaitable[list]]  # (worker method, its arguments)
 
 def wire(answer) -> dict:
     return asdict(answer)
-
-
-def from_wire(cls, data: dict):
-    """The dataclass cls of a wire dict (a rank of an older worker may add keys this side does not know)."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -98,17 +92,17 @@ class Workers:
 
     async def load(self, name: str, path: str) -> list[LoadAnswer]:
         """Loads now, on every rank (each answers on its own; agreement.py decides)."""
-        return [from_wire(LoadAnswer, a) for a in await self._call("expertweave_load_adapter", (name, path))]
+        return [LoadAnswer(**a) for a in await self._call("expertweave_load_adapter", (name, path))]
 
     async def start_load(self, name: str, path: str, evict: str | None, live_request_ids: list[str]
                          ) -> list[StartAnswer]:
         if evict is not None:
             self._before_unload()
-        return [from_wire(StartAnswer, a) for a in await self._call("expertweave_start_load",
-                                                                    (name, path, evict, live_request_ids))]
+        started = await self._call("expertweave_start_load", (name, path, evict, live_request_ids))
+        return [StartAnswer(**a) for a in started]
 
     async def collect(self) -> list[Collected]:
-        return [Collected({name: from_wire(LoadAnswer, a) for name, a in c["done"].items()}, c["loading"])
+        return [Collected({name: LoadAnswer(**a) for name, a in c["done"].items()}, c["loading"])
                 for c in await self._call("expertweave_collect_loads", ())]
 
     async def discard(self, name: str) -> None:
@@ -116,8 +110,8 @@ class Workers:
 
     async def unload(self, name: str, live_request_ids: list[str]) -> list[UnloadStatus]:
         self._before_unload()
-        return [from_wire(UnloadStatus, a) for a in await self._call("expertweave_unload_adapter",
-                                                                     (name, live_request_ids))]
+        statuses = await self._call("expertweave_unload_adapter", (name, live_request_ids))
+        return [UnloadStatus(**a) for a in statuses]
 
     async def prefetch(self, name: str, path: str) -> None:
         await self._call("expertweave_prefetch", (name, path))
@@ -128,10 +122,10 @@ class Workers:
     async def adapters(self) -> dict[str, ListedAdapter]:
         """Rank 0's loaded adapters (the ranks hold the same ones: agreement.py)."""
         listed = (await self._call("expertweave_list_adapters", ()))[0]
-        return {name: from_wire(ListedAdapter, a) for name, a in listed.items()}
+        return {name: ListedAdapter(**a) for name, a in listed.items()}
 
     async def tiers(self) -> Tiers:
-        return from_wire(Tiers, (await self._call("expertweave_tiers", ()))[0])
+        return Tiers(**(await self._call("expertweave_tiers", ()))[0])
 
     async def memory_report(self) -> MemoryReport:
         return MemoryReport.from_json((await self._call("expertweave_memory_report", ()))[0])
