@@ -2,6 +2,7 @@
 --api-key: the routes are guarded by the key, and loads read only inside the adapter root."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -74,9 +75,15 @@ def test_an_adapter_is_named_by_its_directory_under_the_root(server, root, log):
     r = requests.post(f"{server}/v1/unload_esft_adapter", json={"adapter_name": "code", "timeout": 0}, headers=AUTH,
                       timeout=60)
     assert r.status_code == 200, r.text
-    audit = [line for line in log.read_text().splitlines() if " expertweave: " in line]
+    unloaded = f"unloaded adapter 'code' (sha256 {sha256})"
+    deadline = time.monotonic() + 10  # the server's output reaches the log through expertweave serve's relay
+    while True:
+        audit = [line for line in log.read_text().splitlines() if " expertweave: " in line]
+        if any(unloaded in line for line in audit) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert any(f"loaded adapter 'code' from {root / 'code'} (sha256 {sha256}" in line for line in audit), audit
-    assert any(f"unloaded adapter 'code' (sha256 {sha256})" in line for line in audit), audit
+    assert any(unloaded in line for line in audit), audit
 
 
 @pytest.mark.parametrize("body, shown", [
