@@ -293,8 +293,7 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     from .adapters import validate_adapter
     from .geometry import BaseGeometry
-    from .integrations.vllm.launch import serve
-    from .integrations.vllm.server import ServerOptions
+    from .integrations.vllm.launch import ServerOptions, serve
 
     named = _named_paths(args.adapter, args.adapters_dir)
     root = None
@@ -314,7 +313,7 @@ def cmd_serve(args) -> int:
     code = serve(args.base, preload, args.host, args.port, args.vllm_args,
                  max_adapters=args.max_adapters, adapter_slots=args.adapter_slots, base_name=args.base_name,
                  options=options, debug=args.debug)
-    return 1 if code > 0 else 0
+    return code if code == 2 else int(code > 0)  # 2: the server refused to start, in one line
 
 
 def build_parser() -> argparse.ArgumentParser:

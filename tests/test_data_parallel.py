@@ -15,7 +15,7 @@ import pytest
 vllm = pytest.importorskip("vllm")
 
 from expertweave_ascend.errors import ExpertWeaveError  # noqa: E402
-from expertweave_ascend.integrations.vllm import launch  # noqa: E402
+from expertweave_ascend.integrations.vllm import launch, server  # noqa: E402
 from expertweave_ascend.integrations.vllm.llm import ExpertWeaveLLM  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.ascend import VllmAscend  # noqa: E402
 from perf.servers import free_port  # noqa: E402
@@ -57,6 +57,11 @@ def test_expertweave_llm_starts_one_engine(tiny, monkeypatch):
         ExpertWeaveLLM(str(tiny / "base"), {}, max_adapters=2, data_parallel_size=1)
 
 
+def server_argv(tiny, vllm_args: list[str]) -> list[str]:
+    """The API server's arguments as `expertweave serve` starts it (after `python -m MODULE`)."""
+    return launch.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, vllm_args, 4, None, None)[3:]
+
+
 @pytest.mark.parametrize("vllm_args, asked", [
     (["--data-parallel-size", "2"], "--data-parallel-size 2"),
     (["-dp", "2"], "--data-parallel-size 2"),
@@ -73,37 +78,41 @@ def test_serve_refuses_each_spelling_of_data_parallelism_before_the_server_start
                                                                                    vllm_args, asked):
     config = tmp_path / "config.yaml"
     config.write_text("data-parallel-size: 2\n")
-    monkeypatch.setattr(launch.subprocess, "Popen", start_engine)
     monkeypatch.delenv("VLLM_DP_SIZE", raising=False)
     with pytest.raises(ExpertWeaveError) as excinfo:
-        launch.serve(str(tiny / "base"), {}, "127.0.0.1", 8000,
-                     [str(config) if arg == "CONFIG" else arg for arg in vllm_args])
+        server.serve_args(server_argv(tiny, [str(config) if arg == "CONFIG" else arg for arg in vllm_args]))
     message = str(excinfo.value)
     assert message.startswith(f"expertweave serve: data parallelism ({asked}) is not supported: ")
     assert message.endswith(ADVICE) and "\n" not in message
 
 
-@pytest.mark.parametrize("vllm_args", [[], ["-dp", "1"], ["--enforce-eager", "--max-model-len", "256"],
-                                       ["--no-such-flag"], ["--help"]])
-def test_serve_starts_the_server_for_one_engine_and_for_what_vllm_itself_refuses(tiny, monkeypatch, vllm_args):
-    """Arguments vLLM's parser refuses, or its help, are left to the server, which answers as vLLM does."""
-    monkeypatch.setattr(launch.subprocess, "Popen", start_engine)
+@pytest.mark.parametrize("vllm_args", [[], ["-dp", "1"], ["--enforce-eager", "--max-model-len", "256"]])
+def test_serve_reads_one_engine(tiny, monkeypatch, vllm_args):
     monkeypatch.setenv("VLLM_DP_SIZE", "1")
-    with pytest.raises(EngineStarted):
-        launch.serve(str(tiny / "base"), {}, "127.0.0.1", 8000, vllm_args)
+    assert server.serve_args(server_argv(tiny, vllm_args)).data_parallel_size == 1
 
 
-@pytest.mark.parametrize("vllm_args, environ, asked", [
-    (["--data-parallel-size", "2"], {}, "--data-parallel-size 2"),
-    ([], {"VLLM_DP_SIZE": "2"}, "VLLM_DP_SIZE=2"),
-])
-def test_the_serve_command_refuses_data_parallelism_in_one_error_line(tiny, vllm_args, environ, asked):
+@pytest.mark.parametrize("vllm_args, code", [(["--no-such-flag"], 2), (["--help"], 0)])
+def test_what_vllms_parser_refuses_or_answers_is_its_own_answer(tiny, vllm_args, code):
+    with pytest.raises(SystemExit) as excinfo:
+        server.serve_args(server_argv(tiny, vllm_args))
+    assert excinfo.value.code == code
+
+
+def test_serve_refuses_data_parallelism_asked_by_the_environment(tiny, monkeypatch):
+    monkeypatch.setenv("VLLM_DP_SIZE", "2")
+    with pytest.raises(ExpertWeaveError, match=r"^expertweave serve: data parallelism \(VLLM_DP_SIZE=2\) is not "):
+        server.serve_args(server_argv(tiny, []))
+
+
+def test_the_serve_command_refuses_data_parallelism_in_one_error_line(tiny):
     """The real entry point, in a process of its own: exit status 2, one `error:` line, no traceback and
     nothing from a server (a server that started would serve until the timeout)."""
     result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "serve", str(tiny / "base"),
-                             "--host", "127.0.0.1", "--port", str(free_port()), "--", *vllm_args],
+                             "--host", "127.0.0.1", "--port", str(free_port()), "--", "--data-parallel-size", "2"],
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **environ})
+                            env={k: v for k, v in os.environ.items() if k != "VLLM_DP_SIZE"})
+    asked = "--data-parallel-size 2"
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]
     assert "Traceback" not in output and "APIServer" not in output and "EngineCore" not in output

@@ -29,7 +29,8 @@ from expertweave_ascend.integrations.vllm.platforms.cpu import VllmCpu  # noqa: 
 from expertweave_ascend.integrations.vllm.platforms.cpu023 import Vllm023Cpu  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.cuda import VllmCuda  # noqa: E402
 from expertweave_ascend.integrations.vllm.platforms.runner import refuse_model_runner_v2  # noqa: E402
-from expertweave_ascend.integrations.vllm.launch import serve_command, serve_environment  # noqa: E402
+from expertweave_ascend.integrations.vllm import server  # noqa: E402
+from expertweave_ascend.integrations.vllm.launch import serve_command  # noqa: E402
 from expertweave_ascend.integrations.vllm.engine import SCHEDULER  # noqa: E402
 
 PLATFORMS = (VllmCpu, VllmCuda, Vllm023Cpu, VllmAscend)
@@ -215,47 +216,46 @@ def test_more_slots_than_the_triton_kernel_aligns_are_refused():
 
 # -- engine arguments and environment -----------------------------------------------------------------
 @pytest.fixture
-def tiny_base(tiny):
-    return str(tiny / "base")
+def served(tiny):
+    """The API server's arguments as its process reads them from the command line `expertweave serve` builds."""
+    return lambda vllm_args: server.serve_args(serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, vllm_args, 4,
+                                                             None, None)[3:])
 
 
-def test_on_the_cpu_serve_sizes_the_kv_cache_unless_told(tiny_base, monkeypatch):
+def test_on_the_cpu_serve_sizes_the_kv_cache_unless_told(served, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, [], 4, None, None)
-    assert "--kv-cache-memory-bytes=1073741824" in argv and "--max-model-len=-1" in argv
-    assert "--moe-backend" not in " ".join(argv)
-    argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--max-model-len", "512"], 4, None, None)
-    assert "--kv-cache-memory-bytes=1073741824" in argv and "--max-model-len=-1" not in argv
-    for given in (["--kv-cache-memory-bytes", "1G"], ["--gpu-memory-utilization=0.5"], ["--kv_cache_memory_bytes=9"]):
-        assert not [a for a in serve_command(tiny_base, {}, "127.0.0.1", 8000, given, 4, None, None)
-                    if a.startswith(("--kv-cache-memory-bytes=", "--max-model-len="))], given
+    args = served([])
+    assert (args.kv_cache_memory_bytes, args.max_model_len) == (1 << 30, -1)
+    assert args.moe_backend == "auto"
+    args = served(["--max-model-len", "512"])
+    assert (args.kv_cache_memory_bytes, args.max_model_len) == (1 << 30, 512)
+    for given, memory in ((["--kv-cache-memory-bytes", "1G"], 1 << 30), (["--kv_cache_memory_bytes=9"], 9)):
+        args = served(given)
+        assert (args.kv_cache_memory_bytes, args.max_model_len) == (memory, None), given
+    args = served(["--gpu-memory-utilization=0.5"])
+    assert (args.kv_cache_memory_bytes, args.max_model_len, args.gpu_memory_utilization) == (None, None, 0.5)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     assert VllmCpu().engine_defaults(set()) == {"scheduler_cls": SCHEDULER}
 
 
-def test_on_the_cpu_engines_run_expertweaves_scheduler_unless_told(tiny_base):
-    argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, [], 4, None, None)
-    assert f"--scheduler-cls={SCHEDULER}" in argv
+def test_on_the_cpu_engines_run_expertweaves_scheduler_unless_told(served):
+    assert served([]).scheduler_cls == SCHEDULER
     assert resolve_obj_by_qualname(SCHEDULER).__name__ == "ExpertWeaveScheduler"
-    argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--scheduler-cls", "mine.Scheduler"], 4, None, None)
-    assert f"--scheduler-cls={SCHEDULER}" not in argv
+    assert served(["--scheduler-cls", "mine.Scheduler"]).scheduler_cls == "mine.Scheduler"
 
 
-def test_on_cuda_serve_asks_for_the_triton_moe_kernel_unless_told_otherwise(tiny_base, monkeypatch):
+def test_on_cuda_serve_asks_for_the_triton_moe_kernel_unless_told_otherwise(served, monkeypatch):
     monkeypatch.setattr(platforms, "current", VllmCuda)
-    argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, ["--max-model-len", "512"], 4, None, None)
-    assert "--moe-backend=triton" in argv
-    assert argv.index("--moe-backend=triton") < argv.index("--max-model-len"), "the user's own arguments come last"
-    for given in (["--moe-backend", "triton"], ["--moe-backend=auto"]):
-        argv = serve_command(tiny_base, {}, "127.0.0.1", 8000, given, 4, None, None)
-        assert argv.count("--moe-backend") + sum(a.startswith("--moe-backend=") for a in argv) == 1
+    args = served(["--max-model-len", "512"])
+    assert (args.moe_backend, args.max_model_len) == ("triton", 512)
+    assert served(["--moe-backend=auto"]).moe_backend == "auto"
 
 
 @pytest.mark.parametrize("cls", (VllmCpu, VllmCuda), ids=lambda c: c.__name__)
 def test_the_engine_runs_the_v1_model_runner_whose_hooks_are_installed(cls, monkeypatch):
     monkeypatch.setattr(platforms, "current", cls)
-    assert serve_environment({})["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    assert serve_environment({"VLLM_USE_V2_MODEL_RUNNER": "1"})["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    assert server.serve_environment({})["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert server.serve_environment({"VLLM_USE_V2_MODEL_RUNNER": "1"})["VLLM_USE_V2_MODEL_RUNNER"] == "1"
 
 
 # -- one adapter expert over tensor-parallel ranks ----------------------------------------------------

@@ -73,11 +73,11 @@ def loaded_plugins(env: dict[str, str], tmp_path: Path) -> dict[str, list[str]]:
 
 def test_serve_leaves_the_plugin_groups_as_the_user_set_them(tmp_path):
     environ = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    env = launch.serve_environment(environ)
+    env = server.serve_environment(environ)
     assert "VLLM_PLUGINS" not in env
     loaded = loaded_plugins(env, tmp_path)
     assert "ascend" in loaded["vllm.platform_plugins"] and "expertweave" not in loaded["vllm.general_plugins"]
-    assert launch.serve_environment({**environ, "VLLM_PLUGINS": "ascend"})["VLLM_PLUGINS"] == "ascend"
+    assert server.serve_environment({**environ, "VLLM_PLUGINS": "ascend"})["VLLM_PLUGINS"] == "ascend"
 
 
 def test_the_api_server_process_imports_no_model_runner():
@@ -110,8 +110,9 @@ def test_no_endpoint_plugin_is_registered():
 def test_serve_starts_this_projects_api_server_module(tiny):
     argv = launch.serve_command(str(tiny / "base"), {}, "127.0.0.1", 8000, ["--enforce-eager"], 4, None, None)
     assert argv[1:3] == ["-m", "expertweave_ascend.integrations.vllm.server"]
-    assert argv[-3:] == ["--enforce-eager", "--logits-processors",
-                         "expertweave_ascend.integrations.vllm.contrastive:ContrastiveLogits"]
+    assert argv[-1] == "--enforce-eager"
+    assert server.serve_args(argv[3:]).logits_processors == \
+        ["expertweave_ascend.integrations.vllm.contrastive:ContrastiveLogits"]
 
 
 def test_expertweaves_processors_are_added_once_beside_the_users_own():

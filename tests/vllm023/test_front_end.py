@@ -7,8 +7,10 @@ from test_data_parallel import (  # noqa: F401  (the main suite's tests, run her
     test_expertweave_llm_refuses_data_parallelism_before_an_engine_starts,
     test_expertweave_llm_starts_one_engine,
     test_serve_refuses_each_spelling_of_data_parallelism_before_the_server_starts,
-    test_serve_starts_the_server_for_one_engine_and_for_what_vllm_itself_refuses,
+    test_serve_reads_one_engine,
+    test_serve_refuses_data_parallelism_asked_by_the_environment,
     test_the_serve_command_refuses_data_parallelism_in_one_error_line,
+    test_what_vllms_parser_refuses_or_answers_is_its_own_answer,
     test_vllm_ascend_refuses_a_data_parallel_moe_layer_at_engine_start,
 )
 from test_frontend import (  # noqa: F401  (the main suite's tests, run here on vLLM 0.23)

@@ -12,7 +12,11 @@ from typing import Callable, Iterator, Mapping, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ...adapters import validate_adapter
 from ...errors import ExpertWeaveError
+from ...geometry import BaseGeometry
+from ...sharing import check_rel_l2
+from ...weave import slots_needed
 
 ADAPTER_ARG = "esft_adapter"  # key of SamplingParams.extra_args naming a request's adapter
 # vLLM's prefix cache keys blocks by the request's cache_salt: an adapter's requests carry a salt made
@@ -27,6 +31,8 @@ DATA_PARALLEL_SIZES = ("data_parallel_size", "data_parallel_size_local")
 # vLLM's scheduler_cls (scheduler.py): a step holds one non-expert variant (grouping.py), contrastive
 # requests run with their base twins (pairing.py)
 SCHEDULER = "expertweave_ascend.integrations.vllm.scheduler.ExpertWeaveScheduler"
+# vLLM's worker_extension_cls: imported by vLLM in the engine's worker processes only (worker.py)
+WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
 
 OnLoad = Callable[[object], None]  # (model runner) after the model is loaded, before warm-up
 OnSchedule = Callable[[object, object], None]  # (model runner, scheduler output) as a step starts
@@ -162,6 +168,30 @@ def contrastive_refusal(vllm_config) -> str | None:
                 f"{tokens} tokens, less than two sequences of max_model_len {longest}: raise the KV cache size or "
                 "lower max_model_len")
     return None
+
+
+def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters: int,
+                  adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
+                  granularity: int | None = None, host_adapter_bytes: int = 0, warm: bool = False,
+                  consolidate_rel_l2: float | None = None, shared_experts: bool = False) -> dict:
+    """The engine's `additional_config["expertweave"]`; adapters are validated here, before any engine
+    starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row.
+    host_adapter_bytes: the workers' host tier; warm: keep freed granules mapped for the next load (the
+    workers size the budget: twice an adapter row's share of the slots); consolidate_rel_l2: serve adapter
+    experts this near the base's (or a resident adapter's) by that expert (sharing.py; None: off);
+    shared_experts: serve adapters that tune shared experts (on whenever a given adapter does). Off, the
+    shared-expert MLP is left as vLLM compiles it, so the base and routed-only adapters match plain vLLM
+    bit for bit; on, the per-token selection sits on its output and may round it differently."""
+    check_rel_l2(consolidate_rel_l2)
+    checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
+    if adapter_slots is None:
+        adapter_slots = max(slots_needed((a.experts for a in checked.values()), geometry.moe_layers),
+                            max_adapters * geometry.num_experts // 4)
+    return {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
+            "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
+            "granularity": granularity, "host_adapter_bytes": host_adapter_bytes, "warm": warm,
+            "consolidate_rel_l2": consolidate_rel_l2,
+            "shared_experts": shared_experts or any(a.shared_layers for a in checked.values())}
 
 
 def expertweave_config(runner) -> dict | None:

@@ -9,48 +9,19 @@ from typing import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from ...adapters import check_adapter, validate_adapter
+from ...adapters import check_adapter
 from ...catalogue import AdapterCatalogue
 from ...contrastive import Contrastive
 from ...errors import AdapterStateError, CapacityError
 from ...geometry import BaseGeometry
 from ...reports import MemoryReport
 from ...residency import Residency
-from ...sharing import check_rel_l2
-from ...weave import slots_needed
 from . import admission, platforms
 from .contrastive import PROMPT_EMBEDS_REFUSAL, params_problem, variant_refusal
-from .engine import client_salt_problem, refuse_data_parallelism, shutdown_llm
+from .engine import WORKER_EXTENSION, client_salt_problem, engine_config, refuse_data_parallelism, shutdown_llm
 from .frontend import AdapterFrontEnd, AdapterUnavailable, Lease
 from .metrics import AdapterMetrics
 from .workers import Workers
-
-WORKER_EXTENSION = "expertweave_ascend.integrations.vllm.worker.ExpertWeaveWorkerExtension"
-
-
-def engine_config(geometry: BaseGeometry, adapters: dict[str, str], max_adapters: int,
-                  adapter_slots: int | None = None, adapter_memory_bytes: int | None = None,
-                  granularity: int | None = None, host_adapter_bytes: int = 0, warm: bool = False,
-                  consolidate_rel_l2: float | None = None, shared_experts: bool = False) -> dict:
-    """The engine's `additional_config["expertweave"]`; adapters are validated here, before any engine
-    starts. Default slots: room for the given adapters, and a quarter of the experts per adapter row.
-    host_adapter_bytes: the workers' host tier; warm: keep freed granules mapped for the next load (the
-    workers size the budget: twice an adapter row's share of the slots); consolidate_rel_l2: serve adapter
-    experts this near the base's (or a resident adapter's) by that expert (sharing.py; None: off);
-    shared_experts: serve adapters that tune shared experts (on whenever a given adapter does). Off, the
-    shared-expert MLP is left as vLLM compiles it, so the base and routed-only adapters match plain vLLM
-    bit for bit; on, the per-token selection sits on its output and may round it differently."""
-    check_rel_l2(consolidate_rel_l2)
-    checked = {name: validate_adapter(path, geometry) for name, path in adapters.items()}
-    if adapter_slots is None:
-        adapter_slots = max(slots_needed((a.experts for a in checked.values()), geometry.moe_layers),
-                            max_adapters * geometry.num_experts // 4)
-    return {"adapters": {n: str(p) for n, p in adapters.items()}, "max_adapters": max_adapters,
-            "adapter_slots": adapter_slots, "adapter_memory_bytes": adapter_memory_bytes,
-            "granularity": granularity, "host_adapter_bytes": host_adapter_bytes, "warm": warm,
-            "consolidate_rel_l2": consolidate_rel_l2,
-            "shared_experts": shared_experts or any(a.shared_layers for a in checked.values())}
-
 
 class ExpertWeaveLLM:
     """A vllm.LLM whose requests each name an adapter (or None for the base model).

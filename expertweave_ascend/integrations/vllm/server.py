@@ -17,12 +17,15 @@ unloads, admission); this module reads requests, hands it what they ask and answ
 errors call for (AdapterRoutes.refusal).
 """
 
+import argparse
 import asyncio
+import importlib
 import json
 import logging
+import os
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -34,7 +37,8 @@ from ...residency import Residency
 from . import admission, lifetime, patching, platforms
 from .contrastive import (PARALLEL_REFUSAL, PROMPT_EMBEDS_REFUSAL, PROMPT_LOGPROBS_REFUSAL, STRUCTURED_REFUSAL,
                           variant_refusal)
-from .engine import client_salt_problem
+from .engine import client_salt_problem, refuse_data_parallelism
+from .launch import REFUSAL, ServerOptions
 from .frontend import AdapterConflict, AdapterFrontEnd, AdapterNotFound, AdapterUnavailable
 from .metrics import REFRESH_S, AdapterMetrics
 from .workers import Workers
@@ -53,25 +57,6 @@ API_SERVER = "vllm.entrypoints.openai.api_server"
 def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
                         status_code=status)
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """`expertweave serve`'s own options, carried to the API server in additional_config."""
-    runtime_loading: bool = False  # the load and unload routes exist
-    adapter_root: str | None = None  # its subdirectories are adapters served by name; runtime loads stay inside
-    catalogue: dict[str, str] = field(default_factory=dict)  # --adapter NAME=PATH: served by name too
-    max_adapters: int = 8  # adapters on the device at once
-    eviction_policy: str = "lru"
-    adapter_wait_s: float = 60.0  # how long a request may wait for its adapter to be loaded (then 503)
-    host_adapter_bytes: int = 0  # the workers' host tier (reported; the workers are given it in the engine config)
-    warm_host_tier: bool = False  # fill the host tier from the catalogue at start, in the background
-    consolidate_rel_l2: float | None = None  # near-duplicate experts share one copy (the workers are given it)
-    shared_experts: bool = False  # serve adapters that tune shared experts (the workers are given it)
-
-    @classmethod
-    def of(cls, args) -> "ServerOptions":
-        return cls(**((args.additional_config or {}).get("expertweave", {}).get("server") or {}))
 
 
 async def _read_body(receive) -> bytes:
@@ -405,22 +390,48 @@ def add_front_end(module, routes: AdapterRoutes) -> None:
     patching.replace_method(f"{module.__name__}:init_app_state", with_state)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`vllm serve`'s API server (argument parser, checks, run_server) with the ExpertWeave front-end."""
-    import importlib
+def serve_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The engine's environment: the user's, VLLM_PLUGINS included as given (it filters every plugin group,
+    vllm-ascend's platform plugin too, and ExpertWeave needs none), with the platform's defaults added."""
+    env = dict(environ)
+    for key, value in platforms.current().engine_environment().items():
+        env.setdefault(key, value)
+    return env
 
-    import uvloop
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+def serve_args(argv: list[str]) -> argparse.Namespace:
+    """The API server's arguments, read once, by vLLM's own parser: the command line `expertweave serve` built
+    (launch.serve_command), after this platform's engine defaults for what it does not give and with
+    ExpertWeave's logits processors. Data parallelism, in any spelling that parser reads, is refused."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_args = importlib.import_module(platforms.current().CLI_ARGS)
+    given = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    defaults = [f"--{key.replace('_', '-')}={value}" for key, value in platforms.current().engine_defaults(given).items()]
+    parser = cli_args.make_arg_parser(FlexibleArgumentParser(description="expertweave serve"))
+    args = parser.parse_args(admission.with_processors_args([*defaults, *argv]))
+    cli_args.validate_parsed_serve_args(args)
+    refuse_data_parallelism("expertweave serve", vars(args), os.environ, flags=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vllm serve`'s API server (argument parser, checks, run_server) with the ExpertWeave front-end. A start
+    it refuses is one `error:` line and exit status 2, which `expertweave serve` passes on (launch.py)."""
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    os.environ.update(serve_environment(dict(os.environ)))  # before any engine process starts
     cli_env_setup()
+    try:
+        args = serve_args(sys.argv[1:] if argv is None else argv)
+    except ExpertWeaveError as e:
+        print(f"{REFUSAL}{e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     handler = logging.StreamHandler()  # loads and unloads, one line each: name, path, content hash
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s expertweave: %(message)s", "%m-%d %H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    args = cli_args.make_arg_parser(FlexibleArgumentParser(description="expertweave serve")).parse_args(argv)
-    cli_args.validate_parsed_serve_args(args)
     module = api_server_module()
     add_front_end(module, AdapterRoutes())
     uvloop.run(module.run_server(args))
