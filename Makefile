@@ -40,8 +40,10 @@ pinned: env
 # tests/vllm023 on vLLM 0.23.
 test: test-main test-long test-vllm023
 
+# Two pytest-xdist workers (one per core here), each running whole modules, slowest first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test-main: env pinned
-	$(PY) -m pytest -q tests --ignore=tests/vllm023 -m "not long"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests --ignore=tests/vllm023 -m "not long"
 
 test-long: env pinned
 	$(PY) -m pytest -q tests --ignore=tests/vllm023 -m long

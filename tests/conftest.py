@@ -1,7 +1,9 @@
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from expertweave_ascend.geometry import BaseGeometry
 from expertweave_ascend.tiny import make_tiny
@@ -12,6 +14,39 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "esft"
 def pytest_configure(config):
     config.addinivalue_line("markers", "long: a run of a minute or more of its own (the soak, pip's resolves "
                                        "over PyPI); `make test-long` runs these, `make test-main` leaves them out")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # `make test-main` runs pytest-xdist workers
+    if workers > 1:
+        # vLLM's CPU engines pin their worker's threads to core 0 by default ("auto" binding), so both pytest
+        # workers' engines would share one core; unbound, each takes the core that is free. One thread per
+        # worker and per engine it starts: two OpenMP teams on two cores spin waiting for each other.
+        # (A test that sets its own binding keeps it.)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# The groups that start vLLM engines or servers, slowest first (pytest --durations on this machine kind, about
+# 125 s down to 15 s of one worker's time): xdist hands a free worker the next group in collection order, so
+# these go first and the quick modules fill in at the end, and the two workers finish together.
+SLOWEST_FIRST = ("test_vllm", "test_server", "test_server_tiering", "decisive_server", "test_readme_serve",
+                 "test_engines_in_one_process", "test_vllm_variants", "test_vllm_sharing", "test_vllm_shared_experts",
+                 "test_launch", "test_server_runtime_loading", "test_vllm_tp", "test_vllm_contrastive",
+                 "test_data_parallel", "test_frontend")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup`, one worker runs each module whole (its module-scoped engines start once), and the
+    modules that share the session's decisive server run on one worker, which starts it once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    sharing = {item.module.__name__ for item in items if "decisive_server" in item.fixturenames}
+    groups = {}
+    for item in items:
+        module = item.module.__name__
+        groups[item] = "decisive_server" if module in sharing else module
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    rank = {group: i for i, group in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
 
 
 @pytest.fixture(scope="session")

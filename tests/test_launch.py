@@ -79,7 +79,7 @@ def test_a_failed_start_is_one_line_naming_the_cause_and_the_flag(tiny):
     """vLLM's CPU worker refuses to reserve 99% of memory: the real failure, through the real CLI."""
     result = subprocess.run([sys.executable, "-m", "expertweave_ascend.cli", "serve", str(tiny / "base"),
                              "--port", str(free_port()), "--", "--gpu-memory-utilization", "0.99",
-                             "--max-model-len", "256"], capture_output=True, text=True, timeout=600)
+                             "--max-model-len", "256", "--enforce-eager"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
