@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from expertweave_ascend.errors import CapacityError
-from expertweave_ascend.routing import RoutingTables, reroute_on, reroute_reference
+from expertweave_ascend.routing import RoutingTables, reroute_reference, reroute_traced
 
 reroute = torch.ops.expertweave.reroute
 
@@ -27,37 +27,38 @@ def test_reference_on_a_worked_example():
     assert torch.equal(reroute(topk, token_adapter, table), expected)
 
 
-def test_per_layer_hooks_call_the_cpu_kernel_directly_and_the_op_elsewhere():
-    topk, token_adapter, table = random_case(33, 6, 64, 5, torch.int32, torch.int32, seed=7)
-    on_cpu = reroute_on(torch.device("cpu"))
-    assert on_cpu is not reroute
-    assert torch.equal(on_cpu(topk, token_adapter, table), reroute_reference(topk, token_adapter, table))
-    with pytest.raises(ValueError, match="reroute: 32 adapter rows for 33 tokens"):
-        on_cpu(topk, token_adapter[:32], table)
-    for device in ("cuda", "privateuseone"):  # torch_npu renames privateuseone to npu
-        assert reroute_on(torch.device(device)) is reroute
+def traced(topk: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """reroute_traced as an engine calls it: the tokens' rows are the first T of a longer per-token buffer."""
+    rows = torch.full((topk.shape[0] + 5,), 10**6, dtype=token_adapter.dtype)  # beyond T: never read
+    rows[:topk.shape[0]] = token_adapter
+    return reroute_traced(topk, rows, table)
 
 
+IMPLEMENTATIONS = {"op": reroute, "traced": traced}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("k", [1, 4, 6])
 @pytest.mark.parametrize("M", [16, 64])
-def test_reroute_equals_the_reference(ids_dtype, k, M):
+def test_reroute_equals_the_reference(implementation, ids_dtype, k, M):
     seed = 0
     for T in (0, 1, 2, 7, 40):
         for rows in (1, 2, 33):
             for adapter_dtype in (torch.int32, torch.int64):
                 seed += 1
                 topk, token_adapter, table = random_case(T, k, M, rows, ids_dtype, adapter_dtype, seed)
-                got = reroute(topk, token_adapter, table)
+                got = IMPLEMENTATIONS[implementation](topk, token_adapter, table)
                 assert got.dtype == ids_dtype and got.shape == (T, k)
                 want = reroute_reference(topk, token_adapter, table)
                 assert torch.equal(got, want), (T, k, M, rows, adapter_dtype)
 
 
-def test_reroute_does_not_modify_or_alias_its_inputs():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_reroute_does_not_modify_or_alias_its_inputs(implementation):
     topk, token_adapter, table = random_case(9, 4, 16, 3, torch.int32, torch.int64, 0)
     copies = [t.clone() for t in (topk, token_adapter, table)]
-    out = reroute(topk, token_adapter, table)
+    out = IMPLEMENTATIONS[implementation](topk, token_adapter, table)
     for t, c in zip((topk, token_adapter, table), copies):
         assert torch.equal(t, c)
         assert out.data_ptr() != t.data_ptr()
@@ -111,6 +112,38 @@ def test_reroute_under_torch_compile_fullgraph_sees_in_place_table_updates():
     got = compiled(topk, token_adapter)
     moved = (token_adapter == row).unsqueeze(1) & (topk % 2 == 0)
     assert torch.equal(got, torch.where(moved, topk + 16, topk))
+
+
+def test_the_traced_reroute_compiles_into_the_graph_and_reads_its_buffers_in_place():
+    """As the CPU engine runs it: a closure over the per-token buffer and a layer's table, called after a
+    top-k in a compiled forward. The graph holds no op of ours (nothing to call out to), and steps after
+    the trace see the rows and the tables as they are written in place."""
+    tables = RoutingTables([3, 8], num_experts=16, max_adapters=4)
+    token_rows = torch.zeros(64, dtype=torch.int32)
+    reroute_layer = lambda ids: reroute_traced(ids, token_rows, tables.layer(8))  # noqa: E731  (as worker.py's)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def forward(logits):
+        return reroute_layer(torch.topk(logits, 6, dim=-1).indices)
+
+    compiled = torch.compile(forward, backend=backend, fullgraph=True, dynamic=True)
+    logits = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    for T in (7, 9, 3):  # sizes no other dimension has, and not 1, which dynamic shapes specialize
+        assert torch.equal(compiled(logits[:T]), torch.topk(logits[:T], 6, dim=-1).indices), "identity tables"
+    row = tables.take_row("law")
+    tables.write_row(row, {8: {e: 16 + e for e in range(0, 16, 2)}})  # the even experts move
+    token_rows[:10] = torch.tensor([0, row] * 5, dtype=torch.int32)
+    got = compiled(logits[:10])
+    topk = torch.topk(logits[:10], 6, dim=-1).indices
+    moved = (token_rows[:10] == row).unsqueeze(1) & (topk % 2 == 0)
+    assert torch.equal(got, torch.where(moved, topk + 16, topk))
+    assert len(graphs) == 1, "traced again after the tables or rows changed"
+    calls = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert not [c for c in calls if "expertweave" in c], calls
 
 
 # ----------------------------------------------------------------------------------------------

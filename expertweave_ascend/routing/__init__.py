@@ -4,7 +4,7 @@ import importlib.util
 
 import torch
 
-from .reroute import reroute, reroute_on, reroute_reference
+from .reroute import reroute, reroute_reference, reroute_traced
 from .table import RoutingTables
 
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -12,4 +12,4 @@ if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
 
     register_cuda()
 
-__all__ = ["reroute", "reroute_on", "reroute_reference", "RoutingTables"]
+__all__ = ["reroute", "reroute_reference", "reroute_traced", "RoutingTables"]

@@ -4,7 +4,8 @@ Registered once as the torch op `expertweave::reroute`, with a fake (meta) imple
 torch.compile can trace through it. It is defined through torch.library.Library rather than the
 `custom_op` decorator: the decorator's Python wrapper costs tens of microseconds per call, paid by
 every MoE layer of every step. The default kernel is plain torch and runs on any device; CUDA (Triton)
-and NPU (Ascend C) kernels register themselves for their dispatch key on top of it.
+and NPU (Ascend C) kernels register themselves for their dispatch key on top of it. Where the compiler
+traces the MoE layer (vLLM's CPU engine), the engine calls no op: reroute_traced is traced into its graph.
 """
 
 import torch
@@ -36,11 +37,12 @@ def _(topk_ids: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) 
 reroute = torch.ops.expertweave.reroute
 
 
-def reroute_on(device: torch.device):
-    """What a per-layer hook calls on this device. On CPU, the torch kernel itself: inside an engine's
-    forward, a call through the dispatcher to this Python kernel costs three times the kernel
-    (perf/bench_decode.py). Elsewhere the op, on which the Triton and Ascend C kernels register."""
-    return reroute_torch if device.type == "cpu" else reroute
+def reroute_traced(topk_ids: torch.Tensor, token_rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The reroute as plain tensor code, for a compiled graph to trace and fuse beside the router instead of
+    calling out to an op. token_rows is the engine's per-token buffer, at least T long, whose first T entries
+    are this forward's tokens' rows; it and the table are read in place, so a graph traced once serves every
+    step and every adapter loaded after it was traced."""
+    return table[token_rows[:topk_ids.shape[0]].unsqueeze(1), topk_ids].to(topk_ids.dtype)
 
 
 def reroute_reference(topk_ids: torch.Tensor, token_adapter: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

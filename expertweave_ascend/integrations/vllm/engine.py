@@ -47,6 +47,10 @@ class EnginePlatform(Protocol):
     SCHEDULER_WAITING: tuple[str, ...]
     SCHEDULER_SEATS: str
     CLI_ARGS: str  # the module holding `vllm serve`'s argument parser and its checks (server.py)
+    # True: the reroute is plain tensor code in the model's compiled graph (routing.reroute_traced), where the
+    # compiler traces the MoE layer; False: the op expertweave::reroute_layer, whose device kernel (Triton,
+    # Ascend C) the captured device graphs call
+    REROUTE_TRACED: bool
 
     @staticmethod
     def finished_request_id(finished) -> str:

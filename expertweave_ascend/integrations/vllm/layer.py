@@ -43,10 +43,14 @@ class VllmMoELayer:
         self.table = table
         # The ops find this handle, and so this engine's weave, on the layer module, which they reach by its
         # name in the forward context of the engine running them (as vLLM's own MoE op reaches the layer):
-        # the traced graph holds only the name, the same in every engine serving the model.
+        # the traced graph holds only the name, the same in every engine serving the model. A traced reroute
+        # reads the engine's tensors through the layer it wraps, which the graph is given per engine.
         setattr(self.runner, HANDLE_ATTR, self)
         name = self.runner.layer_name
-        self.api.reroute_topk(self.runner, lambda ids: torch.ops.expertweave.reroute_layer(ids, name))
+        if self.api.REROUTE_TRACED:
+            self.api.reroute_topk(self.runner, self.owner.traced_reroute(table))
+        else:
+            self.api.reroute_topk(self.runner, lambda ids: torch.ops.expertweave.reroute_layer(ids, name))
         if self.shared_experts:  # any op on the MLP's output changes how torch.compile rounds it
             self.api.serve_shared_experts(self.runner,
                                           lambda out, x: torch.ops.expertweave.shared_experts_rows(out, x, name))

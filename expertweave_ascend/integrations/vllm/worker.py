@@ -6,9 +6,11 @@ after the general plugins (vllm-ascend's among them) have loaded and before the 
 model; importing it installs the model runner's hooks (install_hooks). So the API server never imports a
 model runner (on Atlas: vllm-ascend's NPU runner), and an engine started without ExpertWeave is never hooked.
 
-vLLM may compile the model with Dynamo, which runs Python hooks once at trace time. Rerouting is
-therefore the custom op `expertweave::reroute_layer`, opaque to the compiler, whose body runs on
-every forward and reads the current buffer and table of the engine running it.
+vLLM may compile the model with Dynamo, which runs Python hooks once at trace time. Where the compiler
+traces the MoE layer (the CPU engine), the reroute is tensor code traced into the graph, which reads the
+per-token buffer and the layer's table in place, so every step sees the current rows and adapters; on
+CUDA and Ascend it is the custom op `expertweave::reroute_layer`, opaque to the compiler, whose body runs
+on every forward, reads the current buffer and table of the engine running it, and calls the device kernel.
 
 Nothing of an engine lives in this module: each engine's WorkerWeave hangs on its own model runner
 (WEAVE_ATTR), the hooks act only for a runner carrying one, and the ops find it through the MoE layer
@@ -18,6 +20,7 @@ they run for (layer.py), so engines with and without ExpertWeave, or with other 
 import logging
 import math
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from ...errors import AdapterStateError, ExpertWeaveError
 from ...geometry import BaseGeometry
 from ...host_tier import HostTier
 from ...loader import BackgroundLoader
-from ...routing import reroute_on
+from ...routing import reroute, reroute_traced
 from ...weave import ExpertWeave, WeaveConfig
 from . import platforms
 from .contrastive import request_pair
@@ -60,11 +63,11 @@ class WorkerWeave:
         geometry = BaseGeometry.from_checkpoint(model_runner.model_config.model)
         device_args = self.api.weave_device(model_runner)
         self.backend = device_args.get("backend")  # given to the weave, so closed here
+        device = torch.device(device_args.get("device", "cpu"))
+        # each token's adapter row, in the runner's token order; the layers' reroutes read it (install)
+        self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32, device=device)
         self.weave = ExpertWeave(geometry, list(self.layers.values()), weave_config, **device_args)
         self.api.weave_installed(model_runner, self.weave)
-        device = torch.device(self.weave.device)
-        self.token_adapter = torch.zeros(model_runner.max_num_tokens, dtype=torch.int32, device=device)
-        self.reroute_kernel = reroute_on(device)
         # Off the CPU the step's rows go through pinned host memory, so their copy does not block.
         self.staging = self.token_adapter if device.type == "cpu" else torch.zeros(
             model_runner.max_num_tokens, dtype=torch.int32, pin_memory=True)
@@ -93,7 +96,13 @@ class WorkerWeave:
         # every rank makes) at the forward's first MoE layer only.
         if layer == self.first_layer:
             self.moe_rows = self.api.moe_token_rows(self.token_adapter, topk_ids.shape[0])
-        return self.reroute_kernel(topk_ids, self.moe_rows, self.layers[layer].table)
+        return reroute(topk_ids, self.moe_rows, self.layers[layer].table)
+
+    def traced_reroute(self, table: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A layer's reroute for a compiled graph to trace: this engine's per-token buffer and the layer's
+        table, both updated in place between steps, never reallocated."""
+        rows = self.token_adapter
+        return lambda topk_ids: reroute_traced(topk_ids, rows, table)
 
     def shared_experts(self, out: torch.Tensor, x: torch.Tensor, layer: int) -> None:
         """Overwrites the shared-expert output of tokens whose adapter tunes this layer's shared experts."""

@@ -87,6 +87,7 @@ class VllmAscend(Vllm023):
     """Every vllm-ascend name this class looks up is one of these "module:qualname" targets."""
     name = "vllm-ascend"
     DEVICE_TYPE = "npu"  # vllm-ascend's NPUPlatform.device_type, which platforms.current() looks for
+    REROUTE_TRACED = False
     MODEL_RUNNER = "vllm_ascend.worker.model_runner_v1:NPUModelRunner"
     GET_MODEL = "get_model"
     MOE_LAYER = f"{_MOE}:AscendFusedMoE"

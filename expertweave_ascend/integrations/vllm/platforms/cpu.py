@@ -16,6 +16,7 @@ class VllmCpu(Vllm032):
     name = "CPU"
     MODEL_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
     REROUTABLE_KERNELS = ("CPU",)
+    REROUTE_TRACED = True
 
     def engine_defaults(self, given: set[str]) -> dict:
         """A 1 GiB KV cache and the longest context that fits it (max_model_len -1: vLLM's auto-fit),

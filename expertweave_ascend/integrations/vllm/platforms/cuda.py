@@ -15,6 +15,7 @@ class VllmCuda(Vllm032):
     name = "CUDA"
     MODEL_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
     REROUTABLE_KERNELS = ("TRITON",)
+    REROUTE_TRACED = False
     kernel_advice = "start the engine with --moe-backend triton"
     shared_experts_refusal = ("adapters that tune shared experts are not served on CUDA yet: the per-token "
                               "selection is dynamic, and the CUDA graphs vLLM captures would replay it as it was "
