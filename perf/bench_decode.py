@@ -22,24 +22,31 @@ and expert granules in memory anew, so the interval resamples builds, then the r
 
 The split times each part of the difference at 20 adapters inside the engines, over rounds of its own in
 which two arms, each in lockstep with the base-only engine, alternate (ExpertWeave's mixed batch,
-ExpertWeave's base requests): the reroute op of every MoE layer, the per-step row fill and request
+ExpertWeave's base requests): the reroute of every MoE layer, the per-step row fill and request
 accounting; the scheduler, ExpertWeave's against vLLM's; vLLM's MoE kernel on the same expert ids,
 ExpertWeave's memfd-backed expert tensors against the anonymous pages torch allocates (the memory effect of
 virtual tensors); and the MoE kernel on ExpertWeave's tensors, the mixed batch's ids against the base
 requests' (the extra distinct experts a mixed batch touches), each against the base-only steps beside it.
-The Python parts are timed by wrapping them, the MoE kernel (called from the compiled graph) by torch's
-profiler in runs of their own, each engine's calls told apart by a profiler range around its steps. Each
+The Python parts are timed by wrapping them; the MoE kernel and the reroute by torch's profiler in runs of
+their own, each engine's calls told apart by a profiler range around its steps. The reroute is traced into
+the compiled graph, so it is what ExpertWeave's step runs that the base-only step beside it does not: the
+graph's kernels (compiled with Inductor's per-kernel profiler ranges) and the ops called outside a graph,
+counted by name, the base-only lane's subtracted from ExpertWeave's (a kernel the reroute fused into counts
+whole, so the part is an upper bound). Each
 part is wall time per full-batch decode step (CPU time would overcount single-threaded Python while torch's
 threads spin); their sum is checked against the total difference.
 Run: .venv/bin/python -m perf.bench_decode [--rounds 84] [--instances 6] [--json FILE]
 """
 
 import argparse
+import bisect
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -55,6 +62,7 @@ ADAPTER_COUNTS = (1, 5, 10, 20)
 PROMPT_TOKENS = 32
 SPLIT_ROUNDS = 6  # per engine build: a multiple of its 2 arms
 REFERENCE = "base-only"  # the engine every arm runs beside
+GRAPH_KERNEL = re.compile(r"^graph_\d+_(?P<fused>cpp_fused_.*?)_\d+$")  # Inductor's name of a kernel of a graph
 
 
 def prompts(vocab_size: int) -> list[dict]:
@@ -106,8 +114,8 @@ class Stopwatch:
     def __init__(self, gate):
         self.gate, self.seconds, self._undo = gate, {}, []
 
-    def wrap(self, owner, name: str, part: str, observe=None) -> None:
-        """Times owner.name as `part`; observe(args, result), if given, sees each timed call untimed."""
+    def wrap(self, owner, name: str, part: str) -> None:
+        """Times owner.name as `part`."""
         method, own = getattr(owner, name), name in vars(owner)
         self.seconds[part] = 0.0
 
@@ -117,8 +125,6 @@ class Stopwatch:
             started = time.perf_counter()
             result = method(*args, **kwargs)
             self.seconds[part] += time.perf_counter() - started
-            if observe is not None:
-                observe(args, result)
             return result
 
         setattr(owner, name, timed)
@@ -173,8 +179,11 @@ def _mean_ms(seconds) -> float:
 
 def measure(rounds: int = 84, eager: bool = False, progress=print, instances: int = 6) -> dict:
     """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
+    import torch._inductor.config
+
     if instances < 2 or rounds % instances:
         raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances (2 or more)")
+    torch._inductor.config.cpp.enable_kernel_profile = True  # every engine alike: the split names the kernels
     base, adapters = build()
     names = list(adapters)[:max(ADAPTER_COUNTS)]
     batch = prompts(json.loads((base / "config.json").read_text())["vocab_size"])
@@ -312,49 +321,73 @@ class Engines:
 
         arms = {"mixed": ("expertweave", mix), "base requests": ("expertweave", [None] * BATCH)}
         totals = {lane: Counter() for arm in arms for lane in (arm, f"{arm}: {REFERENCE}")}
-        touched = []
         with Stopwatch(lambda: self.current.decoding) as watch:
             active = self.weave.llm.collective_rpc(worker.weave_of)[0]
-            watch.wrap(active, "reroute", "reroute",
-                       observe=lambda args, result: touched.append(result.unique().numel()))
             for part, name in (("row_fill", "on_step"), ("accounting", "on_schedule")):
                 watch.wrap(active, name, part)
             for order in balanced_orders(list(arms), rounds, random.Random(1).shuffle):
                 for arm in order:
                     lanes = (totals[arm], totals[f"{arm}: {REFERENCE}"])
                     before = dict(watch.seconds)
-                    touched.clear()
                     for total, steps in zip(lanes, self.run(*arms[arm])):
                         total["steps"] += len(steps)
                     for total, engine in zip(lanes, ("expertweave", REFERENCE)):
                         total["scheduler"] += self.clocks[engine].schedule_s
                     lanes[0].update({part: seconds - before[part] for part, seconds in watch.seconds.items()})
-                    lanes[0].update(experts_touched=sum(touched), reroutes=len(touched))
                     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
                         profiled_steps = self.run(*arms[arm], label_steps=True)
-                    moe = moe_seconds(profiled.events())
+                    moe, ran = profiled_seconds(profiled.events())
                     for place, (total, steps) in enumerate(zip(lanes, profiled_steps)):
                         total.update(profiled_steps=len(steps), moe=moe[place])
+                    lanes[0]["reroute"] += added_seconds(ran)
         return totals
 
 
-def moe_seconds(events) -> Counter:
-    """Seconds in vLLM's MoE kernel during full-batch decode steps, per lane: each call counts for the lane
-    range ("lane <place>", Engines.run) it ran in."""
-    ranges = [(e.time_range.start, e.time_range.end, int(e.name.split()[1])) for e in events
-              if e.name.startswith("lane ")]
-    seconds = Counter()
+def profiled_seconds(events) -> tuple[Counter, list[dict[str, list[float]]]]:
+    """Per lane (Engines.run's "lane <place>" ranges), in full-batch decode steps: the seconds in vLLM's MoE
+    kernel, and [calls, seconds] of each kernel the compiled graph ran and each op called outside a graph, by
+    name (the graph's and the kernel's numbers dropped, so that two engines' graphs compare)."""
+    def full_batch_moe(e) -> bool:
+        return e.name.endswith("cpu_fused_moe") and bool(e.input_shapes) and e.input_shapes[1][0] == BATCH
+
+    moe_starts = sorted(e.time_range.start for e in events if full_batch_moe(e))
+    decoding = []  # (start, end, place) of each lane's steps that ran the whole batch
     for e in events:
-        if e.name.endswith("cpu_fused_moe") and e.input_shapes and e.input_shapes[1][0] == BATCH:  # decode steps
-            place = next(place for start, end, place in ranges if start <= e.time_range.start <= end)
-            seconds[place] += 1e-6 * e.cpu_time_total
-    return seconds
+        if e.name.startswith("lane "):
+            start, end = e.time_range.start, e.time_range.end
+            first = bisect.bisect_left(moe_starts, start)
+            if first < len(moe_starts) and moe_starts[first] <= end:
+                decoding.append((start, end, int(e.name.split()[1])))
+    decoding.sort()
+    moe, ran = Counter(), [{}, {}]
+    for e in events:
+        i = bisect.bisect_right(decoding, (e.time_range.start, math.inf, 0)) - 1
+        if i < 0 or e.time_range.start > decoding[i][1]:
+            continue
+        place = decoding[i][2]
+        if full_batch_moe(e):
+            moe[place] += 1e-6 * e.cpu_time_total
+        kernel = GRAPH_KERNEL.match(e.name)
+        if kernel or (e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))):
+            seen = ran[place].setdefault(kernel["fused"] if kernel else e.name, [0, 0.0])
+            seen[0] += 1
+            seen[1] += 1e-6 * e.cpu_time_total
+    return moe, ran
+
+
+def added_seconds(ran: list[dict[str, list[float]]]) -> float:
+    """The seconds of what the first lane ran beyond the second: of each name it called more often, the share
+    of its calls beyond the second lane's."""
+    ours, theirs = ran
+    return sum(seconds * (calls - theirs.get(name, (0, 0.0))[0]) / calls
+               for name, (calls, seconds) in ours.items() if calls > theirs.get(name, (0, 0.0))[0])
 
 
 def split_parts(totals: dict) -> dict:
     """us per decode step of each part of the difference between the mixed arm and the base-only engine."""
-    per_step = {lane: {**{k: 1e6 * t[k] / t["steps"] for k in ("scheduler", "reroute", "row_fill", "accounting")},
-                       "moe": 1e6 * t["moe"] / t["profiled_steps"]} for lane, t in totals.items()}
+    per_step = {lane: {**{k: 1e6 * t[k] / t["steps"] for k in ("scheduler", "row_fill", "accounting")},
+                       **{k: 1e6 * t[k] / t["profiled_steps"] for k in ("moe", "reroute")}}
+                for lane, t in totals.items()}
     mixed, base = per_step["mixed"], per_step["base requests"]
     mixed_beside, base_beside = per_step[f"mixed: {REFERENCE}"], per_step[f"base requests: {REFERENCE}"]
     parts = {"reroute": mixed["reroute"], "row_fill": mixed["row_fill"], "accounting": mixed["accounting"],
@@ -362,9 +395,7 @@ def split_parts(totals: dict) -> dict:
              "memfd_pages": base["moe"] - base_beside["moe"],  # the same expert ids, ExpertWeave's pages vs torch's
              # the same pages, the mixed batch's ids vs the base's, each against the base-only steps beside it
              "extra_experts": (mixed["moe"] - mixed_beside["moe"]) - (base["moe"] - base_beside["moe"])}
-    return {"parts_us": parts, "moe_us": {lane: p["moe"] for lane, p in per_step.items()},
-            "experts_per_layer": {lane: t["experts_touched"] / t["reroutes"]
-                                  for lane, t in totals.items() if t["reroutes"]}}
+    return {"parts_us": parts, "moe_us": {lane: p["moe"] for lane, p in per_step.items()}}
 
 
 def main() -> int:
@@ -389,7 +420,6 @@ def main() -> int:
     t = s["total_us"]
     print(f"  {'sum':<16}{s['sum_us']:>10.1f}   total measured {t['difference']:.1f} [{t['low']:.1f}, {t['high']:.1f}]")
     print("  MoE kernel us per step: " + ", ".join(f"{lane} {us:.0f}" for lane, us in s["moe_us"].items()))
-    print("  experts touched per layer and step: " + ", ".join(f"{lane} {n:.1f}" for lane, n in s["experts_per_layer"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

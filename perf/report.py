@@ -152,6 +152,9 @@ def markdown(results: dict, stem: str) -> str:
         d = s["decode"]
         ci = lambda c: f"x{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"  # noqa: E731
         split = d["split"]
+        touched = ("; experts touched per MoE layer and step "  # counted where the reroute was a Python call
+                   + ", ".join(f"{lane} {n:.1f}" for lane, n in split["experts_per_layer"].items())
+                   if "experts_per_layer" in split else "")
         total = split["total_us"]
         builds = d["instances"]
         lines += _section("Decode step: ExpertWeave against the base, in lockstep with a base-only engine",
@@ -185,9 +188,7 @@ def markdown(results: dict, stem: str) -> str:
                   "the base requests', each less the base-only engine's beside it. Base-only step "
                   f"{d['arms']['base-only']['step_ms']:.1f} ms; MoE kernel per step "
                   + ", ".join(f"{lane} {us:.0f} us" for lane, us in split["moe_us"].items())
-                  + "; experts touched per MoE layer and step "
-                  + ", ".join(f"{lane} {n:.1f}" for lane, n in split["experts_per_layer"].items())
-                  + "." + _pages(split.get("pages")),
+                  + touched + "." + _pages(split.get("pages")),
                   plot="decode", stem=stem)
     if "reroute" in s:
         rr = s["reroute"]
