@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from expertweave_ascend.adapters import EsftAdapter, check_adapter, extract_adapter, validate_adapter
 from expertweave_ascend.adapters import checkpoint as checkpoint_module
+from expertweave_ascend.adapters.esft import finite
 from expertweave_ascend.cli import main
 from expertweave_ascend.errors import AdapterError
 
@@ -646,6 +647,21 @@ def test_extract_name_recorded(capsys, base, finetuned, tmp_path):
 
 
 # --- laziness ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_one_nan_or_infinity_anywhere_is_found(dtype):
+    """The check is one min/max reduction: a bad value at the start, the middle, the vectorized loop's tail
+    or the last element, in any float dtype an adapter may hold."""
+    for n in (1, 7, 64, 65, 4099):
+        values = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        assert finite(values) and finite(values.reshape(1, n)) and finite(values[:0])
+        for position in {0, n // 2, n - 3 if n > 3 else 0, n - 1}:
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                damaged = values.clone()
+                damaged[position] = bad
+                assert not finite(damaged), (n, position, bad)
+    assert finite(torch.tensor([7], dtype=torch.int32)), "integers have no infinities"
 
 
 def corrupt_data_region(path: Path) -> None:

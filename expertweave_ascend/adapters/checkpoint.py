@@ -37,7 +37,7 @@ TORCH_DTYPES = {
     "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
 }
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound
-CHUNK_BYTES = 1 << 20  # read and hashed while still in the CPU's cache
+CHUNK_BYTES = 16 << 20  # per read call
 
 
 def parse_index(text: str) -> int | None:
@@ -101,13 +101,12 @@ class Checkpoint:
 
     @contextmanager
     def reading(self):
-        """Yields read(key, digest=None) -> tensor in memory of its own; digest (a hashlib object), when
-        given, is updated with the tensor's bytes as they are read. Each file is opened once, and refused
-        if its header is no longer the one open() checked."""
+        """Yields read(key) -> tensor in memory of its own. Each file is opened once, and refused if its
+        header is no longer the one open() checked."""
         with ExitStack() as stack:
             handles: dict[Path, BinaryIO] = {}
 
-            def read(key: str, digest=None) -> torch.Tensor:
+            def read(key: str) -> torch.Tensor:
                 info = self.tensors[key]
                 try:
                     if info.file not in handles:
@@ -116,7 +115,7 @@ class Checkpoint:
                             raise AdapterError(info.file, "changed while it was being read: its header is not the "
                                                "one checked")
                         handles[info.file] = f
-                    return read_owned(handles[info.file], key, info, digest)
+                    return read_owned(handles[info.file], key, info)
                 except OSError as e:
                     raise AdapterError(info.file, f"cannot read tensor {shown(key)} ({os_problem(e)})",
                                        "a tensor cannot be read") from None
@@ -124,8 +123,8 @@ class Checkpoint:
             yield read
 
 
-def read_owned(f: BinaryIO, key: str, info: TensorInfo, digest) -> torch.Tensor:
-    """The tensor's bytes read into a tensor of their own, passed to digest chunk by chunk as they arrive."""
+def read_owned(f: BinaryIO, key: str, info: TensorInfo) -> torch.Tensor:
+    """The tensor's bytes read into a tensor of their own."""
     data = torch.empty(info.nbytes, dtype=torch.uint8)
     buffer = memoryview(data.numpy())
     f.seek(info.start)
@@ -135,8 +134,6 @@ def read_owned(f: BinaryIO, key: str, info: TensorInfo, digest) -> torch.Tensor:
         if not count:
             raise AdapterError(info.file, f"ends inside tensor {shown(key)}: it was cut short while it was being "
                                "read", "ends inside a tensor: it was cut short while it was being read")
-        if digest is not None:
-            digest.update(buffer[done:done + count])
         done += count
     return data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 

@@ -5,6 +5,8 @@ in the base checkpoint: attention, norms, dense layers, embeddings, head) when i
 
 import hashlib
 import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from .checkpoint import EXPERT_KEY, EXPERT_KEY_FORM, IN_EXPERTS, PROJS, SHARED_K
 CFG_NAME = "expert_cfg.json"
 WEIGHTS_NAME = "model.safetensors"
 NAME_METADATA = "esft_adapter_name"  # safetensors metadata key
+HASHING_AHEAD = 8  # tensors read but not yet hashed, at most (each keeps its memory until hashed)
 
 
 @dataclass
@@ -146,21 +149,24 @@ class EsftAdapter:
 
     @contextmanager
     def reading(self) -> Iterator["AdapterReader"]:
-        """Yields an AdapterReader; tensors are read one expert at a time."""
-        with self.checkpoint.reading() as read_key:
-            yield AdapterReader(self, read_key)
+        """Yields an AdapterReader; tensors are read one expert at a time, and hashed on a thread of their own."""
+        with self.checkpoint.reading() as read_key, ThreadPoolExecutor(1, "expertweave-hash") as hasher:
+            yield AdapterReader(self, read_key, hasher)
 
 
 class AdapterReader:
     """read(layer, expert) -> (gate, up, down), refusing non-finite weights, and hashing what it reads:
     once every tensor was read, sha256() is the adapter's identity, its expert_cfg.json and every tensor
     (name, dtype, shape, bytes); the same bytes under any name or path give the same identity. Each tensor
-    is hashed as its bytes are read into the memory it is served from (Checkpoint.reading)."""
+    is hashed in the memory it is served from, on the hasher's thread while this one reads, checks and
+    packs the next (hashlib lets go of the GIL), at most HASHING_AHEAD tensors behind."""
 
-    def __init__(self, adapter: EsftAdapter, read_key):
+    def __init__(self, adapter: EsftAdapter, read_key, hasher: ThreadPoolExecutor):
         self.adapter = adapter
         self.read_key = read_key
-        self.digests: dict[str, bytes] = {}
+        self.hasher = hasher
+        self.digests: dict[str, Future] = {}
+        self._behind: deque[Future] = deque()  # hashes submitted, perhaps not done: each holds its tensor
 
     def __call__(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self.read_tensor(self.adapter.keys[layer, expert, proj]) for proj in PROJS)
@@ -170,15 +176,14 @@ class AdapterReader:
         return tuple(self.read_tensor(self.adapter.shared_keys[layer, proj]) for proj in PROJS)
 
     def read_tensor(self, key: str) -> torch.Tensor:
-        digest = hashlib.sha256()
-        tensor = self.read_key(key, digest)
-        exponent = NON_FINITE_EXPONENT.get(tensor.dtype)
-        if exponent is not None:
-            mask, bits = exponent
-            if bool(((tensor.view(bits) & mask) == mask).any()):
-                raise AdapterError(self.adapter.file_of(key), f"tensor {shown(key)} holds NaN or infinite values",
-                                   "a tensor holds NaN or infinite values")
-        self.digests[key] = digest.digest()
+        tensor = self.read_key(key)
+        while len(self._behind) >= HASHING_AHEAD:
+            self._behind.popleft().result()
+        self.digests[key] = self.hasher.submit(_sha256, tensor)
+        self._behind.append(self.digests[key])
+        if not finite(tensor):
+            raise AdapterError(self.adapter.file_of(key), f"tensor {shown(key)} holds NaN or infinite values",
+                               "a tensor holds NaN or infinite values")
         return tensor
 
     def expert_sha256(self, layer: int, expert: int) -> str:
@@ -187,7 +192,7 @@ class AdapterReader:
         for proj in PROJS:
             key = self.adapter.keys[layer, expert, proj]
             info = self.adapter.checkpoint.tensors[key]
-            identity.update(f"{proj} {info.dtype} {list(info.shape)} ".encode() + self.digests[key])
+            identity.update(f"{proj} {info.dtype} {list(info.shape)} ".encode() + self.digests[key].result())
         return identity.hexdigest()
 
     def non_expert(self) -> dict[str, torch.Tensor]:
@@ -202,13 +207,24 @@ class AdapterReader:
         identity = hashlib.sha256(self.adapter.cfg_bytes)
         for key in sorted(self.digests):
             info = self.adapter.checkpoint.tensors[key]
-            identity.update(f"\n{key} {info.dtype} {list(info.shape)} ".encode() + self.digests[key])
+            identity.update(f"\n{key} {info.dtype} {list(info.shape)} ".encode() + self.digests[key].result())
         return identity.hexdigest()
 
 
-# A float is NaN or infinite when every bit of its exponent is set: (mask, integer view of the same width).
-NON_FINITE_EXPONENT = {torch.bfloat16: (0x7F80, torch.int16), torch.float16: (0x7C00, torch.int16),
-                       torch.float32: (0x7F800000, torch.int32), torch.float64: (0x7FF0000000000000, torch.int64)}
+def _sha256(tensor: torch.Tensor) -> bytes:
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).digest()
+
+
+FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # the dtypes with infinities
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """Whether no value is NaN or infinite: one reduction, since min and max carry a NaN and show an infinity
+    (a tenth of the time of a mask of every element)."""
+    if tensor.dtype not in FLOATS or not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def read_expert_cfg(path: str | Path) -> dict[int, tuple[int, ...]]:
