@@ -7,6 +7,8 @@ read from, taken before they were read, so a copy whose files changed on disk si
 """
 
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,3 +54,34 @@ class PackedAdapter:
             return tuple(file_identity(Path(f[0]), os.stat(f[0])) for f in self.files) == self.files
         except OSError:
             return False
+
+
+class CheckedReads:
+    """Each tensor's digest from the last read of an adapter's files that passed every check, keyed by the
+    files' identities (FileIdentity: path, device, inode, size, mtime and ctime): a later read of the same
+    versions of the files reuses them instead of hashing and checking every byte again. The reader confirms
+    the files kept those identities through its read (PackedAdapter.unchanged). Thread-safe (loads and
+    prefetches read on threads of their own); the least recently used of `capacity` adapters are dropped."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._digests: OrderedDict[tuple[FileIdentity, ...], dict[str, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, files: tuple[FileIdentity, ...]) -> dict[str, bytes] | None:
+        with self._lock:
+            digests = self._digests.get(files)
+            if digests is not None:
+                self._digests.move_to_end(files)
+            return digests
+
+    def put(self, files: tuple[FileIdentity, ...], digests: dict[str, bytes]) -> None:
+        with self._lock:
+            self._digests[files] = digests
+            self._digests.move_to_end(files)
+            while len(self._digests) > self.capacity:
+                self._digests.popitem(last=False)
+
+    def drop(self, files: tuple[FileIdentity, ...]) -> None:
+        with self._lock:
+            self._digests.pop(files, None)

@@ -23,7 +23,7 @@ from .adapters.esft import CFG_NAME
 from .errors import AdapterError, AdapterStateError
 from .geometry import BaseGeometry
 from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
-from .packed import PackedAdapter
+from .packed import CheckedReads, PackedAdapter
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
 from .shared_experts import SharedExpertRows
@@ -133,6 +133,7 @@ class ExpertWeave:
         self._changing = threading.Lock()  # guards rows and slots while they are taken or given back
         self._pending: set[str] = set()  # names of loads prepared or being prepared, not yet published
         self._index = ExpertIndex()  # published adapter slots by content, for sharing (guarded by _changing)
+        self._checked = CheckedReads()  # digests of adapter files read and checked, by the files' identities
         self._requests = threading.Condition()  # guards adapters' in_flight / unloading and self.adapters
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -145,14 +146,25 @@ class ExpertWeave:
 
     def pack(self, path: str | Path) -> PackedAdapter:
         """Reads and checks the adapter's files and packs its experts on the host, in pinned memory when the
-        weave's device is not the CPU: validate_adapter's checks, in its order, with the copies."""
+        weave's device is not the CPU: validate_adapter's checks, in its order, with the copies. Files read
+        and checked before, unchanged since, are not hashed or checked again (CheckedReads)."""
         adapter = check_adapter(path, self.base)
+        checked = self._checked.get(adapter.file_identities)
+        packed, digests = self._pack(adapter, checked)
+        if packed.unchanged():
+            self._checked.put(adapter.file_identities, digests)
+            return packed
+        self._checked.drop(adapter.file_identities)
+        # Changed while read: what was read is served as hashed, but unchecked bytes are read again and checked.
+        return packed if checked is None else self.pack(path)
+
+    def _pack(self, adapter, checked: dict[str, bytes] | None) -> tuple[PackedAdapter, dict[str, bytes]]:
         if adapter.non_expert_keys and self.config.non_expert_refusal is not None:
             raise AdapterError(adapter.path / CFG_NAME, '"non_expert_modules" is true: this engine runs every request '
                                f"with the base's non-expert weights; {self.config.non_expert_refusal}")
         pin = torch.device(self.device).type != "cpu"
         weights, expert_sha256 = {}, {}
-        with adapter.reading() as read:
+        with adapter.reading(checked) as read:
             for layer, ids in adapter.experts.items():
                 if not ids:
                     continue
@@ -169,8 +181,9 @@ class ExpertWeave:
                       for layer in adapter.shared_layers}
             non_expert = read.non_expert()
             sha256 = read.sha256()
+            digests = read.tensor_digests()
         return PackedAdapter(adapter.path.resolve(), {l: ids for l, ids in adapter.experts.items() if ids}, weights,
-                             expert_sha256, sha256, adapter.file_identities, shared, non_expert)
+                             expert_sha256, sha256, adapter.file_identities, shared, non_expert), digests
 
     def prepare(self, name: str, packed: PackedAdapter) -> "PendingLoad":
         """Takes a row and slots for the adapter and copies its new experts in; publish() or abandon() it.

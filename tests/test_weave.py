@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from expertweave_ascend.adapters import EsftAdapter
 from expertweave_ascend.errors import AdapterError, AdapterStateError, CapacityError
 from expertweave_ascend.integrations.hf import load_model, moe_layer_handles
+from expertweave_ascend.packed import PackedAdapter
 from expertweave_ascend.weave import ExpertWeave, WeaveConfig
 
 GRANULE = 64 << 10
@@ -182,6 +183,39 @@ def test_i5_invalid_adapter_changes_nothing(make_weave, tiny, adapter_copy):
     with pytest.raises(AdapterError, match="model.safetensors: not a valid safetensors file"):
         weave.load_adapter("law", bad)
     assert_unchanged(weave, before)
+
+
+def test_files_read_and_checked_before_are_not_hashed_again_while_unchanged(make_weave, adapter_copy, monkeypatch):
+    """A second pack of the same versions of the files reuses their digests (the same identity, the same
+    bytes packed); rewritten with a NaN, the files are read, hashed and refused again; files whose identity
+    changes during a read that reused digests are read again, with every check."""
+    from expertweave_ascend.adapters import esft
+
+    hashed = []
+    sha256 = esft._sha256
+    monkeypatch.setattr(esft, "_sha256", lambda tensor: hashed.append(1) or sha256(tensor))
+    weave = make_weave()
+    path = adapter_copy("law")
+    first = weave.pack(path)
+    assert hashed and first.unchanged()
+    hashed.clear()
+    again = weave.pack(path)
+    assert not hashed, "unchanged files were hashed again"
+    assert again.sha256 == first.sha256 and again.expert_sha256 == first.expert_sha256
+    assert all(torch.equal(again.weights[l][w], first.weights[l][w]) for l in first.weights for w in first.weights[l])
+
+    changing = [True]  # the files look changed once, after a read that reused their digests
+    unchanged = PackedAdapter.unchanged
+    monkeypatch.setattr(PackedAdapter, "unchanged",
+                        lambda packed: unchanged(packed) and not (changing and changing.pop()))
+    assert weave.pack(path).sha256 == first.sha256 and hashed, "the read after the change was not checked"
+
+    tensors = load_file(path / "model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=f"tensor {key} holds NaN or infinite values"):
+        weave.pack(path)
 
 
 def test_i5_non_finite_weights_are_refused_and_change_nothing(make_weave, tiny, adapter_copy):

@@ -148,10 +148,12 @@ class EsftAdapter:
         return tuple(sorted((self.cfg_identity, *(self.checkpoint.identities[f] for f in files))))
 
     @contextmanager
-    def reading(self) -> Iterator["AdapterReader"]:
-        """Yields an AdapterReader; tensors are read one expert at a time, and hashed on a thread of their own."""
+    def reading(self, checked: dict[str, bytes] | None = None) -> Iterator["AdapterReader"]:
+        """Yields an AdapterReader; tensors are read one expert at a time, and hashed on a thread of their own.
+        checked: each tensor's digest from an earlier read of files with these file_identities, whose checks
+        they passed; the caller confirms the files kept those identities through this read."""
         with self.checkpoint.reading() as read_key, ThreadPoolExecutor(1, "expertweave-hash") as hasher:
-            yield AdapterReader(self, read_key, hasher)
+            yield AdapterReader(self, read_key, hasher, checked or {})
 
 
 class AdapterReader:
@@ -159,12 +161,14 @@ class AdapterReader:
     once every tensor was read, sha256() is the adapter's identity, its expert_cfg.json and every tensor
     (name, dtype, shape, bytes); the same bytes under any name or path give the same identity. Each tensor
     is hashed in the memory it is served from, on the hasher's thread while this one reads, checks and
-    packs the next (hashlib lets go of the GIL), at most HASHING_AHEAD tensors behind."""
+    packs the next (hashlib lets go of the GIL), at most HASHING_AHEAD tensors behind. A tensor whose digest
+    is in `checked` is neither hashed nor checked again."""
 
-    def __init__(self, adapter: EsftAdapter, read_key, hasher: ThreadPoolExecutor):
+    def __init__(self, adapter: EsftAdapter, read_key, hasher: ThreadPoolExecutor, checked: dict[str, bytes]):
         self.adapter = adapter
         self.read_key = read_key
         self.hasher = hasher
+        self.checked = checked
         self.digests: dict[str, Future] = {}
         self._behind: deque[Future] = deque()  # hashes submitted, perhaps not done: each holds its tensor
 
@@ -177,6 +181,10 @@ class AdapterReader:
 
     def read_tensor(self, key: str) -> torch.Tensor:
         tensor = self.read_key(key)
+        if key in self.checked:
+            self.digests[key] = Future()
+            self.digests[key].set_result(self.checked[key])
+            return tensor
         while len(self._behind) >= HASHING_AHEAD:
             self._behind.popleft().result()
         self.digests[key] = self.hasher.submit(_sha256, tensor)
@@ -198,6 +206,10 @@ class AdapterReader:
     def non_expert(self) -> dict[str, torch.Tensor]:
         """The tuned non-expert tensors, by their names in the base checkpoint."""
         return {key: self.read_tensor(key) for key in self.adapter.non_expert_keys}
+
+    def tensor_digests(self) -> dict[str, bytes]:
+        """Each tensor read so far, by name: its digest."""
+        return {key: digest.result() for key, digest in self.digests.items()}
 
     def sha256(self) -> str:
         unread = {*self.adapter.keys.values(), *self.adapter.shared_keys.values(),
