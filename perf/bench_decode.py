@@ -35,7 +35,8 @@ counted by name, the base-only lane's subtracted from ExpertWeave's (a kernel th
 whole, so the part is an upper bound). Each
 part is wall time per full-batch decode step (CPU time would overcount single-threaded Python while torch's
 threads spin); their sum is checked against the total difference.
-Run: .venv/bin/python -m perf.bench_decode [--rounds 84] [--instances 6] [--json FILE]
+Run: .venv/bin/python -m perf.bench_decode [--rounds 84] [--instances 6] [--adapter-counts 1,5,10,20]
+     [--no-merged-engine] [--eager] [--json FILE]
 """
 
 import argparse
@@ -177,32 +178,37 @@ def _mean_ms(seconds) -> float:
     return 1000 * statistics.fmean(seconds)
 
 
-def measure(rounds: int = 84, eager: bool = False, progress=print, instances: int = 6) -> dict:
-    """rounds in all, spread over `instances` builds of the three engines (memory placed anew each time)."""
+def measure(rounds: int = 84, eager: bool = False, progress=print, instances: int = 6,
+            adapter_counts: tuple[int, ...] = ADAPTER_COUNTS, merged_engine: bool = True,
+            split_rounds: int = SPLIT_ROUNDS) -> dict:
+    """rounds in all, spread over `instances` builds of the engines (memory placed anew each time); the merged
+    model's engine and its arm only where merged_engine (the 1-adapter arm's control)."""
     import torch._inductor.config
 
-    if instances < 2 or rounds % instances:
-        raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances (2 or more)")
+    if instances < 1 or rounds % instances:
+        raise ValueError(f"{rounds} rounds do not split evenly over {instances} engine instances")
+    if split_rounds < 2 or split_rounds % 2:
+        raise ValueError(f"{split_rounds} split rounds: needs a multiple of its 2 arms")
     torch._inductor.config.cpp.enable_kernel_profile = True  # every engine alike: the split names the kernels
     base, adapters = build()
-    names = list(adapters)[:max(ADAPTER_COUNTS)]
+    names = list(adapters)[:max(adapter_counts)]
     batch = prompts(json.loads((base / "config.json").read_text())["vocab_size"])
     merged_arm = f"merged model of {names[0]}"
-    arms = {merged_arm: ("merged", None),
-            "expertweave, base requests": ("expertweave", [None] * BATCH),
-            "expertweave, base requests (A/A)": ("expertweave", [None] * BATCH)}
-    for k in ADAPTER_COUNTS:
+    arms = {merged_arm: ("merged", None)} if merged_engine else {}
+    arms.update({"expertweave, base requests": ("expertweave", [None] * BATCH),
+                 "expertweave, base requests (A/A)": ("expertweave", [None] * BATCH)})
+    for k in adapter_counts:
         arms[f"expertweave, {k} adapters"] = ("expertweave", [names[i % k] for i in range(BATCH)])
     per = rounds // instances
     if per % len(arms):
         raise ValueError(f"{per} rounds per engine instance: needs a multiple of the {len(arms)} arms, "
                          "so that every arm runs at every place of a round equally often")
     samples = {clock: {series: {arm: [] for arm in arms} for series in ("runs", REFERENCE)} for clock in ("wall", "cpu")}
-    top = f"expertweave, {max(ADAPTER_COUNTS)} adapters"
+    top = f"expertweave, {max(adapter_counts)} adapters"
     split_totals = {}
     shuffle = random.Random(0).shuffle
     for instance in range(instances):
-        with Engines(base, adapters, names, eager, batch) as engines:
+        with Engines(base, adapters, names, eager, batch, merged_engine) as engines:
             for lane in arms.values():  # warm up
                 engines.run(*lane)
             for order in balanced_orders(list(arms), per, shuffle):
@@ -211,15 +217,17 @@ def measure(rounds: int = 84, eager: bool = False, progress=print, instances: in
                         wall, cpu = zip(*steps)
                         samples["wall"][series][arm].append(statistics.median(wall))
                         samples["cpu"][series][arm].append(statistics.median(cpu))
-            for lane, parts in engines.split(arms[top][1], SPLIT_ROUNDS).items():
+            for lane, parts in engines.split(arms[top][1], split_rounds).items():
                 split_totals.setdefault(lane, Counter()).update(parts)
             progress(f"decode: engine instance {instance + 1} of {instances} done")
-    groups = [r // per for r in range(rounds)]
-    comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests"),
-                   "merged model vs base-only (two plain vLLM engines)": (merged_arm, REFERENCE),
-                   "fixed cost (base requests)": ("expertweave, base requests", REFERENCE),
-                   "1 adapter vs its merged model": ("expertweave, 1 adapters", merged_arm)}
-    for k in ADAPTER_COUNTS:
+    groups = [r // per for r in range(rounds)] if instances > 1 else None
+    comparisons = {"A/A": ("expertweave, base requests (A/A)", "expertweave, base requests")}
+    if merged_engine:
+        comparisons["merged model vs base-only (two plain vLLM engines)"] = (merged_arm, REFERENCE)
+    comparisons["fixed cost (base requests)"] = ("expertweave, base requests", REFERENCE)
+    if merged_engine and 1 in adapter_counts:
+        comparisons["1 adapter vs its merged model"] = ("expertweave, 1 adapters", merged_arm)
+    for k in adapter_counts:
         comparisons[f"{k} adapters, same engine"] = (f"expertweave, {k} adapters", "expertweave, base requests")
         comparisons[f"{k} adapters vs base-only"] = (f"expertweave, {k} adapters", REFERENCE)
     ratios = {}
@@ -240,20 +248,23 @@ def measure(rounds: int = 84, eager: bool = False, progress=print, instances: in
         steps_ms[arm] = {"step_ms": _mean_ms(wall["runs"][arm]), "step_cpu_ms": _mean_ms(cpu["runs"][arm]),
                          "base_only_beside_ms": _mean_ms(wall[REFERENCE][arm])}
     return {"config": BENCH_CONFIG, "batch": BATCH, "tokens": TOKENS, "rounds": rounds, "instances": instances,
-            "eager": eager, "arms": steps_ms,
+            "eager": eager, "merged_engine": merged_engine, "arms": steps_ms,
             "ratios": ratios,
             "samples": samples,
-            "split": {"adapters": max(ADAPTER_COUNTS), "rounds": SPLIT_ROUNDS * instances, **split,
+            "split": {"adapters": max(adapter_counts), "rounds": split_rounds * instances, **split,
                       "sum_us": sum(split["parts_us"].values()),
                       "total_us": {"difference": 1e6 * total.value, "low": 1e6 * total.low, "high": 1e6 * total.high},
                       "pages": host_pages()}}
 
 
 class Engines:
-    """One instance of the three engines, in this process so that their steps can be timed and interleaved."""
+    """One instance of the engines (base-only, ExpertWeave, the merged model's where asked), in this process so
+    that their steps can be timed and interleaved."""
 
-    def __init__(self, base: Path, adapters: dict, names: list[str], eager: bool, batch: list[dict]):
+    def __init__(self, base: Path, adapters: dict, names: list[str], eager: bool, batch: list[dict],
+                 merged_engine: bool = True):
         self.base, self.adapters, self.names, self.eager, self.batch = base, adapters, names, eager, batch
+        self.merged_engine = merged_engine
 
     def __enter__(self):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -263,8 +274,9 @@ class Engines:
 
         engine = dict(max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=self.eager)
         first = self.names[0]
-        self.llms = {REFERENCE: LLM(model=str(self.base), **engine),
-                     "merged": LLM(model=str(merged(self.base, {first: self.adapters[first]})[first]), **engine)}
+        self.llms = {REFERENCE: LLM(model=str(self.base), **engine)}
+        if self.merged_engine:
+            self.llms["merged"] = LLM(model=str(merged(self.base, {first: self.adapters[first]})[first]), **engine)
         self.weave = ExpertWeaveLLM(str(self.base), {n: str(self.adapters[n]) for n in self.names},
                                     max_adapters=len(self.names), **engine)
         self.llms["expertweave"] = self.weave.llm
@@ -277,8 +289,9 @@ class Engines:
         from vllm import envs
 
         self.weave.shutdown()
-        for name in (REFERENCE, "merged"):
-            self.llms[name].llm_engine.engine_core.shutdown()
+        for name, llm in self.llms.items():
+            if name != "expertweave":
+                llm.llm_engine.engine_core.shutdown()
         del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
         envs.disable_envs_cache()
 
@@ -403,9 +416,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=84)
     parser.add_argument("--instances", type=int, default=6, help="builds of the engines the rounds are spread over")
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
+    parser.add_argument("--adapter-counts", default=",".join(map(str, ADAPTER_COUNTS)),
+                        help="comma-separated adapter counts, one arm each")
+    parser.add_argument("--no-merged-engine", action="store_true", help="leave out the merged model's engine and arm")
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = measure(args.rounds, args.eager, instances=args.instances)
+    result = measure(args.rounds, args.eager, instances=args.instances,
+                     adapter_counts=tuple(int(n) for n in args.adapter_counts.split(",")),
+                     merged_engine=not args.no_merged_engine)
     print(f"{'arm':<36}{'step ms':>10}{'CPU ms':>10}{'base-only beside, ms':>22}")
     for arm, r in result["arms"].items():
         print(f"{arm:<36}{r['step_ms']:>10.2f}{r['step_cpu_ms']:>10.2f}{r.get('base_only_beside_ms', r['step_ms']):>22.2f}")

@@ -35,6 +35,7 @@ class TieringConfig:
     requests: int
     rate: float
     alphas: tuple[float, ...] = (1.0, 0.3)
+    variants: tuple[str, ...] = tuple(VARIANTS)  # all_resident first: the others' throughput is relative to it
     adapters: int = 100
     warm_up: int = 16
     prompt_len: int = 32
@@ -122,9 +123,9 @@ def measure(cfg: TieringConfig, base: Path, adapters: dict[str, Path], engine_ar
     root = next(iter(adapters.values())).parent
     names = list(adapters)[:cfg.adapters]
     variants = {}
-    for variant, serve_args in VARIANTS.items():
+    for variant in cfg.variants:
         server = srv.start_expertweave(f"tiering-{variant}", base, 8, engine_args, log_dir,
-                                       serve_args=tuple(serve_args(root)))
+                                       serve_args=tuple(VARIANTS[variant](root)))
         try:
             progress(f"tiering: starting the {variant} server (log {server.log})")
             srv.wait_ready([server])

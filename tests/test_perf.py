@@ -41,6 +41,20 @@ def test_trace_has_poisson_arrivals_and_fixed_lengths():
     assert make_trace(cfg) == trace and make_trace(WorkloadConfig(**{**cfg.__dict__, "seed": 4})) != trace
 
 
+
+def test_serving_blocks_keep_each_requests_arrival_within_its_block():
+    from perf.serving import blocks
+
+    trace = make_trace(WorkloadConfig(requests=10, rate=3.0, alpha=1.0, adapters=4, vocab_size=50, seed=1))
+    parts = blocks(trace, 4)
+    assert [len(b) for b in parts] == [4, 4, 2]
+    assert [r.prompt for b in parts for r in b] == [r.prompt for r in trace]
+    assert [r.adapter for b in parts for r in b] == [r.adapter for r in trace]
+    for k, block in enumerate(parts):
+        first = trace[4 * k].arrival_s
+        assert block[0].arrival_s == 0
+        assert [r.arrival_s for r in block] == pytest.approx([r.arrival_s - first for r in trace[4 * k:4 * k + 4]])
+
 @needs_data
 def test_adapter_geometries_keep_real_counts_and_differ():
     real = esft_data.real_selections()
