@@ -96,7 +96,8 @@ def run_memory(settings: Settings) -> dict:
 
 
 def run_decode(settings: Settings) -> dict:
-    progress("decode: base-only, merged and ExpertWeave engines, each arm in lockstep with base-only")
+    engines = "base-only, merged and ExpertWeave" if settings.decode_merged_engine else "base-only and ExpertWeave"
+    progress(f"decode: {engines} engines, each arm in lockstep with base-only")
     return bench_decode.measure(settings.decode_rounds, settings.eager, progress, settings.decode_instances,
                                 settings.decode_adapter_counts, settings.decode_merged_engine,
                                 settings.decode_split_rounds)
