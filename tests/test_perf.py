@@ -157,10 +157,11 @@ def test_committed_summaries_regenerate_identically(path, tmp_path):
     written = report.write(copy)
     assert copy.with_suffix(".md").read_text() == path.with_suffix(".md").read_text()
     pngs = [p for p in written if p.suffix == ".png"]
-    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    linked = set(re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", path.with_suffix(".md").read_text()))
     own_plot = re.escape(path.stem) + r"-[a-z]+\.png"
     committed = {p.name for p in path.parent.glob("*.png") if re.fullmatch(own_plot, p.name)}
-    assert {p.name for p in pngs} == committed
+    assert {p.name for p in pngs} == linked == committed
 
 
 def test_the_grouped_experts_stand_in_computes_the_moe_of_each_token():
