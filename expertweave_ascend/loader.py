@@ -23,8 +23,9 @@ from .weave import ExpertWeave, LoadedAdapter, PendingLoad
 @dataclass(frozen=True)
 class LoadAnswer:
     """One rank's outcome of a load: where it put the adapter (row, slots per MoE layer), its size, content
-    hash and kind, where the packed copy came from and how long reading and copying took; or the one-line
-    error it met (public_error: the same without anything read from the files; capacity: no room)."""
+    hash and kind, where the packed copy came from and how long reading and copying took (one pass, all of it
+    read_s, where no host tier keeps a packed copy); or the one-line error it met (public_error: the same
+    without anything read from the files; capacity: no room)."""
     row: int = -1
     experts: int = 0
     bytes: int = 0
@@ -170,6 +171,9 @@ class BackgroundLoader:
     def _load(self, name: str, path: str) -> tuple[PendingLoad, dict]:
         self.weave.check_new_name(name)
         start = time.perf_counter()
+        if self.host_tier.budget_bytes <= 0:  # nothing would keep a packed copy: read into the slots in one pass
+            pending = self.weave.prepare_from_files(name, path)
+            return pending, {"source": "disk", "read_s": time.perf_counter() - start, "copy_s": 0.0}
         packed, source = self._packed(name, path)
         packed_at = time.perf_counter()
         pending = self.weave.prepare(name, packed)

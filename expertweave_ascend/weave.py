@@ -20,14 +20,14 @@ import torch
 
 from .adapters import check_adapter
 from .adapters.esft import CFG_NAME
-from .errors import AdapterError, AdapterStateError
+from .errors import AdapterError, AdapterStateError, CapacityError
 from .geometry import BaseGeometry
 from .memory import DEFAULT_GRANULARITY, ExpertMemory, HostBackend, MemoryBackend, WeightSpec
 from .packed import CheckedReads, PackedAdapter
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
 from .shared_experts import SharedExpertRows
-from .sharing import ExpertIndex, Placement, base_distances, check_rel_l2, place
+from .sharing import ExpertIndex, Placement, base_distances, check_rel_l2, place, same_bytes
 
 
 class MoELayerHandle(Protocol):
@@ -142,7 +142,78 @@ class ExpertWeave:
     # another thread while the engine steps: nothing reads the row or slots of a load not yet published.
     def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
         self.check_new_name(name)
-        return self.publish(self.prepare(name, self.pack(path)))
+        return self.publish(self.prepare_from_files(name, path))
+
+    def prepare_from_files(self, name: str, path: str | Path) -> "PendingLoad":
+        """prepare(name, pack(path)) without a packed copy on the host, for a load no host tier keeps: on a
+        CPU device each tuned expert is read, checked and packed straight into a slot taken for it, which
+        saves writing the adapter into fresh host memory first. Where that would not give prepare's
+        placement (no room before sharing, an expert the base or a resident adapter holds, consolidation
+        on) and for adapters that tune shared experts or non-expert modules, it is prepare(name, pack(path))."""
+        self.check_new_name(name)
+        adapter = check_adapter(path, self.base)
+        direct = (torch.device(self.device).type == "cpu" and self.config.consolidate_rel_l2 is None
+                  and not adapter.shared_layers and not adapter.non_expert_keys)
+        pending = None
+        if direct:
+            with self._requests:
+                self._pending.add(name)
+            try:
+                pending = self._prepare_in_slots(name, adapter)
+            finally:
+                if pending is None:
+                    with self._requests:
+                        self._pending.discard(name)
+        return pending if pending is not None else self.prepare(name, self.pack(path))
+
+    def _prepare_in_slots(self, name: str, adapter) -> "PendingLoad | None":
+        """The new slots of every tuned expert, filled from the files; None (nothing kept) where the placement
+        would differ from prepare's, or where files read with reused digests changed while read."""
+        experts = {layer: ids for layer, ids in adapter.experts.items() if ids}
+        with self._changing:
+            row = self.tables.take_row(f"adapter {name}")
+            try:
+                new = self.memory.allocate(name, {layer: len(ids) for layer, ids in experts.items()})
+            except CapacityError:  # sharing may make room: prepare decides, after reading
+                self.tables.give_back_row(row)
+                return None
+            except BaseException:
+                self.tables.give_back_row(row)
+                raise
+        try:
+            checked = self._checked.get(adapter.file_identities)
+            expert_sha256 = {}
+            with adapter.reading(checked) as read:
+                for layer, ids in experts.items():
+                    handle, views = self.handles[layer], self.memory.views(layer)
+                    for expert, slot in zip(ids, new[layer]):
+                        for weight, value in handle.pack_expert(*read(layer, expert)).items():
+                            views[weight][slot].copy_(value)
+                    expert_sha256[layer] = tuple(read.expert_sha256(layer, expert) for expert in ids)
+                sha256, digests = read.sha256(), read.tensor_digests()
+            packed = PackedAdapter(adapter.path.resolve(), experts, {}, expert_sha256, sha256, adapter.file_identities)
+            if packed.unchanged():
+                self._checked.put(adapter.file_identities, digests)
+            else:  # as pack(): what was read is served as hashed, but unchecked bytes are read again and checked
+                self._checked.drop(adapter.file_identities)
+                if checked is not None:
+                    self._give_back(name, row)
+                    return None
+            with self._changing:
+                if any(same_bytes(self.memory.views(layer), slot, self.memory.views(layer), expert)
+                       or digest in self._index.by_position.get((layer, expert), {})
+                       for layer, ids in experts.items()
+                       for expert, slot, digest in zip(ids, new[layer], expert_sha256[layer])):
+                    self.tables.give_back_row(row)
+                    self.memory.release(name)  # never indexed
+                    return None
+                for layer, ids in experts.items():
+                    for expert, slot, digest in zip(ids, new[layer], expert_sha256[layer]):
+                        self._index.add(layer, expert, digest, slot)
+        except BaseException:
+            self._give_back(name, row)
+            raise
+        return PendingLoad(name, packed, row, Placement({layer: list(slots) for layer, slots in new.items()}))
 
     def pack(self, path: str | Path) -> PackedAdapter:
         """Reads and checks the adapter's files and packs its experts on the host, in pinned memory when the
@@ -209,7 +280,7 @@ class ExpertWeave:
                 pending.shared = {layer: {w: t.to(self.device, non_blocking=True) for w, t in weights.items()}
                                   for layer, weights in packed.shared.items()}
             except BaseException:
-                self._give_back(pending)
+                self._give_back(name, row)
                 raise
             with self._changing:  # its copies are issued: later loads may share these slots (sharing.py)
                 for layer, indices in copied.items():
@@ -256,14 +327,14 @@ class ExpertWeave:
 
     def abandon(self, pending: "PendingLoad") -> None:
         """Gives back the row and slots of a load that will not be published."""
-        self._give_back(pending)
+        self._give_back(pending.name, pending.row)
         with self._requests:
             self._pending.discard(pending.name)
 
-    def _give_back(self, pending: "PendingLoad") -> None:
+    def _give_back(self, name: str, row: int) -> None:
         with self._changing:
-            self.tables.give_back_row(pending.row)
-            self._index.drop(self.memory.release(pending.name))
+            self.tables.give_back_row(row)
+            self._index.drop(self.memory.release(name))
 
     def check_new_name(self, name: str) -> None:
         with self._requests:

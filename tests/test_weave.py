@@ -62,6 +62,41 @@ def test_load_writes_packed_experts_and_routes_to_them(make_weave, tiny):
     assert torch.equal(weave.tables.tensor[:, 0], torch.arange(16, dtype=torch.int32).expand(3, 16))
 
 
+def test_a_load_from_the_files_fills_the_slots_the_packed_copy_would(make_weave, tiny, adapter_copy, monkeypatch):
+    """load_adapter reads each expert straight into its slot, with no packed copy on the host: the same slots,
+    bytes, rows, mapped memory and identity as publishing prepare(pack()). An expert a resident adapter
+    holds, or files read with reused digests that change while read, make it prepare the packed copy instead,
+    read with every check."""
+    direct, packed = make_weave(), make_weave()
+    packs = []
+    pack = ExpertWeave.pack
+    monkeypatch.setattr(ExpertWeave, "pack", lambda weave, path: packs.append(path) or pack(weave, path))
+    for name in ("law", "math"):
+        a = direct.load_adapter(name, tiny / "adapters" / name)
+        b = packed.publish(packed.prepare(name, pack(packed, tiny / "adapters" / name)))
+        assert (a.row, a.slots, a.sha256, a.nbytes) == (b.row, b.slots, b.sha256, b.nbytes)
+    assert not packs, "a load no host tier keeps packed the adapter on the host"
+    assert torch.equal(direct.tables.tensor, packed.tables.tensor)
+    assert direct.memory.mapped_bytes == packed.memory.mapped_bytes
+    for name, loaded in direct.adapters.items():  # only mapped slots may be read
+        for layer, slots in loaded.slots.items():
+            for weight, view in direct.memory.views(layer).items():
+                assert torch.equal(view[slots], packed.memory.views(layer)[weight][slots])
+
+    copy = direct.load_adapter("law-copy", adapter_copy("law"))
+    assert len(packs) == 1 and copy.slots == direct.adapters["law"].slots  # shared, as prepare places it
+
+    code = adapter_copy("code")
+    direct.load_adapter("code", code)
+    direct.unload_adapter("code")  # its files' digests are kept: the next read reuses them
+    changing = [True]
+    unchanged = PackedAdapter.unchanged
+    monkeypatch.setattr(PackedAdapter, "unchanged", lambda p: unchanged(p) and not (changing and changing.pop()))
+    loaded = direct.load_adapter("code", code)
+    assert packs[-1] == code and not changing
+    assert loaded.sha256 == packed.publish(packed.prepare("code", pack(packed, tiny / "adapters" / "code"))).sha256
+
+
 def test_memory_report_counts_exact_bytes(make_weave, tiny):
     weave = make_weave()
     expert_bytes = (2 * 64 * 128 + 128 * 64) * 4  # float32 engine layout
