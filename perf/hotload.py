@@ -3,10 +3,10 @@
 A real ESFT adapter directory (the law selection, DeepSeek-V2-Lite expert shapes, bf16 random weights)
 is loaded four ways, each the median over repeats (the file is in the page cache, just written, so these
 are the host-side paths, not the disk):
-  first load       ExpertWeave.load_adapter in a weave that has not read these files: validation, safetensors
-                   reads, the NaN check and content hash of every tensor, packing into the transformers layout
-                   (w13 = gate rows then up rows, w2 = down), slot allocation, granule mapping and the copy into
-                   the slots;
+  first load       ExpertWeave.load_adapter in a weave that has not read these files: validation, slot
+                   allocation and granule mapping, then safetensors reads, the NaN check and content hash of
+                   every tensor, each expert packed into the transformers layout (w13 = gate rows then up rows,
+                   w2 = down) straight into its slot (no host tier keeps a packed copy here);
   disk -> device   the same in a weave that has read and checked these files before (unchanged since: their
                    digests are reused, packed.CheckedReads); then unloaded, untimed (the unmapping is not
                    part of a load);
