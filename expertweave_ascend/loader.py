@@ -171,7 +171,8 @@ class BackgroundLoader:
     def _load(self, name: str, path: str) -> tuple[PendingLoad, dict]:
         self.weave.check_new_name(name)
         start = time.perf_counter()
-        if self.host_tier.budget_bytes <= 0:  # nothing would keep a packed copy: read into the slots in one pass
+        if self.host_tier.budget_bytes < self.weave.packed_nbytes(path):  # no room would keep a packed copy:
+            # read into the slots in one pass
             pending = self.weave.prepare_from_files(name, path)
             return pending, {"source": "disk", "read_s": time.perf_counter() - start, "copy_s": 0.0}
         packed, source = self._packed(name, path)

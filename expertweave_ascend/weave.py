@@ -144,8 +144,14 @@ class ExpertWeave:
         self.check_new_name(name)
         return self.publish(self.prepare_from_files(name, path))
 
+    def packed_nbytes(self, path: str | Path) -> int:
+        """Bytes pack(path) would hold for the adapter's experts, from its files' metadata (no tensor read):
+        what a host tier would have to keep of an adapter that tunes experts only."""
+        adapter = check_adapter(path, self.base)
+        return sum(len(ids) * self.memory.expert_nbytes(layer) for layer, ids in adapter.experts.items())
+
     def prepare_from_files(self, name: str, path: str | Path) -> "PendingLoad":
-        """prepare(name, pack(path)) without a packed copy on the host, for a load no host tier keeps: on a
+        """prepare(name, pack(path)) without a packed copy on the host, for a load no host tier would keep: on a
         CPU device each tuned expert is read, checked and packed straight into a slot taken for it, which
         saves writing the adapter into fresh host memory first. Where that would not give prepare's
         placement (no room before sharing, an expert the base or a resident adapter holds, consolidation

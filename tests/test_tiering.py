@@ -7,6 +7,7 @@ import random
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +267,27 @@ def test_a_background_load_publishes_what_a_direct_load_writes(weave, tiny, geom
         weave.unload_adapter("law")
         loader.start("law", tiny / "adapters" / "law")
         assert collect_until(loader, "law").source == "host"  # packed once, in the host tier since
+    finally:
+        loader.close()
+
+
+def test_a_load_the_host_tier_could_not_keep_goes_straight_into_the_slots(weave, tiny, monkeypatch):
+    paths = {name: tiny / "adapters" / name for name in ("law", "math")}
+    assert all(weave.packed_nbytes(p) == weave.pack(p).nbytes for p in paths.values())  # experts only
+    small, big = sorted(paths, key=lambda name: weave.packed_nbytes(paths[name]))
+    assert weave.packed_nbytes(paths[small]) < weave.packed_nbytes(paths[big])
+    packs = []
+    pack = ExpertWeave.pack
+    monkeypatch.setattr(ExpertWeave, "pack", lambda w, path: packs.append(Path(path)) or pack(w, path))
+    loader = BackgroundLoader(weave, HostTier(weave.packed_nbytes(paths[big]) - 1))
+    try:
+        loader.start(big, paths[big])
+        answer = collect_until(loader, big)
+        assert answer.error is None and answer.source == "disk" and answer.copy_s == 0.0
+        assert not packs and loader.host_tier.names() == []
+        loader.start(small, paths[small])
+        assert collect_until(loader, small).error is None
+        assert packs == [paths[small]] and loader.host_tier.names() == [small]  # it fits: packed and kept
     finally:
         loader.close()
 
