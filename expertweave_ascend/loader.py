@@ -171,8 +171,7 @@ class BackgroundLoader:
     def _load(self, name: str, path: str) -> tuple[PendingLoad, dict]:
         self.weave.check_new_name(name)
         start = time.perf_counter()
-        if self.host_tier.budget_bytes < self.weave.packed_nbytes(path):  # no room would keep a packed copy:
-            # read into the slots in one pass
+        if self.host_tier.budget_bytes < self.weave.packed_nbytes(path):  # the tier could not keep a copy
             pending = self.weave.prepare_from_files(name, path)
             return pending, {"source": "disk", "read_s": time.perf_counter() - start, "copy_s": 0.0}
         packed, source = self._packed(name, path)

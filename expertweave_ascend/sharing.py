@@ -121,6 +121,14 @@ def place(packed: PackedAdapter, memory: ExpertMemory, index: ExpertIndex, rel_l
     return placement
 
 
+def held_elsewhere(memory: ExpertMemory, index: ExpertIndex, layer: int, expert: int, sha256: str, slot: int) -> bool:
+    """Whether the expert already written at slot is one place() serves without a slot of its own, losslessly:
+    bit-identical to the base expert at its position, or the content of a resident slot at that position.
+    Call with the weave's slot lock held."""
+    views = memory.views(layer)
+    return same_bytes(views, slot, views, expert) or sha256 in index.by_position.get((layer, expert), {})
+
+
 def base_distances(packed: PackedAdapter, memory: ExpertMemory, rel_l2: float | None) -> dict[int, list[float | None]]:
     """Per expert: 0.0 when bit-identical to the base expert at its position; else its relative L2
     distance to it when consolidation is on (rel_l2 not None), else None. Base slots never change."""

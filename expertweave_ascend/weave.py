@@ -27,7 +27,7 @@ from .packed import CheckedReads, PackedAdapter
 from .reports import AdapterMemory, MemoryReport
 from .routing import RoutingTables
 from .shared_experts import SharedExpertRows
-from .sharing import ExpertIndex, Placement, base_distances, check_rel_l2, place, same_bytes
+from .sharing import ExpertIndex, Placement, base_distances, check_rel_l2, held_elsewhere, place
 
 
 class MoELayerHandle(Protocol):
@@ -180,11 +180,10 @@ class ExpertWeave:
             row = self.tables.take_row(f"adapter {name}")
             try:
                 new = self.memory.allocate(name, {layer: len(ids) for layer, ids in experts.items()})
-            except CapacityError:  # sharing may make room: prepare decides, after reading
+            except BaseException as e:
                 self.tables.give_back_row(row)
-                return None
-            except BaseException:
-                self.tables.give_back_row(row)
+                if isinstance(e, CapacityError):  # sharing may make room: prepare decides, after reading
+                    return None
                 raise
         try:
             checked = self._checked.get(adapter.file_identities)
@@ -198,28 +197,31 @@ class ExpertWeave:
                     expert_sha256[layer] = tuple(read.expert_sha256(layer, expert) for expert in ids)
                 sha256, digests = read.sha256(), read.tensor_digests()
             packed = PackedAdapter(adapter.path.resolve(), experts, {}, expert_sha256, sha256, adapter.file_identities)
-            if packed.unchanged():
-                self._checked.put(adapter.file_identities, digests)
-            else:  # as pack(): what was read is served as hashed, but unchecked bytes are read again and checked
-                self._checked.drop(adapter.file_identities)
-                if checked is not None:
-                    self._give_back(name, row)
-                    return None
+            stands = self._read_stands(packed, checked, digests)
+            copies = [(layer, expert, digest, slot) for layer, ids in experts.items()
+                      for expert, slot, digest in zip(ids, new[layer], expert_sha256[layer])]
             with self._changing:
-                if any(same_bytes(self.memory.views(layer), slot, self.memory.views(layer), expert)
-                       or digest in self._index.by_position.get((layer, expert), {})
-                       for layer, ids in experts.items()
-                       for expert, slot, digest in zip(ids, new[layer], expert_sha256[layer])):
-                    self.tables.give_back_row(row)
-                    self.memory.release(name)  # never indexed
-                    return None
-                for layer, ids in experts.items():
-                    for expert, slot, digest in zip(ids, new[layer], expert_sha256[layer]):
-                        self._index.add(layer, expert, digest, slot)
+                stands = stands and not any(held_elsewhere(self.memory, self._index, *copy) for copy in copies)
+                if stands:
+                    for copy in copies:
+                        self._index.add(*copy)
         except BaseException:
             self._give_back(name, row)
             raise
+        if not stands:
+            self._give_back(name, row)
+            return None
         return PendingLoad(name, packed, row, Placement({layer: list(slots) for layer, slots in new.items()}))
+
+    def _read_stands(self, packed: PackedAdapter, checked: dict[str, bytes] | None, digests: dict[str, bytes]) -> bool:
+        """Whether what was read is served: its files kept their identities through the read (their digests
+        are remembered), or they changed but every byte was hashed and checked in it (served as hashed);
+        bytes taken on trust from reused digests are read again, with every check."""
+        if packed.unchanged():
+            self._checked.put(packed.files, digests)
+            return True
+        self._checked.drop(packed.files)
+        return checked is None
 
     def pack(self, path: str | Path) -> PackedAdapter:
         """Reads and checks the adapter's files and packs its experts on the host, in pinned memory when the
@@ -228,12 +230,7 @@ class ExpertWeave:
         adapter = check_adapter(path, self.base)
         checked = self._checked.get(adapter.file_identities)
         packed, digests = self._pack(adapter, checked)
-        if packed.unchanged():
-            self._checked.put(adapter.file_identities, digests)
-            return packed
-        self._checked.drop(adapter.file_identities)
-        # Changed while read: what was read is served as hashed, but unchecked bytes are read again and checked.
-        return packed if checked is None else self.pack(path)
+        return packed if self._read_stands(packed, checked, digests) else self.pack(path)
 
     def _pack(self, adapter, checked: dict[str, bytes] | None) -> tuple[PackedAdapter, dict[str, bytes]]:
         if adapter.non_expert_keys and self.config.non_expert_refusal is not None:

@@ -96,13 +96,14 @@ def first_touch_bandwidth(nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times)
 
 
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def median_time(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(run) for _ in range(repeats))
 
 
 def read_files(path: Path) -> None:
@@ -124,9 +125,7 @@ def measure(layers: tuple[int, ...], repeats: int) -> dict:
         for _ in range(repeats):
             fresh = ExpertWeave(sub, handles, config)
             try:
-                start = time.perf_counter()
-                fresh.load_adapter("law", path)
-                first_times.append(time.perf_counter() - start)
+                first_times.append(seconds(lambda: fresh.load_adapter("law", path)))
             finally:
                 fresh.close()
         weave = ExpertWeave(sub, handles, config)
@@ -135,9 +134,7 @@ def measure(layers: tuple[int, ...], repeats: int) -> dict:
             weave.unload_adapter("law")
             load_times = []
             for _ in range(repeats):
-                start = time.perf_counter()
-                weave.load_adapter("law", path)
-                load_times.append(time.perf_counter() - start)
+                load_times.append(seconds(lambda: weave.load_adapter("law", path)))
                 weave.unload_adapter("law")
             load_s = statistics.median(load_times)
         finally:
@@ -152,9 +149,7 @@ def measure(layers: tuple[int, ...], repeats: int) -> dict:
             warm.unload_adapter("law")
             copy_times = []
             for _ in range(repeats):
-                start = time.perf_counter()
-                warm.publish(warm.prepare("law", packed))
-                copy_times.append(time.perf_counter() - start)
+                copy_times.append(seconds(lambda: warm.publish(warm.prepare("law", packed))))
                 warm.unload_adapter("law")
             host_s = statistics.median(copy_times)
         finally:

@@ -25,9 +25,8 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     rows = []
     if "serving" in s:
         cells = s["serving"]["overhead"]["cells"]
-        largest = max(c["adapters"] for c in cells)
+        largest, weave, base = _tpot_pairs_at_most_adapters(cells)
         most = [c for c in cells if c["adapters"] == largest]
-        weave, base = ([r["mean_tpot_ms"] for c in most for r in c["runs"][side]] for side in "AB")
         if s["serving"]["overhead"].get("one_server"):  # block pairs of every alpha pooled
             tpot = ratio_interval(weave, base)
             where = f"adapter vs base requests on one server, all alphas pooled ({tpot.pairs} block pairs)"
@@ -105,6 +104,15 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
                      f"{worst['concurrency']} concurrent (median of {s['contrastive']['rounds']} rounds)",
                      worst["cost_ratio"] <= 1.5))
     return rows
+
+
+def _tpot_pairs_at_most_adapters(cells: list[dict]) -> tuple[int, list[float], list[float]]:
+    """The largest adapter count of the serving cells, and the mean TPOT of each of its replays, ExpertWeave's
+    and the other side's, every popularity pooled."""
+    largest = max(c["adapters"] for c in cells)
+    weave, base = ([r["mean_tpot_ms"] for c in cells if c["adapters"] == largest for r in c["runs"][side]]
+                   for side in "AB")
+    return largest, weave, base
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -248,9 +256,7 @@ def markdown(results: dict, stem: str) -> str:
         sv = s["serving"]
         c = sv["config"]
         cells = sv["overhead"]["cells"]
-        largest = max(x["adapters"] for x in cells)
-        weave, base = ([r["mean_tpot_ms"] for x in cells if x["adapters"] == largest for r in x["runs"][side]]
-                       for side in "AB")
+        largest, weave, base = _tpot_pairs_at_most_adapters(cells)
         pooled = ratio_interval(weave, base)
         lines += _section("Serving overhead: adapter requests vs base requests on one ExpertWeave server "
                           "(vLLM CPU, HTTP on loopback)",
